@@ -1,0 +1,90 @@
+"""Install the `crossmodal` research codebase and build its C++ (and, where possible, CUDA) loss op.
+
+    pip install torch==2.14.1 torchvision==0.29.1
+    pip install --no-build-isolation -e ".[dev]"
+
+`--no-build-isolation` makes the extension compile against the torch already installed; an isolated
+build environment could pick another torch wheel and the op would then fail to load.
+
+The CUDA op is built when nvcc and a CUDA-enabled torch are present and a GPU is visible, or always
+with FORCE_CUDA=1 (set TORCH_CUDA_ARCH_LIST to choose the architectures; default Ampere + Hopper).
+CROSSMODAL_NO_EXTENSION=1 skips the extension entirely (the pure-PyTorch loss is then used).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "numpy",
+    "sentencepiece",
+    "einops",
+    "pyyaml",
+    "tensorboard",
+]
+DEV = ["pytest"]
+
+
+def extension_modules() -> list:
+    if os.environ.get("CROSSMODAL_NO_EXTENSION") == "1":
+        return []
+    import torch
+    from torch.utils import cpp_extension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpu_sources = sorted(glob.glob(os.path.join("kernels", "csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("kernels", "csrc", "*.cu")))
+    force_cuda = os.environ.get("FORCE_CUDA") == "1"
+    use_cuda = (
+        cuda_sources
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and (force_cuda or torch.cuda.is_available())
+    )
+    include_dirs = [os.path.join(here, "kernels", "csrc")]
+    cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard (C++20 for torch 2.14)
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        return [
+            cpp_extension.CUDAExtension(
+                "kernels._C",
+                cpu_sources + cuda_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+                extra_link_args=["-fopenmp"],
+                define_macros=[("WITH_CUDA", None)],
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "kernels._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def build_ext_class():
+    if os.environ.get("CROSSMODAL_NO_EXTENSION") == "1":
+        return {}
+    from torch.utils import cpp_extension
+
+    return {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="crossmodal",
+    version="0.1.0",
+    description="Readable, fast vision-language research in pure PyTorch: CLIP, BLIP, Flamingo",
+    python_requires=">=3.11",
+    packages=find_packages(include=["models", "models.*", "losses", "losses.*", "data", "data.*", "kernels", "kernels.*"]),
+    package_data={"data": ["*.txt"]},
+    install_requires=RUNTIME,
+    extras_require={"dev": DEV},
+    ext_modules=extension_modules(),
+    cmdclass=build_ext_class(),
+)
