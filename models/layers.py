@@ -1,0 +1,297 @@
+"""Transformer building blocks shared by every tower: CLIP's ViT and text encoder now, BLIP and Flamingo later.
+
+Block vocabulary follows timm (`norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2`, `qkv/proj`,
+`fc1/fc2`), so readers of ViT (Dosovitskiy et al., 2021) and CLIP (Radford et al., 2021) code recognise it.
+
+Deliberate differences from the reference implementations:
+- OpenAI CLIP uses `nn.MultiheadAttention` (sequence-first, `in_proj_weight`/`out_proj`); here attention is
+  batch-first and goes through `F.scaled_dot_product_attention` with a fused `qkv` Linear. The weights are the
+  same numbers: `in_proj_weight` is `qkv.weight`, `out_proj` is `proj` (key maps live in `models/convert.py`).
+- OpenAI's `LayerNorm` casts to fp32 by hand; here precision comes from autocast, which already runs
+  layer norm in fp32.
+- `Block` optionally carries a cross-attention sub-block between self-attention and the MLP (BLIP's
+  image-grounded text encoder/decoder layout, pre-norm here). It runs only when `context` is passed, so one
+  stack serves both BLIP's unimodal mode (no image) and its multimodal mode.
+- Attention widths default to `dim` (`head_dim = dim // num_heads`); `head_dim` can be set explicitly for
+  Flamingo-style attention whose inner width (heads x 64) differs from the model width.
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class QuickGELU(nn.Module):
+    """GELU approximation x * sigmoid(1.702 x) used by OpenAI's released CLIP weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACT_LAYERS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def get_act_layer(name: str) -> type[nn.Module]:
+    if name not in ACT_LAYERS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACT_LAYERS)}")
+    return ACT_LAYERS[name]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    attn_mask: bool (True = may attend) or additive float, broadcastable to (B, heads, T, T).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        head_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = head_dim or dim // num_heads
+        inner_dim = num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner_dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(inner_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, is_causal=is_causal
+        )
+        x = rearrange(x, "b h t d -> b t (h d)")  # (B, T, inner_dim)
+        return self.proj_drop(self.proj(x))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries `x` (B, T, dim) to a context (B, S, context_dim).
+
+    Queries come from `q`, keys and values from the fused `kv`; attn_mask broadcastable to (B, heads, T, S).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: Optional[int] = None,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        head_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = head_dim or dim // num_heads
+        inner_dim = num_heads * head_dim
+        self.q = nn.Linear(dim, inner_dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * inner_dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(inner_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.num_heads)  # (B, heads, T, head_dim)
+        kv = rearrange(self.kv(context), "b s (two h d) -> two b h s d", two=2, h=self.num_heads)
+        k, v = kv.unbind(0)  # each (B, heads, S, head_dim)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        x = rearrange(x, "b h t d -> b t (h d)")  # (B, T, inner_dim)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        bias: bool = True,
+    ):
+        super().__init__()
+        hidden_features = hidden_features or 4 * in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learned residual scale (CaiT, Touvron et al. 2021)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample (Huang et al. 2016)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # (B, 1, ..., 1)
+        return x * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens with one strided convolution: (B, C, H, W) -> (B, H/p * W/p, dim)."""
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, in_chans: int = 3, dim: int = 768, bias: bool = True):
+        super().__init__()
+        if image_size % patch_size != 0:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, dim, H/p, W/p)
+        return rearrange(x, "b c h w -> b (h w) c")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP.
+
+    The cross-attention sub-block exists when `cross_attention=True` and runs when `context` is given.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: Optional[float] = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        cross_attention: bool = False,
+        context_dim: Optional[int] = None,
+    ):
+        super().__init__()
+
+        def layer_scale() -> nn.Module:
+            return LayerScale(dim, init_values) if init_values else nn.Identity()
+
+        def drop() -> nn.Module:
+            return DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.ls1 = layer_scale()
+        self.drop_path1 = drop()
+
+        self.norm_cross = norm_layer(dim) if cross_attention else nn.Identity()
+        self.cross_attn = (
+            CrossAttention(dim, context_dim=context_dim, num_heads=num_heads, qkv_bias=qkv_bias)
+            if cross_attention
+            else nn.Identity()
+        )
+        self.ls_cross = layer_scale() if cross_attention else nn.Identity()
+        self.drop_path_cross = drop() if cross_attention else nn.Identity()
+
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.ls2 = layer_scale()
+        self.drop_path2 = drop()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        context: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if context is not None:  # BLIP runs one text stack with (multimodal) and without (unimodal) the image
+            x = x + self.drop_path_cross(self.ls_cross(self.cross_attn(self.norm_cross(x), context, attn_mask=context_mask)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of `Block`s; stochastic depth grows linearly from 0 to `drop_path` over depth (as in timm)."""
+
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: Optional[float] = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        cross_attention: bool = False,
+        context_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        self.width = width
+        self.depth = depth
+        self.grad_checkpointing = False
+        drop_path_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                width,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                init_values=init_values,
+                drop_path=rate,
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                cross_attention=cross_attention,
+                context_dim=context_dim,
+            )
+            for rate in drop_path_rates
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        context: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Recompute each block's activations in backward instead of storing them.
+                x = checkpoint(block, x, attn_mask, is_causal, context, context_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal, context=context, context_mask=context_mask)
+        return x

@@ -1,0 +1,94 @@
+"""CLIP's causal text transformer (Radford et al., 2021, section 2.4; GPT-2 style, Radford et al., 2019).
+
+Tokens are embedded, given learned absolute positions, run through pre-norm causal blocks and a final layer
+norm; the feature at the end-of-text token is projected by `proj` (width, output_dim) as `x @ proj`.
+
+Deliberate differences from openai/CLIP `clip/model.py:CLIP.encode_text`:
+- the end-of-text token is found as the last non-pad token, `(tokens != pad_id).sum(-1) - 1`, instead of
+  `tokens.argmax(-1)`. For CLIP's BPE (pad 0, EOT 49407 the largest id, last non-pad) both agree; the count
+  also works for tokenizers whose end-of-sequence id is not the largest (sentencepiece).
+- causality comes from `is_causal=True` in `F.scaled_dot_product_attention`, not a stored (77, 77) mask, so
+  sequences shorter than `context_length` use `pos_embed[:T]`.
+- timm names (`pos_embed`, `transformer.blocks`, `norm`, `proj`) for OpenAI's `positional_embedding`,
+  `transformer.resblocks`, `ln_final`, `text_projection`; `models/convert.py` maps them.
+"""
+from typing import Callable
+
+import torch
+from torch import nn
+
+from models.layers import Transformer
+
+
+class TextTransformer(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int = 49408,
+        context_length: int = 77,
+        width: int = 512,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        output_dim: int = 512,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        pad_id: int = 0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.output_dim = output_dim
+        self.pad_id = pad_id
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
+        self.transformer = Transformer(
+            width,
+            depth,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            drop_path=drop_path,
+            act_layer=act_layer,
+            norm_layer=norm_layer,
+        )
+        self.norm = norm_layer(width)
+        self.proj = nn.Parameter(torch.zeros(width, output_dim))
+        self.initialize_parameters()
+
+    @torch.no_grad()
+    def initialize_parameters(self) -> None:
+        # openai/CLIP `initialize_parameters`: GPT-2 style, output projections of each residual branch scaled
+        # down by sqrt(2 * depth); attention biases zero as in nn.MultiheadAttention.
+        width, depth = self.transformer.width, self.transformer.depth
+        attn_std = width**-0.5
+        proj_std = width**-0.5 * (2 * depth) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        for block in self.transformer.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.proj.bias)
+            nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
+            nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+        nn.init.normal_(self.proj, std=width**-0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids, T <= context_length -> normalised causal features (B, T, width)."""
+        num_tokens = tokens.shape[1]
+        if num_tokens > self.context_length:
+            raise ValueError(f"got {num_tokens} tokens; the text tower was built for at most {self.context_length}")
+        x = self.token_embedding(tokens) + self.pos_embed[:num_tokens]  # (B, T, width)
+        x = self.transformer(x, is_causal=True)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> text embedding (B, output_dim), the last non-pad token projected."""
+        x = self.forward_features(tokens)  # (B, T, width)
+        eot = (tokens != self.pad_id).sum(dim=-1) - 1  # (B,) index of the end-of-text token
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, width)
+        return pooled @ self.proj

@@ -1,0 +1,88 @@
+"""Vision Transformer image tower (Dosovitskiy et al., ICLR 2021) in CLIP's variant (Radford et al., 2021).
+
+CLIP's changes to ViT, kept here: a layer norm on the embedded tokens before the transformer (`norm_pre`,
+OpenAI's `ln_pre`), a bias-free patch convolution, and a projection matrix `proj` (width, output_dim) applied
+as `x @ proj` to the normalised CLS token, so OpenAI weights convert by renaming only.
+
+Deliberate differences from openai/CLIP `clip/model.py:VisionTransformer`:
+- timm names and shapes for the stem (`patch_embed.proj`, `cls_token` (1, 1, width), `pos_embed`
+  (1, 1 + HW, width)); OpenAI's `class_embedding` (width,) and `positional_embedding` (1 + HW, width) are
+  reshaped by `models/convert.py`. BLIP's ViT keys have the same names.
+- `forward_features` applies the final norm to every token, not only CLS (layer norm is per token, so the
+  pooled output is identical); BLIP and Flamingo consume these tokens.
+- `norm_pre=False, patch_bias=True` give the timm/DeiT ViT that BLIP builds on.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from models.layers import PatchEmbed, Transformer
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        output_dim: int = 512,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        init_values: Optional[float] = None,
+        drop_path: float = 0.0,
+        norm_pre: bool = True,
+        patch_bias: bool = False,
+    ):
+        super().__init__()
+        self.image_size = image_size
+        self.output_dim = output_dim
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, dim=width, bias=patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, width))
+        self.norm_pre = norm_layer(width) if norm_pre else nn.Identity()
+        self.transformer = Transformer(
+            width,
+            depth,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            init_values=init_values,
+            drop_path=drop_path,
+            act_layer=act_layer,
+            norm_layer=norm_layer,
+        )
+        self.norm = norm_layer(width)
+        self.proj = nn.Parameter(torch.zeros(width, output_dim))
+        self.initialize_parameters()
+
+    @torch.no_grad()
+    def initialize_parameters(self) -> None:
+        # openai/CLIP: class/positional embeddings and proj ~ N(0, width^-1); blocks keep the default init of
+        # nn.MultiheadAttention (xavier-uniform in-projection, zero attention biases) and nn.Linear.
+        scale = self.transformer.width**-0.5
+        nn.init.normal_(self.cls_token, std=scale)
+        nn.init.normal_(self.pos_embed, std=scale)
+        nn.init.normal_(self.proj, std=scale)
+        for block in self.transformer.blocks:
+            nn.init.xavier_uniform_(block.attn.qkv.weight)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.zeros_(block.attn.proj.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normalised tokens (B, 1 + HW, width), CLS first."""
+        x = self.patch_embed(images)  # (B, HW, width)
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, width)
+        x = torch.cat([cls_token, x], dim=1) + self.pos_embed  # (B, 1 + HW, width)
+        x = self.norm_pre(x)
+        x = self.transformer(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> image embedding (B, output_dim), the CLS token projected."""
+        return self.forward_features(images)[:, 0] @ self.proj
