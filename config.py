@@ -1,0 +1,185 @@
+"""Run configuration: nested dataclasses with defaults in code, a YAML file that overrides them, and
+dotted command-line overrides (`--train.lr=3e-4`). An unknown key or a value of the wrong type fails
+before anything runs, naming the key and the closest valid keys.
+"""
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ViT-tiny"  # a preset of models.MODELS
+    grad_checkpointing: bool = False
+    drop_path: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train: str = "shapes:train"  # dataset spec strings, see data/__init__.py
+    val: str = "shapes:val"
+    heldout: str = "shapes:heldout"  # evaluated zero-shot at the end; "" to skip
+    image_size: int = 64
+    workers: int = 2  # DataLoader worker processes per training process
+    tokenizer: str = "sentencepiece"
+    tokenizer_path: str = ""  # an existing sentencepiece model; "" trains one on data.train captions
+    tokenizer_captions: int = 20000  # how many training captions the tokenizer is trained on
+    vocab_size: int = 1024
+    context_length: int = 32
+
+
+@dataclass
+class LossConfig:
+    name: str = "clip"  # clip (InfoNCE) | siglip (sigmoid)
+    impl: str = "torch"  # torch | fused (kernels/ op; clip only)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128  # global: summed over processes and accumulation steps
+    accum_steps: int = 1  # gradient accumulation over micro-batches (exact for contrastive losses)
+    lr: float = 5e-4
+    min_lr: float = 0.0  # the cosine schedule ends here
+    warmup_steps: int = 100
+    weight_decay: float = 0.2  # not applied to norms, biases, embeddings, the logit scale
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
+    log_every: int = 10
+    ckpt_every: int = 200
+    eval_every: int = 0  # 0: evaluate only at the end
+
+
+@dataclass
+class EvalConfig:
+    templates: str = "shapes"  # prompt-template set for zero-shot classification
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def valid_keys(cls=Config, prefix: str = "") -> dict[str, type]:
+    """Every dotted leaf key of a config dataclass and its type."""
+    keys = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.update(valid_keys(hints[f.name], name + "."))
+        else:
+            keys[name] = hints[f.name]
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    leaf = key.rsplit(".", 1)[-1]
+    close += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in close]
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(keys))}"
+    return ConfigError(f"unknown config key '{key}' ({source}){hint}")
+
+
+def _coerce(key: str, value, expected: type, source: str):
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
+        except ValueError:
+            pass
+    if type(value) is not expected:
+        raise ConfigError(
+            f"config key '{key}' ({source}) expects {expected.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _set(cfg: Config, key: str, value, source: str) -> None:
+    keys = valid_keys()
+    if key not in keys:
+        raise _unknown_key(key, source)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for name in parents:
+        node = getattr(node, name)
+    setattr(node, leaf, _coerce(key, value, keys[key], source))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--train.lr=3e-4', '--seed', '1'] -> [('train.lr', '3e-4'), ('seed', '1')]."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected a --key=value override, got '{arg}'")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{arg}' has no value")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then command-line overrides (values parsed as YAML scalars)."""
+    cfg = Config()
+    if path:
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value, source=path)
+    for key, value in parse_overrides(list(overrides)):
+        parsed = yaml.safe_load(value) if value != "" else ""
+        if valid_keys().get(key) is str and not isinstance(parsed, str):
+            parsed = value  # '--out_dir=2024' stays a string
+        _set(cfg, key, parsed, source="command line")
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value, source="checkpoint")
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

@@ -1,0 +1,49 @@
+"""Config: defaults, YAML overrides, dotted command-line overrides, and loud failures on typos."""
+import pytest
+
+from config import ConfigError, load_config, save_config, config_from_dict
+
+
+def test_defaults_yaml_and_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("out_dir: runs/x\ntrain:\n  lr: 1.0e-3\n  steps: 50\ndata:\n  train: shapes:train\n")
+    cfg = load_config(str(path), ["--train.lr=3e-4", "--seed", "7", "--data.val=shapes:heldout"])
+    assert cfg.out_dir == "runs/x"
+    assert cfg.train.steps == 50
+    assert cfg.train.lr == 3e-4  # the command line wins over the file
+    assert cfg.seed == 7
+    assert cfg.data.val == "shapes:heldout"
+    assert cfg.train.batch_size == 128  # untouched default
+
+
+def test_int_accepted_for_float_and_strings_stay_strings():
+    cfg = load_config(None, ["--train.lr=1", "--out_dir=2024"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.out_dir == "2024"
+
+
+def test_typo_names_the_key_and_closest_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*train\.lr"):
+        load_config(None, ["--train.lrr=3e-4"])
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  batchsize: 64\n")
+    with pytest.raises(ConfigError, match=r"train\.batchsize.*typo\.yaml.*train\.batch_size"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"did you mean.*train\.steps"):
+        load_config(None, ["--steps=5"])  # right leaf, wrong section
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigError, match=r"train\.steps.*expects int.*float"):
+        load_config(None, ["--train.steps=1.5"])
+    with pytest.raises(ConfigError, match=r"model\.grad_checkpointing.*expects bool"):
+        load_config(None, ["--model.grad_checkpointing=maybe"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["--train.lr=2e-4", "--loss.name=siglip"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")) == cfg
+    import dataclasses
+
+    assert config_from_dict(dataclasses.asdict(cfg)) == cfg
