@@ -1,0 +1,113 @@
+"""train.py end to end on the tiny config: the loss falls, resume is exact, 1 and 2 processes (and
+gradient accumulation) train the same weights, and a config typo fails before anything runs."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "clip", "tiny_shapes.yaml")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    from data import build_dataset
+    from data.tokenizer import train_sentencepiece
+
+    path = str(tmp_path_factory.mktemp("tokenizer") / "shapes.model")
+    dataset = build_dataset("shapes:train:2000")
+    train_sentencepiece((dataset[i]["caption"] for i in range(len(dataset))), path, vocab_size=256)
+    return path
+
+
+def small_run(out_dir, tokenizer_path, *extra) -> list[str]:
+    return [
+        "--config", CONFIG, f"--out_dir={out_dir}", f"--data.tokenizer_path={tokenizer_path}",
+        "--data.workers=0", "--data.val=shapes:val:64", "--data.heldout=shapes:heldout:64",
+        "--train.batch_size=16", "--train.warmup_steps=2", "--train.log_every=1", *extra,
+    ]
+
+
+def final_weights(out_dir) -> dict:
+    return torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)["model"]
+
+
+def test_twenty_steps_lower_the_loss(tmp_path, tokenizer_path, capsys):
+    results = train.main(small_run(tmp_path, tokenizer_path, "--train.steps=20", "--train.batch_size=32"))
+    losses = [float(x) for x in re.findall(r"^step \d+/20 loss ([\d.]+)", capsys.readouterr().out, re.M)]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert {"val/top1", "val/image_to_text_R@1", "heldout/top1"} <= set(results)
+    assert os.path.exists(tmp_path / "config.yaml") and os.path.exists(tmp_path / "tb")
+
+
+def test_resume_after_sigterm_is_exact(tmp_path, tokenizer_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train.main(small_run(straight, tokenizer_path, "--train.steps=6"))
+
+    interrupted = tmp_path / "interrupted"
+    real_step, calls = train.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler asks for a checkpoint after this step
+        return loss
+
+    monkeypatch.setattr(train, "train_step", step_then_sigterm)
+    with pytest.raises(SystemExit) as stop:
+        train.main(small_run(interrupted, tokenizer_path, "--train.steps=6"))
+    assert stop.value.code == 0
+    assert torch.load(os.path.join(interrupted, "checkpoint.pt"), weights_only=True)["step"] == 3
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(small_run(interrupted, tokenizer_path, "--train.steps=6", "--resume"))
+
+    for name, weight in final_weights(straight).items():
+        assert torch.equal(weight, final_weights(interrupted)[name]), name
+
+
+def test_one_process_two_processes_and_accumulation_agree(tmp_path, tokenizer_path):
+    # ViT: BatchNorm (the demo's ResNet) normalises per process and per micro-batch, so it cannot agree
+    common = ["--train.steps=4", "--train.lr=1e-3", "--model.name=ViT-tiny"]
+    train.main(small_run(tmp_path / "one", tokenizer_path, *common))
+    train.main(small_run(tmp_path / "accum", tokenizer_path, *common, "--train.accum_steps=2"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "train.py"), *small_run(tmp_path / "two", tokenizer_path, *common)],
+        check=True, cwd=ROOT, env=env, capture_output=True,
+    )
+    one, accum, two = (final_weights(tmp_path / name) for name in ("one", "accum", "two"))
+    for name, weight in one.items():
+        torch.testing.assert_close(two[name], weight, rtol=1e-4, atol=1e-5, msg=f"2 processes: {name}")
+        torch.testing.assert_close(accum[name], weight, rtol=1e-4, atol=1e-5, msg=f"accumulation: {name}")
+
+
+def test_config_typo_fails_before_anything_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", CONFIG, f"--out_dir={tmp_path / 'run'}", "--train.lrr=1e-3"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "unknown config key 'train.lrr'" in result.stderr and "train.lr" in result.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("extra", [["--loss.name=siglip"], ["--train.precision=bf16"], ["--model.name=ViT-tiny", "--model.grad_checkpointing=true"]])
+def test_variants_train(tmp_path, tokenizer_path, extra, capsys):
+    train.main(small_run(tmp_path, tokenizer_path, "--train.steps=3", *extra))
+    losses = re.findall(r"^step \d+/3 loss ([\d.]+)", capsys.readouterr().out, re.M)
+    assert len(losses) == 3
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path, tokenizer_path, monkeypatch):
+    monkeypatch.setattr(train, "compute_loss", lambda *args: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match="non-finite loss nan at step 0"):
+        train.main(small_run(tmp_path, tokenizer_path, "--train.steps=3"))

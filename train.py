@@ -1,0 +1,288 @@
+"""Train a contrastive image-text model (CLIP or SigLIP) on one process or many.
+
+    python train.py --config configs/clip/tiny_shapes.yaml
+    torchrun --nproc_per_node 2 train.py --config configs/clip/tiny_shapes.yaml --train.lr=1e-3
+    torchrun --nproc_per_node 2 train.py --config configs/clip/tiny_shapes.yaml --resume
+
+`train.batch_size` is the global batch. The global batch at step s is the same samples whatever the
+number of processes and accumulation steps (see data/__init__.py), and gradient accumulation caches
+every micro-batch's features first (as open_clip's --accum-freq), so the contrastive loss is always
+taken over the whole global batch: 1 process x 4 accumulation steps trains the same model as 4
+processes, up to floating-point summation order.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import distributed
+from config import ConfigError, config_from_dict, load_config, save_config
+from data import build_dataset, train_loader
+from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from losses import clip_loss, siglip_loss
+from models import create_model
+
+
+def build_tokenizer(cfg, out_dir: str) -> SentencePieceTokenizer:
+    """The configured sentencepiece model, or one trained on data.train captions and kept in out_dir."""
+    path = cfg.data.tokenizer_path or os.path.join(out_dir, "tokenizer.model")
+    if not os.path.exists(path):
+        if cfg.data.tokenizer_path:
+            raise FileNotFoundError(f"data.tokenizer_path: no sentencepiece model at '{path}'")
+        if distributed.is_main():
+            dataset = build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed)
+            count = min(cfg.data.tokenizer_captions, len(dataset))
+            train_sentencepiece((dataset[i]["caption"] for i in range(count)), path, cfg.data.vocab_size)
+        distributed.barrier()
+    return SentencePieceTokenizer(path, context_length=cfg.data.context_length)
+
+
+def build_model(cfg, tokenizer) -> torch.nn.Module:
+    extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
+    return create_model(
+        cfg.model.name,
+        image_size=cfg.data.image_size,
+        vocab_size=tokenizer.vocab_size,
+        context_length=tokenizer.context_length,
+        pad_id=tokenizer.pad_id,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+        drop_path=cfg.model.drop_path,
+        **extra,
+    )
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, embeddings or the logit scale and bias."""
+    no_decay_names = ("token_embedding", "pos_embed", "cls_token", "logit_scale", "logit_bias")
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or any(part in name for part in no_decay_names)
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(step: int, train_cfg) -> float:
+    """Linear warmup, then cosine decay from train.lr to train.min_lr at train.steps."""
+    if step < train_cfg.warmup_steps:
+        return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
+    progress = (step - train_cfg.warmup_steps) / max(1, train_cfg.steps - train_cfg.warmup_steps)
+    return train_cfg.min_lr + 0.5 * (train_cfg.lr - train_cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def compute_loss(cfg, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+    if cfg.loss.name == "siglip":
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    return clip_loss(image_features, text_features, logit_scale, impl=cfg.loss.impl)
+
+
+def train_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Tensor:
+    """Forward and backward over one global batch (this process's share); returns the local loss."""
+    def forward(batch):
+        return model(batch["image"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True))
+
+    if len(micro_batches) == 1:
+        with autocast:
+            out = forward(micro_batches[0])
+            loss = compute_loss(cfg, out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+        scaler.scale(loss).backward()
+        return loss.detach()
+    # Exact accumulation: the loss needs every micro-batch's features as negatives. Cache them without
+    # gradient, then re-run each micro-batch with gradient, splicing its live features into the cache.
+    with torch.no_grad(), autocast:
+        cached = [forward(batch) for batch in micro_batches]
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and i < last else contextlib.nullcontext()
+        with sync, autocast:
+            out = forward(batch)
+            images = torch.cat([out["image_features"] if j == i else c["image_features"] for j, c in enumerate(cached)])
+            texts = torch.cat([out["text_features"] if j == i else c["text_features"] for j, c in enumerate(cached)])
+            # the logit scale and bias enter the loss once, through the last (synchronising) micro-batch
+            scale, bias = out["logit_scale"], out["logit_bias"]
+            if i < last:
+                scale, bias = scale.detach(), bias.detach() if bias is not None else None
+            loss = compute_loss(cfg, images, texts, scale, bias)
+            scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write to a temporary file and rename it over the old one, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file overriding the defaults in config.py")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="continue from CHECKPOINT (default: out_dir/checkpoint.pt)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        sys.exit(f"config error: {error}")
+
+    device = distributed.init(cfg.device)
+    rank, world_size = distributed.rank(), distributed.world_size()
+    main_process = distributed.is_main()
+    checkpoint = None
+    if args.resume:
+        path = os.path.join(cfg.out_dir, "checkpoint.pt") if args.resume == "auto" else args.resume
+        if not os.path.exists(path):
+            sys.exit(f"--resume: no checkpoint at '{path}'")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = config_from_dict(checkpoint["config"]) if not args.config and not overrides else cfg
+    if main_process:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    distributed.barrier()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every process
+    tokenizer = build_tokenizer(cfg, cfg.out_dir)
+    model = build_model(cfg, tokenizer).to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+        betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
+    )
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        sys.exit(f"config error: train.precision must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        sys.exit("config error: train.precision=fp16 needs a GPU (its grad scaler); use bf16 on CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    step = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+        step = checkpoint["step"]
+        if main_process:
+            print(f"resumed from step {step}", flush=True)
+    raw_model = model
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def checkpoint_state() -> dict:
+        rng_states = [torch.get_rng_state()]
+        if world_size > 1:
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, rng_states[0])
+            rng_states = gathered
+        return {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states,
+            "tokenizer": tokenizer.model_bytes(),
+        }
+
+    def save() -> None:
+        state = checkpoint_state()  # every process takes part (it gathers RNG states)
+        if main_process:
+            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), state)
+
+    writer = None
+    if main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+    loader = train_loader(cfg, tokenizer, rank, world_size, start_step=step)
+    batches = iter(loader)
+    model.train()
+    start_step, interval_start = step, time.time()
+    while step < cfg.train.steps:
+        lr = learning_rate(step, cfg.train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
+        loss = train_step(cfg, model, micro_batches, device, autocast, scaler)
+        if not torch.isfinite(loss):
+            sys.exit(f"non-finite loss {loss.item()} at step {step} (lr {lr:.3g}) on rank {rank}; "
+                     f"try a lower train.lr or train.precision=bf16")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            raw_model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            mean_loss = distributed.all_reduce_mean(loss.float()).item()
+            if main_process:
+                elapsed = time.time() - interval_start
+                steps_done = (step - start_step) % cfg.train.log_every or cfg.train.log_every
+                samples_per_s = steps_done * cfg.train.batch_size / elapsed
+                eta = (cfg.train.steps - step) * elapsed / steps_done
+                scale = raw_model.logit_scale.exp().item()
+                print(f"step {step}/{cfg.train.steps} loss {mean_loss:.4f} lr {lr:.3g} scale {scale:.1f} "
+                      f"grad_norm {grad_norm.item():.2f} {samples_per_s:.0f} samples/s eta {eta / 60:.1f} min",
+                      flush=True)
+                for name, value in (("loss", mean_loss), ("lr", lr), ("logit_scale", scale),
+                                    ("grad_norm", grad_norm.item()), ("samples_per_s", samples_per_s)):
+                    writer.add_scalar(f"train/{name}", value, step)
+            interval_start = time.time()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
+            model.train()
+        if world_size > 1:
+            flag = torch.tensor(float(stop_requested))
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop_requested = bool(flag.item())
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop_requested:
+            save()
+        if stop_requested:
+            if main_process:
+                print(f"SIGTERM: saved checkpoint at step {step}; continue with --resume", flush=True)
+            distributed.cleanup()
+            sys.exit(0)
+
+    results = run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
+    if writer is not None:
+        writer.close()
+    distributed.cleanup()
+    return results
+
+
+def run_evaluation(cfg, model, tokenizer, device, writer, step: int) -> dict:
+    """Zero-shot and retrieval on data.val, zero-shot on data.heldout; rank 0 evaluates, others wait."""
+    import eval as evaluation
+
+    results = {}
+    if distributed.is_main():
+        model.eval()
+        results = evaluation.evaluate_all(cfg, model, tokenizer, device)
+        results["step"] = step
+        print(json.dumps(results), flush=True)
+        with open(os.path.join(cfg.out_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(results) + "\n")
+        for name, value in results.items():
+            if isinstance(value, float):
+                writer.add_scalar(f"eval/{name}", value, step)
+    distributed.barrier()
+    return results
+
+
+if __name__ == "__main__":
+    main()
