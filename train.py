@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     loader = train_loader(cfg, tokenizer, rank, world_size, start_step=step)
     batches = iter(loader)
     model.train()
-    start_step, interval_start = step, time.time()
+    start_step, run_start = step, time.time()
+    interval_start = run_start
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.train)
         for group in optimizer.param_groups:
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
             distributed.cleanup()
             sys.exit(0)
 
+    if main_process:
+        print(f"trained steps {start_step}-{step} in {(time.time() - run_start) / 60:.1f} min", flush=True)
     results = run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
     if writer is not None:
         writer.close()
