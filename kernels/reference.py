@@ -12,7 +12,8 @@ import torch.nn.functional as F
 def _logits(rows: torch.Tensor, cols: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     dtype = torch.promote_types(rows.dtype, torch.float32)
     scale = torch.as_tensor(logit_scale, device=rows.device).to(dtype)
-    return scale * rows.to(dtype) @ cols.to(dtype).T  # (rows, cols)
+    with torch.autocast(rows.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
+        return scale * rows.to(dtype) @ cols.to(dtype).T  # (rows, cols)
 
 
 def contrastive_loss(

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import distributed
+import kernels
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -52,24 +53,20 @@ def clip_loss(
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch. Features (B, D), normalised; logit_scale is the multiplier.
 
-    impl="fused" uses the tiled C++/CUDA op in `kernels` that never materialises the logits matrix.
+    impl="torch" is the pure-PyTorch loss (kernels/reference.py, also the fused op's test oracle);
+    impl="fused" is the tiled C++/CUDA op that never materialises the logits matrix.
     """
     if impl not in ("torch", "fused"):
         raise ValueError(f"loss.impl must be 'torch' or 'fused', got {impl!r}")
-    local_size = image_features.shape[0]
-    offset = distributed.rank() * local_size
+    backend = "torch" if impl == "torch" else "auto"
+    if distributed.world_size() == 1:
+        return kernels.contrastive_loss(image_features, text_features, logit_scale, backend=backend)
     all_image = all_gather_with_grad(image_features)  # (N, D)
     all_text = all_gather_with_grad(text_features)  # (N, D)
-    if impl == "fused":
-        import kernels
-
-        if distributed.world_size() == 1:
-            return kernels.contrastive_loss(image_features, text_features, logit_scale)
-        return kernels.contrastive_loss_local(image_features, text_features, all_image, all_text, logit_scale, offset)
-    labels = torch.arange(local_size, device=image_features.device) + offset
-    logits_per_image = logit_scale * image_features @ all_text.T  # (B, N)
-    logits_per_text = logit_scale * text_features @ all_image.T  # (B, N)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    offset = distributed.rank() * image_features.shape[0]
+    return kernels.contrastive_loss_local(
+        image_features, text_features, all_image, all_text, logit_scale, offset, backend=backend
+    )
 
 
 def siglip_loss(

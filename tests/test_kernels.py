@@ -78,6 +78,28 @@ def test_low_precision_features(dtype):
     assert_close_relative(fused, expected, rtol=1e-2)  # gradients rounded to the features' dtype
 
 
+@pytest.mark.parametrize("local_form", [False, True])
+def test_inside_autocast_region(local_form):
+    """train.py calls the op under torch.autocast(bf16): its tile matmuls must stay fp32 there."""
+    image, text = (f.to(torch.bfloat16) for f in features(300, 37))
+    scale = torch.tensor(30.0)
+    if local_form:
+        def fused_fn(i, t, s):
+            return kernels.contrastive_loss_local(i[:150], t[:150], i, t, s, 0, backend="cpu")
+
+        def reference_fn(i, t, s):
+            return reference.contrastive_loss_local(i[:150], t[:150], i, t, s, 0)
+    else:
+        def fused_fn(i, t, s):
+            return kernels.contrastive_loss(i, t, s, backend="cpu")
+
+        reference_fn = reference.contrastive_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = loss_and_grads(fused_fn, image, text, scale)
+    assert_close_relative(fused, float64_reference(reference_fn, image, text, scale), rtol=1e-2)
+    assert_close_relative(fused[:1], float64_reference(reference_fn, image, text, scale)[:1], rtol=1e-5)
+
+
 def test_confident_pairs():
     # Loss ~1e-7: the positive dominates every row and column. A float32 log_softmax loses the
     # gradients here (~1e-2 relative error); the op keeps them via expm1/log1p around the positive.

@@ -100,7 +100,7 @@ def test_config_typo_fails_before_anything_runs(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-@pytest.mark.parametrize("extra", [["--loss.name=siglip"], ["--train.precision=bf16"], ["--model.name=ViT-tiny", "--model.grad_checkpointing=true"], ["--loss.impl=fused"]])
+@pytest.mark.parametrize("extra", [["--loss.name=siglip"], ["--train.precision=bf16"], ["--model.name=ViT-tiny", "--model.grad_checkpointing=true"], ["--loss.impl=fused", "--train.precision=bf16"]])
 def test_variants_train(tmp_path, tokenizer_path, extra, capsys):
     train.main(small_run(tmp_path, tokenizer_path, "--train.steps=3", *extra))
     losses = re.findall(r"^step \d+/3 loss ([\d.]+)", capsys.readouterr().out, re.M)

@@ -56,6 +56,14 @@ constexpr int64_t kCpuTile = 256;
 #define CM_SIMD_CLONES
 #endif
 
+// The op bodies' own ATen calls run below autograd and autocast: they must record no graph (the op
+// has its own backward), and autocast must not turn the fp32 tile matmuls into bf16/fp16 ones when
+// the op is called inside a torch.autocast region.
+struct InnerCallsGuard {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+};
+
 // Calls tile(p, q) for every (row block p, column block q). With `wavefront`, tiles run round by
 // round (see wavefront_column), so tile() may update per-column state without locks; without it
 // each row block walks all column blocks in one task (enough when only rows are updated).
@@ -66,7 +74,7 @@ void for_each_tile(int64_t row_blocks, int64_t col_blocks, bool wavefront, const
     at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
       // Worker threads start with default thread-local state: without this guard, at::mm on
       // features that require grad would record an autograd graph holding every tile.
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const InnerCallsGuard inner_calls;
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t k = first_round; k < last_round; ++k) {
           const int64_t q = wavefront_column(p, k, rounds);
@@ -275,7 +283,7 @@ Tensor scale_grad_like(const Tensor& scale_grad, const Tensor& logit_scale) {
 // (2, N) [max; log_sum] and saved for backward. Loss and LSEs are float32 (float64 for float64 features).
 std::tuple<Tensor, Tensor, Tensor> contrastive_loss_forward(const Tensor& image, const Tensor& text,
                                                             const Tensor& logit_scale) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const InnerCallsGuard inner_calls;
   check_features(image, text, "image_features");
   check_features(text, image, "text_features");
   TORCH_CHECK(image.size(0) == text.size(0), "image and text batches differ: ", image.size(0), " vs ", text.size(0));
@@ -292,7 +300,7 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_loss_forward(const Tensor& image,
 std::tuple<Tensor, Tensor, Tensor> contrastive_loss_backward(const Tensor& grad, const Tensor& image, const Tensor& text,
                                                              const Tensor& logit_scale, const Tensor& lse_image,
                                                              const Tensor& lse_text) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const InnerCallsGuard inner_calls;
   const Tensor image_c = image.contiguous(), text_c = text.contiguous();
   const Tensor scale = scale_tensor(logit_scale, image);
   const int64_t n = image.size(0);
@@ -310,7 +318,7 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_loss_backward(const Tensor& grad,
 std::tuple<Tensor, Tensor, Tensor> contrastive_loss_local_forward(const Tensor& image_local, const Tensor& text_local,
                                                                   const Tensor& image_all, const Tensor& text_all,
                                                                   const Tensor& logit_scale, int64_t offset) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const InnerCallsGuard inner_calls;
   check_features(image_local, image_all, "image_local");
   check_features(text_local, image_all, "text_local");
   check_features(text_all, image_all, "text_all");
@@ -333,7 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_loss_local_forward(const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> contrastive_loss_local_backward(
     const Tensor& grad, const Tensor& image_local, const Tensor& text_local, const Tensor& image_all,
     const Tensor& text_all, const Tensor& logit_scale, int64_t offset, const Tensor& lse_image, const Tensor& lse_text) {
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // inner ATen calls record no graph
+  const InnerCallsGuard inner_calls;
   const Tensor image_local_c = image_local.contiguous(), text_local_c = text_local.contiguous();
   const Tensor scale = scale_tensor(logit_scale, image_local);
   const Tensor weight = grad.to(scale.scalar_type()).reshape({}) / (2.0 * image_local.size(0));
