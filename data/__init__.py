@@ -10,6 +10,8 @@ Determinism: the global batch at step s is a fixed slice of a per-epoch permutat
 into processes and accumulation steps changes nothing but floating-point summation order, so runs on
 1 and on 8 processes are comparable, and a resumed run sees exactly the samples it would have seen.
 """
+import signal
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -105,6 +107,13 @@ class GlobalBatchSampler(Sampler):
         return (self.steps - self.start_step) * self.accum_steps
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # A scheduler's SIGTERM (preemption, `scancel`) often reaches the whole process group. The training
+    # process answers it by finishing its step and writing a checkpoint, which needs its data workers
+    # alive until then; they are shut down with the loader.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def collate(items: list[dict]) -> dict:
     return {
         "image": torch.stack([item["image"] for item in items]),
@@ -123,6 +132,7 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
     )
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.workers, collate_fn=collate,
+        worker_init_fn=_ignore_sigterm,
         persistent_workers=False, prefetch_factor=4 if cfg.data.workers else None,
     )
 
