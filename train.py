@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(args.config, overrides)
     except (ConfigError, FileNotFoundError) as error:
         sys.exit(f"config error: {error}")
+    for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
+        spec = getattr(cfg.data, key)
+        try:
+            if spec:
+                build_dataset(spec, cfg.data.image_size, cfg.seed)
+        except (ValueError, FileNotFoundError) as error:
+            sys.exit(f"config error: data.{key}: {error}")
 
     device = distributed.init(cfg.device)
     rank, world_size = distributed.rank(), distributed.world_size()

@@ -10,6 +10,7 @@ Determinism: the global batch at step s is a fixed slice of a per-epoch permutat
 into processes and accumulation steps changes nothing but floating-point summation order, so runs on
 1 and on 8 processes are comparable, and a resumed run sees exactly the samples it would have seen.
 """
+import difflib
 import signal
 
 import torch
@@ -36,7 +37,9 @@ def build_dataset(spec: str, image_size: int = 64, seed: int = 0) -> Dataset:
     """'shapes:val' -> a dataset whose items are dicts with at least `image` (PIL) and `caption`."""
     kind, _, argument = spec.partition(":")
     if kind not in DATASETS:
-        raise ValueError(f"unknown dataset '{kind}' in spec '{spec}'; known: {', '.join(DATASETS)}")
+        close = difflib.get_close_matches(kind, DATASETS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown dataset '{kind}' in spec '{spec}'; {hint}known: {', '.join(DATASETS)}")
     return DATASETS[kind](argument, image_size, seed)
 
 

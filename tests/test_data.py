@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data import GlobalBatchSampler
 from data.shapes import BACKGROUNDS, CLASSNAMES, COLORS, SHAPES, ShapesDataset
 from data.templates import OPENAI_IMAGENET_TEMPLATES, SHAPES_TEMPLATES
 from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -209,3 +210,30 @@ def test_train_transform_follows_torch_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
     evaluation = image_transform(64, train=False)
     assert torch.equal(evaluation(image), evaluation(image))
+
+
+def test_global_batch_is_the_same_for_any_process_count_and_accumulation():
+    size, batch, steps = 50, 12, 10  # 120 samples: 2.4 epochs, batches straddle epoch boundaries
+    one = list(GlobalBatchSampler(size, batch, steps, seed=3))
+    for world_size, accum_steps in ((2, 1), (3, 2), (4, 3)):
+        per_rank = [
+            list(GlobalBatchSampler(size, batch, steps, rank, world_size, accum_steps, seed=3))
+            for rank in range(world_size)
+        ]
+        for step in range(steps):
+            micro = slice(step * accum_steps, (step + 1) * accum_steps)
+            merged = [key for rank in per_rank for part in rank[micro] for key in part]
+            assert merged == one[step]  # same samples in the same order, cut differently
+    epochs = {}
+    for batch_keys in one:
+        for epoch, index in batch_keys:
+            epochs.setdefault(epoch, []).append(index)
+    assert sorted(epochs[0]) == list(range(size)) and sorted(epochs[1]) == list(range(size))
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    resumed = list(GlobalBatchSampler(size, batch, steps, seed=3, start_step=4))
+    assert resumed == one[4:]
+
+
+def test_global_batch_must_divide():
+    with pytest.raises(ValueError, match="batch_size=10 must divide evenly into 3 processes x 1"):
+        GlobalBatchSampler(100, 10, 5, rank=0, world_size=3)

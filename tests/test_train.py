@@ -100,6 +100,13 @@ def test_config_typo_fails_before_anything_runs(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_bad_dataset_spec_fails_before_training(tmp_path):
+    with pytest.raises(SystemExit, match=r"data\.val: unknown dataset 'shape'.*did you mean 'shapes'"):
+        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.val=shape:val"])
+    with pytest.raises(SystemExit, match=r"data\.train: shapes dataset has splits train, val, heldout; got 'tran'"):
+        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=shapes:tran"])
+
+
 @pytest.mark.parametrize("extra", [["--loss.name=siglip"], ["--train.precision=bf16"], ["--model.name=ViT-tiny", "--model.grad_checkpointing=true"], ["--loss.impl=fused", "--train.precision=bf16"]])
 def test_variants_train(tmp_path, tokenizer_path, extra, capsys):
     train.main(small_run(tmp_path, tokenizer_path, "--train.steps=3", *extra))
