@@ -116,6 +116,26 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Ten
     return loss.detach()
 
 
+def check_config(cfg) -> str | None:
+    """What is wrong with the values of a config (its keys and types are checked on loading), or None."""
+    choices = {"train.precision": ("fp32", "bf16", "fp16"), "loss.name": ("clip", "siglip"), "loss.impl": ("torch", "fused")}
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            return f"{key} must be one of {', '.join(allowed)}; got '{value}'"
+    if cfg.loss.name == "siglip" and cfg.loss.impl == "fused":
+        return "loss.impl=fused implements the CLIP (softmax) loss only; use loss.impl=torch with siglip"
+    for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
+        spec = getattr(cfg.data, key)
+        try:
+            if spec:
+                build_dataset(spec, cfg.data.image_size, cfg.seed)
+        except (ValueError, FileNotFoundError) as error:
+            return f"data.{key}: {error}"
+    return None
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temporary file and rename it over the old one, so a crash never leaves half a file."""
     tmp = f"{path}.tmp"
@@ -133,13 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(args.config, overrides)
     except (ConfigError, FileNotFoundError) as error:
         sys.exit(f"config error: {error}")
-    for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
-        spec = getattr(cfg.data, key)
-        try:
-            if spec:
-                build_dataset(spec, cfg.data.image_size, cfg.seed)
-        except (ValueError, FileNotFoundError) as error:
-            sys.exit(f"config error: data.{key}: {error}")
+    problem = check_config(cfg)
+    if problem:
+        sys.exit(f"config error: {problem}")
 
     device = distributed.init(cfg.device)
     rank, world_size = distributed.rank(), distributed.world_size()
@@ -163,8 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
         betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
     )
-    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
-        sys.exit(f"config error: train.precision must be fp32, bf16 or fp16, got '{cfg.train.precision}'")
     if cfg.train.precision == "fp16" and device.type != "cuda":
         sys.exit("config error: train.precision=fp16 needs a GPU (its grad scaler); use bf16 on CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")

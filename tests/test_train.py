@@ -100,6 +100,14 @@ def test_config_typo_fails_before_anything_runs(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_bad_values_fail_before_training(tmp_path):
+    with pytest.raises(SystemExit, match=r"train\.precision must be one of fp32, bf16, fp16; got 'fp8'"):
+        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--train.precision=fp8"])
+    with pytest.raises(SystemExit, match=r"loss\.impl=fused implements the CLIP"):
+        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--loss.name=siglip", "--loss.impl=fused"])
+    assert not os.listdir(tmp_path)
+
+
 def test_bad_dataset_spec_fails_before_training(tmp_path):
     with pytest.raises(SystemExit, match=r"data\.val: unknown dataset 'shape'.*did you mean 'shapes'"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.val=shape:val"])
