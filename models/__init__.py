@@ -3,15 +3,24 @@
 Paper presets follow the CLIP paper's appendix tables "CLIP-ResNet hyperparameters" and "CLIP-ViT
 hyperparameters" (Radford et al., 2021), cross-checked against openai/CLIP `build_model`: ViT heads =
 width // 64, text heads = text width // 64, ResNet attention-pool heads = 32 * width // 64, context 77,
-vocabulary 49408. Each also exists as `<name>-quickgelu` with QuickGELU, the activation of OpenAI's
-released weights; the plain names use nn.GELU (open_clip's convention).
+vocabulary 49408; they equal open_clip v3.3.0's `model_configs/<name>.json` (tests/test_convert.py checks).
+Each also exists as `<name>-quickgelu` with QuickGELU, the activation of OpenAI's released weights; the plain
+names use nn.GELU (open_clip's convention).
+
+`create_model(name, pretrained=PATH)` loads OpenAI's `.pt` archives and open_clip checkpoints through the key
+maps of `models/convert.py`, into fp32 parameters.
 """
+import contextlib
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+
+from models import convert
 from models.clip import CLIP
 from models.layers import get_act_layer
 from models.resnet import ModifiedResNet
@@ -66,9 +75,22 @@ OVERRIDES = (
 )  # fmt: skip
 
 
-def create_model(name: str, **overrides) -> CLIP:
-    """Build a freshly initialised CLIP preset; `overrides` may set any key of OVERRIDES.
+def infer_preset(state_dict: dict) -> Optional[str]:
+    """The paper preset whose architecture a state_dict (our layout) has, or None. The activation is not stored in
+    weights: the answer is the GELU name, and OpenAI's weights want its `-quickgelu` twin."""
+    config = convert.infer_config(state_dict)
+    if config is None:
+        return None
+    for name, preset in PAPER_MODELS.items():
+        if all(getattr(preset, field) == value for field, value in config.items()):
+            return name
+    return None
 
+
+def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> CLIP:
+    """Build a CLIP preset; `overrides` may set any key of OVERRIDES.
+
+    pretrained: an OpenAI CLIP `.pt` archive or an open_clip checkpoint, loaded as fp32 instead of the random init.
     drop_path (stochastic depth, max rate over depth) applies to the transformer towers, not to the ResNet.
     """
     if name not in MODELS:
@@ -80,8 +102,18 @@ def create_model(name: str, **overrides) -> CLIP:
             raise ValueError(f"unknown create_model override {key!r}; closest: {closest}; valid: {list(OVERRIDES)}")
     grad_checkpointing = overrides.pop("grad_checkpointing", False)
     config = dataclasses.replace(MODELS[name], **overrides)
-    act_layer = get_act_layer(config.act_layer)
+    # With weights to load, build on the meta device: no random initialisation to throw away.
+    with torch.device("meta") if pretrained is not None else contextlib.nullcontext():
+        model = build_model(config)
+    if pretrained is not None:
+        load_pretrained(model, name, config, pretrained)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
+
+def build_model(config: CLIPConfig) -> CLIP:
+    act_layer = get_act_layer(config.act_layer)
     if config.patch_size is None:
         vision = ModifiedResNet(
             layers=config.vision_layers,
@@ -112,13 +144,31 @@ def create_model(name: str, **overrides) -> CLIP:
         pad_id=config.pad_id,
         drop_path=config.drop_path,
     )
-    model = CLIP(
+    return CLIP(
         config.embed_dim,
         vision,
         text,
         init_logit_scale=config.init_logit_scale,
         init_logit_bias=config.init_logit_bias,
     )
-    if grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
+
+
+def load_pretrained(model: CLIP, name: str, config: CLIPConfig, path: convert.PathLike) -> None:
+    """Fill `model` (built on the meta device) with a checkpoint's weights, or fail naming every mismatch."""
+    checkpoint, source = convert.load_checkpoint(path)
+    state_dict = convert.openclip_to_ours(checkpoint)
+    problems = convert.describe_mismatch(model.state_dict(), state_dict)
+    if problems:
+        guess = infer_preset(state_dict)
+        hint = f"\nThe checkpoint has the architecture of {guess!r} ({guess}-quickgelu for OpenAI's weights)."
+        raise ValueError(f"checkpoint {str(path)!r} does not fit model {name!r}:\n{problems}{hint if guess else ''}")
+    if source == "openai" and config.act_layer != "quick_gelu":
+        quick_name = f"{name}-quickgelu"
+        fix = f"the preset {quick_name!r}" if quick_name in MODELS else "act_layer='quick_gelu'"
+        warnings.warn(
+            f"{str(path)!r} holds OpenAI CLIP weights, trained with QuickGELU, but model {name!r} is built with GELU, "
+            f"so its features will be off: use {fix}",
+            stacklevel=3,
+        )
+    model.load_state_dict(state_dict, assign=True)  # the meta tensors become the checkpoint's
+    model.float()  # OpenAI's weights are mostly fp16; precision comes from autocast

@@ -1,0 +1,287 @@
+"""Checkpoint key maps: OpenAI's released CLIP archives and open_clip checkpoints <-> this codebase's modules.
+
+References: openai/CLIP `clip/clip.py:load` and `clip/model.py:build_model` (the released `.pt` files),
+open_clip v3.3.0 `factory.py:load_checkpoint` and `model.py:build_model_from_openai_state_dict`.
+
+Both references keep OpenAI's module names, so one "open_clip layout" describes both; the OpenAI files add
+the metadata entries `input_resolution`, `context_length` and `vocab_size`. The maps here rename those keys
+to the timm-style names of `models/` (and reshape `class_embedding`/`positional_embedding` to `cls_token`/
+`pos_embed`); `ours_to_openclip` inverts them exactly (same keys, shapes, dtypes and values).
+
+Deliberate differences from the references:
+- OpenAI's files are TorchScript archives, which openai/CLIP and open_clip open with `torch.jit.load`, i.e. by
+  running the archive's code. `read_torchscript_archive` never does: it unpickles only `data.pkl` with an
+  allow-list (TorchScript module classes become inert attribute records, plus tensor rebuilding and storage
+  types) and reads the storages from the zip; `code/` and `constants.pkl` are never opened.
+- open_clip checkpoints are read with `torch.load(..., weights_only=True)`.
+- A checkpoint that does not fit raises one error listing missing keys, unexpected keys and differing shapes
+  (`describe_mismatch`), instead of `load_state_dict`'s first failure.
+"""
+import math
+import os
+import pickle
+import zipfile
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+StateDict = dict[str, torch.Tensor]
+
+# Entries of OpenAI's archives that describe the model rather than weight it (openai/CLIP `build_model`
+# deletes them before `load_state_dict`).
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+# (open_clip name, our name) key prefixes; a key takes the first pair whose prefix it starts with.
+VIT_PREFIXES = (
+    ("visual.conv1.", "visual.patch_embed.proj."),
+    ("visual.class_embedding", "visual.cls_token"),
+    ("visual.positional_embedding", "visual.pos_embed"),
+    ("visual.ln_pre.", "visual.norm_pre."),
+    ("visual.ln_post.", "visual.norm."),
+    ("visual.transformer.resblocks.", "visual.transformer.blocks."),
+)
+TEXT_PREFIXES = (
+    ("token_embedding.", "text.token_embedding."),
+    ("positional_embedding", "text.pos_embed"),
+    ("transformer.resblocks.", "text.transformer.blocks."),
+    ("ln_final.", "text.norm."),
+    ("text_projection", "text.proj"),
+)
+# (open_clip, ours) pieces of a key inside one transformer block.
+BLOCK_PARTS = (
+    (".ln_1.", ".norm1."),
+    (".ln_2.", ".norm2."),
+    (".attn.in_proj_weight", ".attn.qkv.weight"),
+    (".attn.in_proj_bias", ".attn.qkv.bias"),
+    (".attn.out_proj.", ".attn.proj."),
+    (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."),
+)
+
+
+def _is_vit(state_dict: Mapping[str, Any]) -> bool:
+    # Both layouts call the ViT's output projection `visual.proj`; the ResNet has `visual.attnpool` instead.
+    return "visual.proj" in state_dict
+
+
+def _rename(key: str, prefixes: tuple[tuple[str, str], ...], to_ours: bool) -> str:
+    for openclip_prefix, our_prefix in prefixes:
+        old, new = (openclip_prefix, our_prefix) if to_ours else (our_prefix, openclip_prefix)
+        if key.startswith(old):
+            key = new + key[len(old):]
+            if new.endswith((".resblocks.", ".blocks.")):
+                for openclip_part, our_part in BLOCK_PARTS:
+                    old_part, new_part = (openclip_part, our_part) if to_ours else (our_part, openclip_part)
+                    key = key.replace(old_part, new_part)
+            return key
+    return key
+
+
+def openclip_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """open_clip / OpenAI layout -> `models.CLIP` layout. Unknown keys pass through (and fail the fit check)."""
+    prefixes = (VIT_PREFIXES if _is_vit(state_dict) else ()) + TEXT_PREFIXES
+    converted = {}
+    for key, value in state_dict.items():
+        key = _rename(key, prefixes, to_ours=True)
+        if key == "visual.cls_token":
+            value = value.reshape(1, 1, -1)  # (width,) -> (1, 1, width)
+        elif key == "visual.pos_embed":
+            value = value.unsqueeze(0)  # (1 + HW, width) -> (1, 1 + HW, width)
+        converted[key] = value
+    return converted
+
+
+def ours_to_openclip(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """`models.CLIP` layout -> open_clip's `CLIP` layout (loads with open_clip's `load_state_dict`)."""
+    prefixes = (VIT_PREFIXES if _is_vit(state_dict) else ()) + TEXT_PREFIXES
+    converted = {}
+    for key, value in state_dict.items():
+        if key == "visual.cls_token":
+            value = value.reshape(-1)  # (1, 1, width) -> (width,)
+        elif key == "visual.pos_embed":
+            value = value.squeeze(0)  # (1, 1 + HW, width) -> (1 + HW, width)
+        converted[_rename(key, prefixes, to_ours=False)] = value
+    return converted
+
+
+# ---------------------------------------------------------------- reading files
+
+
+class ScriptObject:
+    """Inert stand-in for every TorchScript class in an archive: it only records the attributes it is given."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.attributes = state if isinstance(state, dict) else {}
+
+
+# Storage classes named in the pickle -> element dtype of the raw bytes in data/<key>.
+STORAGE_DTYPES = {
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *unused: Any) -> torch.Tensor:
+    # Arguments of torch._utils._rebuild_tensor_v2; requires_grad, hooks and metadata do not matter here.
+    return storage.as_strided(size, stride, offset)
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript `data.pkl` allowing nothing that can run code."""
+
+    def __init__(self, file: Any, archive: zipfile.ZipFile, root: str):
+        super().__init__(file)
+        self.archive = archive
+        self.root = root
+        self.storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a weights archive needs only tensor data")
+
+    def persistent_load(self, saved_id: Any) -> torch.Tensor:
+        kind, dtype, key, _location, numel = saved_id
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unexpected persistent id {saved_id!r}")
+        if key not in self.storages:  # tensors may share one storage
+            data = bytearray(self.archive.read(f"{self.root}data/{key}"))
+            storage = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            if storage.numel() != numel:
+                raise pickle.UnpicklingError(f"storage {key}: {storage.numel()} elements on disk, {numel} expected")
+            self.storages[key] = storage
+        return self.storages[key]
+
+
+def _archive_root(archive: zipfile.ZipFile) -> str:
+    names = archive.namelist()
+    roots = [name[: -len("data.pkl")] for name in names if name.count("/") == 1 and name.endswith("/data.pkl")]
+    if len(roots) != 1:
+        raise ValueError(f"{archive.filename}: expected one <name>/data.pkl in the archive, found {len(roots)}")
+    return roots[0]
+
+
+def is_torchscript_archive(path: PathLike) -> bool:
+    """TorchScript archives are zips with a `<name>/code/` folder; `torch.save` zips have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+
+
+def read_torchscript_archive(path: PathLike) -> StateDict:
+    """Every tensor of a TorchScript archive as a flat {dotted.name: tensor}, without executing the archive."""
+
+    def walk(obj: ScriptObject, prefix: str) -> None:
+        for name, value in getattr(obj, "attributes", {}).items():  # an object never given state has none
+            if isinstance(value, torch.Tensor):
+                state_dict[prefix + name] = value
+            elif isinstance(value, ScriptObject):
+                walk(value, f"{prefix}{name}.")
+
+    with zipfile.ZipFile(path) as archive:
+        root = _archive_root(archive)
+        with archive.open(f"{root}data.pkl") as file:
+            top = _ArchiveUnpickler(file, archive, root).load()
+    if not isinstance(top, ScriptObject):
+        raise ValueError(f"{path}: data.pkl holds {type(top).__name__}, not a TorchScript module")
+    state_dict: StateDict = {}
+    walk(top, "")
+    return state_dict
+
+
+def load_checkpoint(path: PathLike) -> tuple[StateDict, str]:
+    """(state_dict in the open_clip layout, source) for an OpenAI `.pt` archive (source "openai") or an open_clip
+    checkpoint (source "open_clip": a bare state_dict or a dict with "state_dict", `module.` prefix or not)."""
+    if is_torchscript_archive(path):
+        state_dict = read_torchscript_archive(path)
+        for key in OPENAI_METADATA_KEYS:
+            state_dict.pop(key, None)
+        return state_dict, "openai"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]  # open_clip's training checkpoint
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a state_dict or a dict with 'state_dict', got {type(checkpoint).__name__}")
+    if checkpoint and all(key.startswith("module.") for key in checkpoint):  # saved from a DDP wrapper
+        checkpoint = {key[len("module."):]: value for key, value in checkpoint.items()}
+    return checkpoint, "open_clip"
+
+
+# ---------------------------------------------------------------- checks
+
+
+def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str:
+    """'' when `found` has exactly the keys and shapes of `expected`, else what differs, in one line per kind."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    shapes = [
+        f"{key}: checkpoint {tuple(found[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in found and found[key].shape != expected[key].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if shapes:
+        problems.append(f"shapes that differ ({len(shapes)}): {'; '.join(shapes)}")
+    return "\n".join(problems)
+
+
+def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)})
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict[str, Any]]:
+    """The `models.CLIPConfig` architecture fields implied by a state_dict in our layout, or None when it is not a
+    CLIP of this codebase. Head counts are not stored; they follow OpenAI's width // 64 convention."""
+    try:
+        config: dict[str, Any] = {
+            "embed_dim": state_dict["text.proj"].shape[1],
+            "text_width": state_dict["text.norm.weight"].shape[0],
+            "text_layers": _count_blocks(state_dict, "text.transformer.blocks."),
+            "context_length": state_dict["text.pos_embed"].shape[0],
+            "vocab_size": state_dict["text.token_embedding.weight"].shape[0],
+        }
+        config["text_heads"] = config["text_width"] // 64
+        if _is_vit(state_dict):
+            patch_weight = state_dict["visual.patch_embed.proj.weight"]  # (width, 3, patch, patch)
+            grid = math.isqrt(state_dict["visual.pos_embed"].shape[1] - 1)
+            config.update(
+                patch_size=patch_weight.shape[-1],
+                image_size=patch_weight.shape[-1] * grid,
+                vision_width=patch_weight.shape[0],
+                vision_layers=_count_blocks(state_dict, "visual.transformer.blocks."),
+                vision_heads=patch_weight.shape[0] // 64,
+            )
+        else:
+            width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
+            grid = math.isqrt(state_dict["visual.attnpool.positional_embedding"].shape[0] - 1)
+            config.update(
+                patch_size=None,
+                image_size=32 * grid,
+                vision_width=width,
+                vision_layers=tuple(_count_blocks(state_dict, f"visual.layer{stage}.") for stage in (1, 2, 3, 4)),
+                vision_heads=width * 32 // 64,
+            )
+    except KeyError:
+        return None
+    return config
