@@ -202,6 +202,21 @@ def test_text_pooling_works_when_eos_is_not_the_largest_id():
     torch.testing.assert_close(text(tokens), expected)
 
 
+def test_text_pools_at_the_end_token_when_the_pad_id_occurs_inside_the_text():
+    text = small_text_tower()
+    sot, eot = 48, 49  # CLIP's BPE: pad 0 is also the byte "!" ("wow!!" -> ..., 0, ..., eot)
+    tokens = torch.tensor([[sot, 5, 0, 0, 17, eot, 0, 0], [sot, 8, 0, eot, 0, 0, 0, 0]])
+    features = text.forward_features(tokens)
+    torch.testing.assert_close(text(tokens), features[torch.arange(2), tokens.argmax(dim=-1)] @ text.proj)
+
+
+def test_dropping_padding_after_the_longest_text_is_exact():
+    text = small_text_tower()
+    tokens = torch.tensor([[48, 5, 17, 49, 0, 0, 0, 0, 0, 0, 0, 0], [48, 8, 49, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    full = text.forward_features(tokens)[torch.arange(2), tokens.argmax(dim=-1)] @ text.proj  # all 12 positions
+    torch.testing.assert_close(text(tokens), full, atol=1e-6, rtol=1e-6)
+
+
 def test_text_init_follows_openai():
     text = TextTransformer(vocab_size=1024, context_length=32, width=128, depth=3, num_heads=4, output_dim=64)
     assert abs(text.token_embedding.weight.std().item() - 0.02) < 0.002
