@@ -24,7 +24,9 @@ RUNTIME = [
     "pyyaml",
     "tensorboard",
 ]
-DEV = ["pytest"]
+# Test-only peers: open_clip (with its BPE vocabulary file, ftfy and regex) is the reference the checkpoint
+# conversion, the CLIP tokenizer and the training benchmark are compared against.
+DEV = ["pytest", "open-clip-torch==3.3.0"]
 
 
 def extension_modules() -> list:
@@ -83,7 +85,7 @@ setup(
     description="Readable, fast vision-language research in pure PyTorch: CLIP, BLIP, Flamingo",
     python_requires=">=3.11",
     packages=find_packages(include=["models", "models.*", "losses", "losses.*", "data", "data.*", "kernels", "kernels.*"]),
-    package_data={"data": ["*.txt"]},
+    package_data={"data": ["prompts/*.txt"]},
     install_requires=RUNTIME,
     extras_require={"dev": DEV},
     ext_modules=extension_modules(),

@@ -1,100 +1,53 @@
-"""Prompt templates for zero-shot classification: the class name goes into "{}", and the text
-embeddings of all templates are averaged per class (Radford et al., 2021, section 3.1.4).
+"""Prompt templates and class names for zero-shot classification (Radford et al., 2021, section 3.1.4): the
+class name goes into "{}", and the text embeddings of all templates are averaged per class.
 
-SHAPES_TEMPLATES follow the captions of data/shapes.py. They never put "a" right before the class
-name, because the captions say "an orange circle" and "a large orange circle", never "a orange circle".
+The lists are data files in data/prompts/ (one entry per line, '#' starts a comment line), so a user's own
+list is the same kind of file: `eval.py --templates my_templates.txt --classnames my_classes.txt`.
+Built-in names: templates `imagenet` (CLIP's 80) and `shapes`; class names `imagenet` (the 1000 names OpenAI
+curated for CLIP, in class-index order).
 """
+import difflib
+import os
 
-SHAPES_TEMPLATES = (
-    "a photo of a large {}.",
-    "a large {}.",
-    "a big {}.",
-    "there is a large {}.",
-    "a photo of the {}.",
-    "the largest shape is the {}.",
-)
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+BUILTIN_TEMPLATES = {"imagenet": "imagenet_templates.txt", "shapes": "shapes_templates.txt"}
+BUILTIN_CLASSNAMES = {"imagenet": "imagenet_classnames.txt"}
 
-# The 80 templates of CLIP's ImageNet zero-shot evaluation (OpenAI's "Prompt Engineering for
-# ImageNet" notebook), in their original order, grammatical slips such as "a origami" included.
-OPENAI_IMAGENET_TEMPLATES = (
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a bad photo of the {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "the embroidered {}.",
-    "a photo of a hard to see {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "the plastic {}.",
-    "a photo of the cool {}.",
-    "a close-up photo of a {}.",
-    "a black and white photo of the {}.",
-    "a painting of the {}.",
-    "a painting of a {}.",
-    "a pixelated photo of the {}.",
-    "a sculpture of the {}.",
-    "a bright photo of the {}.",
-    "a cropped photo of a {}.",
-    "a plastic {}.",
-    "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.",
-    "a photo of the {}.",
-    "a good photo of the {}.",
-    "a rendering of the {}.",
-    "a {} in a video game.",
-    "a photo of one {}.",
-    "a doodle of a {}.",
-    "a close-up photo of the {}.",
-    "a photo of a {}.",
-    "the origami {}.",
-    "the {} in a video game.",
-    "a sketch of a {}.",
-    "a doodle of the {}.",
-    "a origami {}.",
-    "a low resolution photo of a {}.",
-    "the toy {}.",
-    "a rendition of the {}.",
-    "a photo of the clean {}.",
-    "a photo of a large {}.",
-    "a rendition of a {}.",
-    "a photo of a nice {}.",
-    "a photo of a weird {}.",
-    "a blurry photo of a {}.",
-    "a cartoon {}.",
-    "art of a {}.",
-    "a sketch of the {}.",
-    "a embroidered {}.",
-    "a pixelated photo of a {}.",
-    "itap of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.",
-    "a plushie {}.",
-    "a photo of the nice {}.",
-    "a photo of the small {}.",
-    "a photo of the weird {}.",
-    "the cartoon {}.",
-    "art of the {}.",
-    "a drawing of the {}.",
-    "a photo of the large {}.",
-    "a black and white photo of a {}.",
-    "the plushie {}.",
-    "a dark photo of a {}.",
-    "itap of a {}.",
-    "graffiti of the {}.",
-    "a toy {}.",
-    "itap of my {}.",
-    "a photo of a cool {}.",
-    "a photo of a small {}.",
-    "a tattoo of the {}.",
-)
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty lines of a text file, '#' comment lines skipped, surrounding whitespace stripped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _load(name_or_path: str, builtin: dict[str, str], what: str) -> list[str]:
+    if name_or_path in builtin:
+        return read_lines(os.path.join(PROMPTS_DIR, builtin[name_or_path]))
+    if not os.path.isfile(name_or_path):
+        close = difflib.get_close_matches(name_or_path, builtin, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise FileNotFoundError(
+            f"{what} '{name_or_path}' is neither a built-in set ({', '.join(builtin)}) nor a file{hint}")
+    lines = read_lines(name_or_path)
+    if not lines:
+        raise ValueError(f"{what} file '{name_or_path}' has no entries")
+    return lines
+
+
+def load_templates(name_or_path: str) -> list[str]:
+    """A built-in template set or a file of templates; each must contain '{}' exactly once."""
+    templates = _load(name_or_path, BUILTIN_TEMPLATES, "templates")
+    for number, template in enumerate(templates, 1):
+        if template.count("{}") != 1:
+            raise ValueError(f"templates '{name_or_path}', entry {number} ({template!r}): needs exactly one '{{}}'")
+    return templates
+
+
+def load_classnames(name_or_path: str) -> list[str]:
+    """A built-in class-name list or a file with one class name per line, in class-index order."""
+    return _load(name_or_path, BUILTIN_CLASSNAMES, "classnames")
+
+
+SHAPES_TEMPLATES = tuple(load_templates("shapes"))
+OPENAI_IMAGENET_TEMPLATES = tuple(load_templates("imagenet"))
