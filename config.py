@@ -24,11 +24,18 @@ class DataConfig:
     heldout: str = "shapes:heldout"  # evaluated zero-shot at the end; "" to skip
     image_size: int = 64
     workers: int = 2  # DataLoader worker processes per training process
-    tokenizer: str = "sentencepiece"
-    tokenizer_path: str = ""  # an existing sentencepiece model; "" trains one on data.train captions
+    tokenizer: str = "sentencepiece"  # sentencepiece | clip (CLIP's byte-level BPE, vocabulary 49408)
+    tokenizer_path: str = ""  # sentencepiece: a model, or "" to train one on data.train captions; clip: the .txt.gz
     tokenizer_captions: int = 20000  # how many training captions the tokenizer is trained on
     vocab_size: int = 1024
     context_length: int = 32
+    image_root: str = ""  # coco and csv: folder relative image paths start from; "" = the JSON's or CSV's folder
+    csv_image_key: str = "filepath"  # csv: column of image paths
+    csv_caption_key: str = "caption"  # csv: column of captions
+    csv_separator: str = ""  # csv: field separator; "" = a tab if the header has one, else a comma
+    shuffle_buffer: int = 1000  # wds: samples each reader shuffles among (as raw bytes: ~1000 x image size)
+    jpeg_draft: bool = False  # decode JPEGs at a reduced scale still >= image_size (faster; changes pixels)
+    max_bad_fraction: float = 0.01  # stop if more than this fraction of samples seen is unreadable (>= 10 of them)
 
 
 @dataclass

@@ -25,22 +25,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 import distributed
 from config import ConfigError, config_from_dict, load_config, save_config
-from data import build_dataset, train_loader
-from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from data import build_dataset, captions, skipped_rows, train_loader
+from data.bad_samples import BadSampleCount
+from data.tokenizer import TOKENIZERS, ClipTokenizer, SentencePieceTokenizer, train_sentencepiece
 from losses import clip_loss, siglip_loss
 from models import create_model
 
 
-def build_tokenizer(cfg, out_dir: str) -> SentencePieceTokenizer:
-    """The configured sentencepiece model, or one trained on data.train captions and kept in out_dir."""
+def build_tokenizer(cfg, out_dir: str) -> SentencePieceTokenizer | ClipTokenizer:
+    """data.tokenizer=clip: CLIP's byte-level BPE from data.tokenizer_path (bpe_simple_vocab_16e6.txt.gz).
+    sentencepiece: the model at data.tokenizer_path, or one trained on data.train captions and kept in out_dir."""
+    if cfg.data.tokenizer == "clip":
+        return ClipTokenizer(cfg.data.tokenizer_path, context_length=cfg.data.context_length)
     path = cfg.data.tokenizer_path or os.path.join(out_dir, "tokenizer.model")
     if not os.path.exists(path):
         if cfg.data.tokenizer_path:
             raise FileNotFoundError(f"data.tokenizer_path: no sentencepiece model at '{path}'")
         if distributed.is_main():
-            dataset = build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed)
-            count = min(cfg.data.tokenizer_captions, len(dataset))
-            train_sentencepiece((dataset[i]["caption"] for i in range(count)), path, cfg.data.vocab_size)
+            texts = captions(cfg.data.train, cfg.data.tokenizer_captions, cfg.data, cfg.seed)
+            train_sentencepiece(texts, path, cfg.data.vocab_size)
         distributed.barrier()
     return SentencePieceTokenizer(path, context_length=cfg.data.context_length)
 
@@ -118,19 +121,23 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Ten
 
 def check_config(cfg) -> str | None:
     """What is wrong with the values of a config (its keys and types are checked on loading), or None."""
-    choices = {"train.precision": ("fp32", "bf16", "fp16"), "loss.name": ("clip", "siglip"), "loss.impl": ("torch", "fused")}
+    choices = {"train.precision": ("fp32", "bf16", "fp16"), "loss.name": ("clip", "siglip"),
+               "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             return f"{key} must be one of {', '.join(allowed)}; got '{value}'"
+    if cfg.data.tokenizer == "clip" and not os.path.isfile(cfg.data.tokenizer_path):
+        return (f"data.tokenizer=clip needs data.tokenizer_path, the CLIP vocabulary bpe_simple_vocab_16e6.txt.gz "
+                f"(openai/CLIP and open_clip ship it); no file at '{cfg.data.tokenizer_path}'")
     if cfg.loss.name == "siglip" and cfg.loss.impl == "fused":
         return "loss.impl=fused implements the CLIP (softmax) loss only; use loss.impl=torch with siglip"
     for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
         spec = getattr(cfg.data, key)
         try:
             if spec:
-                build_dataset(spec, cfg.data.image_size, cfg.seed)
+                build_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data)
         except (ValueError, FileNotFoundError) as error:
             return f"data.{key}: {error}"
     return None
@@ -229,7 +236,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         writer = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
     loader = train_loader(cfg, tokenizer, rank, world_size, start_step=step)
+    malformed = skipped_rows(loader)  # index rows the dataset left out; the same on every rank
+    if malformed.bad and main_process:
+        print(f"data.train: left out {malformed.describe('index rows')}", flush=True)
+    if malformed.too_many(cfg.data.max_bad_fraction):
+        sys.exit(f"data.train: too many malformed index rows: {malformed.describe('rows')}; more than "
+                 f"data.max_bad_fraction={cfg.data.max_bad_fraction}")
     batches = iter(loader)
+    bad_samples, bad_reported = BadSampleCount(), set()  # unreadable samples this process skipped, this run
     model.train()
     start_step, run_start = step, time.time()
     interval_start = run_start
@@ -238,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
+        for batch in micro_batches:
+            bad_samples.add_batch(batch)
         loss = train_step(cfg, model, micro_batches, device, autocast, scaler)
         if not torch.isfinite(loss):
             sys.exit(f"non-finite loss {loss.item()} at step {step} (lr {lr:.3g}) on rank {rank}; "
@@ -252,19 +268,29 @@ def main(argv: list[str] | None = None) -> dict:
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             mean_loss = distributed.all_reduce_mean(loss.float()).item()
+            bad = bad_samples.summed_over_ranks()  # since the start of this run, over all ranks
             if main_process:
                 elapsed = time.time() - interval_start
                 steps_done = (step - start_step) % cfg.train.log_every or cfg.train.log_every
                 samples_per_s = steps_done * cfg.train.batch_size / elapsed
                 eta = (cfg.train.steps - step) * elapsed / steps_done
                 scale = raw_model.logit_scale.exp().item()
+                bad_text = f" bad {bad.bad}/{bad.seen} ({100 * bad.fraction:.2f}%)" if bad.bad else ""
                 print(f"step {step}/{cfg.train.steps} loss {mean_loss:.4f} lr {lr:.3g} scale {scale:.1f} "
-                      f"grad_norm {grad_norm.item():.2f} {samples_per_s:.0f} samples/s eta {eta / 60:.1f} min",
-                      flush=True)
+                      f"grad_norm {grad_norm.item():.2f} {samples_per_s:.0f} samples/s eta {eta / 60:.1f} min"
+                      f"{bad_text}", flush=True)
+                for example in [e for e in bad.examples if e not in bad_reported]:
+                    print(f"bad sample skipped: {example}", flush=True)
+                    bad_reported.add(example)
                 for name, value in (("loss", mean_loss), ("lr", lr), ("logit_scale", scale),
                                     ("grad_norm", grad_norm.item()), ("samples_per_s", samples_per_s)):
                     writer.add_scalar(f"train/{name}", value, step)
+                writer.add_scalar("data/bad_samples", bad.bad, step)
+                writer.add_scalar("data/bad_fraction", bad.fraction, step)
             interval_start = time.time()
+            if bad.too_many(cfg.data.max_bad_fraction):  # the same sums on every rank: all stop here
+                sys.exit(f"too many bad samples at step {step}: {bad.describe()}; more than "
+                         f"data.max_bad_fraction={cfg.data.max_bad_fraction} (fix or remove them, or raise it)")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
             model.train()

@@ -1,26 +1,50 @@
-"""Datasets named by spec strings, and the loader that feeds train.py the same global batch whatever
-the number of processes.
+"""Datasets named by spec strings, and the loaders that feed train.py and eval.py.
 
-Spec strings (config keys `data.train`, `data.val`, and `eval.py --data`):
-    shapes:SPLIT[:LENGTH]   the built-in procedural dataset (splits train, val, heldout), needs no
-                            files; LENGTH overrides the split's default number of samples
+Spec strings (config keys `data.train`, `data.val`, `data.heldout`, and `eval.py --data`):
+    shapes:SPLIT[:LENGTH]     the built-in procedural dataset (splits train, val, heldout), needs no
+                              files; LENGTH overrides the split's default number of samples
+    coco:PATH[#SPLIT]         COCO captions JSON, or a Karpathy split file with its split (data/coco.py)
+    csv:PATH                  one image path and caption per row (data/csv_pairs.py)
+    imagefolder:PATH          one folder of images per class, for zero-shot classification (data/imagefolder.py)
+    wds:PATTERN               WebDataset tar shards, streamed; training only (data/webdataset.py)
 
-Determinism: the global batch at step s is a fixed slice of a per-epoch permutation seeded by
-(seed, epoch), and each sample's augmentation is seeded by (seed, epoch, index). How the batch is cut
-into processes and accumulation steps changes nothing but floating-point summation order, so runs on
-1 and on 8 processes are comparable, and a resumed run sees exactly the samples it would have seen.
+Determinism (map-style specs, all but wds): the global batch at step s is a fixed slice of a per-epoch
+permutation seeded by (seed, epoch), and each sample's augmentation is seeded by (seed, epoch, index).
+How the batch is cut into processes and accumulation steps changes nothing but floating-point summation
+order, so runs on 1 and on 8 processes are comparable, and a resumed run sees exactly the samples it
+would have seen. A wds stream is deterministic for a given number of processes and workers (see
+data/webdataset.py), not across them.
+
+Bad samples (data/bad_samples.py): a map-style item that cannot be read is replaced by the next index
+that can (so every batch keeps its size, which the gathered contrastive loss and the sampler need), a
+stream skips it; either way it is counted in the batch's `bad`, `seen` and `bad_examples`, for train.py.
 """
 import difflib
 import signal
+import zlib
+from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
+from config import DataConfig
+from data.bad_samples import MAX_EXAMPLES, BadSample, BadSampleCount, clean_caption
+from data.coco import load_coco
+from data.csv_pairs import load_csv
+from data.image_files import ImageFiles
+from data.imagefolder import ImageFolder
 from data.shapes import ShapesDataset
 from data.transforms import image_transform
+from data.webdataset import WebDataset, check_record, expand_shards, shard_records
+
+MAX_CONSECUTIVE_BAD = 100  # a map-style item gives up (and the run stops) after this many unreadable neighbours
 
 
-def _shapes(argument: str, image_size: int, seed: int) -> Dataset:
+def _draft_size(options: DataConfig, image_size: int) -> int:
+    return image_size if options.jpeg_draft else 0
+
+
+def _shapes(argument: str, image_size: int, seed: int, options: DataConfig) -> Dataset:
     split, _, length = argument.partition(":")
     split = split or "train"
     if split not in ("train", "val", "heldout"):
@@ -30,40 +54,134 @@ def _shapes(argument: str, image_size: int, seed: int) -> Dataset:
     return ShapesDataset(split=split, image_size=image_size, length=int(length) if length else None, seed=seed)
 
 
-DATASETS = {"shapes": _shapes}
+def _coco(argument: str, image_size: int, seed: int, options: DataConfig) -> ImageFiles:
+    return load_coco(argument, options.image_root, _draft_size(options, image_size))
 
 
-def build_dataset(spec: str, image_size: int = 64, seed: int = 0) -> Dataset:
-    """'shapes:val' -> a dataset whose items are dicts with at least `image` (PIL) and `caption`."""
+def _csv(argument: str, image_size: int, seed: int, options: DataConfig) -> ImageFiles:
+    return load_csv(argument, options.csv_image_key, options.csv_caption_key, options.csv_separator,
+                    options.image_root, _draft_size(options, image_size))
+
+
+def _imagefolder(argument: str, image_size: int, seed: int, options: DataConfig) -> ImageFolder:
+    return ImageFolder(argument, _draft_size(options, image_size))
+
+
+def _wds(argument: str, image_size: int, seed: int, options: DataConfig) -> WebDataset:
+    """One in-order pass (train_loader builds the shuffled, endless, per-rank stream itself)."""
+    return WebDataset(expand_shards(argument), seed=seed, shuffle=False, epochs=1,
+                      draft_size=_draft_size(options, image_size))
+
+
+DATASETS = {"shapes": _shapes, "coco": _coco, "csv": _csv, "imagefolder": _imagefolder, "wds": _wds}
+
+
+def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataConfig | None = None) -> Dataset:
+    """'shapes:val' -> a dataset whose items are dicts with at least `image` (PIL) and `caption`.
+
+    options: the data config (image_root, csv_* keys, ...); None for the defaults. Fails with
+    FileNotFoundError or ValueError, naming the path, when the spec points at nothing usable.
+    """
     kind, _, argument = spec.partition(":")
     if kind not in DATASETS:
         close = difflib.get_close_matches(kind, DATASETS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ValueError(f"unknown dataset '{kind}' in spec '{spec}'; {hint}known: {', '.join(DATASETS)}")
-    return DATASETS[kind](argument, image_size, seed)
+    return DATASETS[kind](argument, image_size, seed, options or DataConfig())
+
+
+def captions(spec: str, limit: int | None = None, options: DataConfig | None = None, seed: int = 0) -> Iterator[str]:
+    """The dataset's captions in order, without decoding any image (to train a tokenizer on)."""
+    base = build_dataset(spec, seed=seed, options=options)
+    if isinstance(base, WebDataset):
+        texts = _stream_captions(base.shards)
+    elif isinstance(base, ImageFiles):
+        texts = iter(base.texts)
+    else:
+        texts = (base[i]["caption"] for i in range(len(base)))
+    for count, text in enumerate(texts):
+        if limit is not None and count >= limit:
+            return
+        yield text
+
+
+def _stream_captions(shards: list[str]) -> Iterator[str]:
+    for shard in shards:
+        for record in shard_records(shard):
+            try:
+                if isinstance(record, BadSample):
+                    raise record
+                check_record(record, record["__key__"])
+                yield clean_caption(record["txt"], record["__key__"])
+            except BadSample:
+                continue  # training skips it too
+
+
+def _augment(item: dict, transform, seed: int, epoch: int, index: int) -> dict:
+    with torch.random.fork_rng(devices=[]):
+        # the CPU generator only: torch.manual_seed also seeds every accelerator backend, ~0.5 ms a call
+        torch.default_generator.manual_seed(hash((seed, epoch, index)) % 2**63)
+        image = transform(item["image"])
+    return {"image": image, "caption": item["caption"], "label": item.get("label", -1), "key": item.get("key", "")}
+
+
+def _read_or_next(read, index: int, size: int) -> tuple[dict, dict]:
+    """read(index), or if that is a BadSample, read(index + k) for the first k that is not.
+
+    Returns the item and its bad-sample fields: only index's own failure counts (a neighbour that also
+    fails is counted when its own index comes up), so an epoch counts each bad sample once.
+    """
+    try:
+        return read(index), {"bad": 0, "bad_examples": [], "seen": 1}
+    except BadSample as error:
+        first = error
+    for step in range(1, min(MAX_CONSECUTIVE_BAD, size)):
+        try:
+            return read((index + step) % size), {"bad": 1, "bad_examples": [str(first)], "seen": 1}
+        except BadSample:
+            continue
+    raise RuntimeError(f"index {index} and the {min(MAX_CONSECUTIVE_BAD, size) - 1} after it cannot be read, "
+                       f"e.g. {first}")
 
 
 class ImageTextDataset(Dataset):
-    """Decode, augment and tokenize one sample; indexed by (epoch, index) so augmentation is reproducible."""
+    """Decode and augment one sample (Collate tokenizes); indexed by (epoch, index) so augmentation is reproducible."""
 
-    def __init__(self, base: Dataset, transform, tokenizer, seed: int = 0):
-        self.base, self.transform, self.tokenizer, self.seed = base, transform, tokenizer, seed
+    def __init__(self, base: Dataset, transform, seed: int = 0):
+        self.base, self.transform, self.seed = base, transform, seed
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        item = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
-            image = self.transform(item["image"])
-        return {
-            "image": image,
-            "tokens": self.tokenizer([item["caption"]])[0],
-            "label": item.get("label", -1),
-            "index": index,
-        }
+        item, bad_fields = _read_or_next(self.base.__getitem__, index, len(self.base))
+        sample = _augment(item, self.transform, self.seed, epoch, index)
+        return {**sample, "index": index, **bad_fields}
+
+
+class ImageTextStream(IterableDataset):
+    """ImageTextDataset for a WebDataset stream; augmentation seeded by (seed, epoch, sample key)."""
+
+    def __init__(self, stream: WebDataset, transform, seed: int = 0):
+        self.stream, self.transform, self.seed = stream, transform, seed
+
+    def __iter__(self) -> Iterator[dict]:
+        for item in self.stream:
+            index = zlib.crc32(item["key"].encode())  # str hashes differ between processes; crc32 does not
+            sample = _augment(item, self.transform, self.seed, item["epoch"], index)
+            # a stream skips bad samples, so this item stands for itself and the bad ones before it
+            yield {**sample, "index": -1, "bad": item["bad"], "bad_examples": item["bad_examples"],
+                   "seen": 1 + item["bad"]}
+
+
+def micro_batch_size(batch_size: int, world_size: int, accum_steps: int) -> int:
+    if batch_size % (world_size * accum_steps):
+        raise ValueError(
+            f"train.batch_size={batch_size} must divide evenly into {world_size} processes "
+            f"x {accum_steps} accumulation steps"
+        )
+    return batch_size // (world_size * accum_steps)
 
 
 class GlobalBatchSampler(Sampler):
@@ -75,11 +193,7 @@ class GlobalBatchSampler(Sampler):
     """
 
     def __init__(self, dataset_size, batch_size, steps, rank=0, world_size=1, accum_steps=1, seed=0, start_step=0):
-        if batch_size % (world_size * accum_steps):
-            raise ValueError(
-                f"train.batch_size={batch_size} must divide evenly into {world_size} processes "
-                f"x {accum_steps} accumulation steps"
-            )
+        micro_batch_size(batch_size, world_size, accum_steps)
         self.size, self.batch_size, self.steps = dataset_size, batch_size, steps
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.seed, self.start_step = seed, start_step
@@ -117,32 +231,110 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([item["image"] for item in items]),
-        "tokens": torch.stack([item["tokens"] for item in items]),
-        "label": torch.tensor([item["label"] for item in items]),
-        "index": torch.tensor([item["index"] for item in items]),
-    }
+class Collate:
+    """Items -> batch. Captions are tokenized here, one call per batch: a sentencepiece call costs
+    ~0.3 ms however short its list, 15 times the per-caption cost in a batch of 64."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {
+            "image": torch.stack([item["image"] for item in items]),
+            "label": torch.tensor([item["label"] for item in items]),
+            "index": torch.tensor([item["index"] for item in items]),
+            "key": [item["key"] for item in items],
+            # bad-sample accounting: unreadable samples behind each slot, and all samples each slot stands for
+            "bad": torch.tensor([item["bad"] for item in items]),
+            "seen": torch.tensor([item["seen"] for item in items]),
+            "bad_examples": [example for item in items for example in item["bad_examples"]][:MAX_EXAMPLES],
+        }
+        if "caption" in items[0]:
+            batch["caption"] = [item["caption"] for item in items]
+            batch["tokens"] = self.tokenizer(batch["caption"])
+        return batch
+
+
+def _loader(dataset: Dataset, tokenizer, workers: int, **kwargs) -> DataLoader:
+    return DataLoader(dataset, num_workers=workers, collate_fn=Collate(tokenizer), worker_init_fn=_ignore_sigterm,
+                      prefetch_factor=4 if workers else None, **kwargs)
 
 
 def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
-    base = build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed)
-    dataset = ImageTextDataset(base, image_transform(cfg.data.image_size, train=True), tokenizer, cfg.seed)
-    sampler = GlobalBatchSampler(
-        len(dataset), cfg.train.batch_size, cfg.train.steps, rank, world_size,
-        cfg.train.accum_steps, cfg.seed, start_step,
-    )
-    return DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.data.workers, collate_fn=collate,
-        worker_init_fn=_ignore_sigterm,
-        persistent_workers=False, prefetch_factor=4 if cfg.data.workers else None,
-    )
+    """This process's micro-batches (image, tokens, label, key, bad, bad_examples), from `start_step` on.
+
+    Map-style specs go through GlobalBatchSampler and stop after train.steps; a wds stream never ends.
+    With wds, each process uses at most as many workers as it has shards (the others would idle).
+    """
+    data, train = cfg.data, cfg.train
+    transform = image_transform(data.image_size, train=True)
+    micro = micro_batch_size(train.batch_size, world_size, train.accum_steps)
+    kind, _, argument = data.train.partition(":")
+    if kind == "wds":
+        shards = expand_shards(argument)
+        stream = WebDataset(shards, rank, world_size, cfg.seed, data.shuffle_buffer,
+                            skip_batches=start_step * train.accum_steps, batch_size=micro,
+                            draft_size=_draft_size(data, data.image_size))
+        workers = min(data.workers, len(shards) // world_size)
+        return _loader(ImageTextStream(stream, transform, cfg.seed), tokenizer, workers, batch_size=micro)
+    base = build_dataset(data.train, data.image_size, cfg.seed, data)
+    dataset = ImageTextDataset(base, transform, cfg.seed)
+    sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
+                                 train.accum_steps, cfg.seed, start_step)
+    return _loader(dataset, tokenizer, data.workers, batch_sampler=sampler)
 
 
-def eval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, workers: int = 0, seed: int = 0):
+def skipped_rows(loader: DataLoader) -> BadSampleCount:
+    """Index rows train_loader's dataset left out when it was built (malformed CSV or JSON rows), if any."""
+    base = getattr(loader.dataset, "base", None)  # a wds stream has no index
+    return base.skipped_rows if isinstance(base, ImageFiles) else BadSampleCount()
+
+
+def _map_style(spec: str, image_size: int, seed: int, options: DataConfig | None) -> Dataset:
+    base = build_dataset(spec, image_size, seed, options)
+    if isinstance(base, WebDataset):
+        raise ValueError(f"{spec}: wds shards are a training format; evaluate on a coco, csv, imagefolder or "
+                         f"shapes spec")
+    return base
+
+
+def eval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, workers: int = 0, seed: int = 0,
+                options: DataConfig | None = None) -> tuple[Dataset, DataLoader]:
     """In-order, unaugmented batches of a whole dataset (for zero-shot and retrieval evaluation)."""
-    base = build_dataset(spec, image_size, seed)
-    dataset = ImageTextDataset(base, image_transform(image_size, train=False), tokenizer, seed)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    return base, loader
+    base = _map_style(spec, image_size, seed, options)
+    dataset = ImageTextDataset(base, image_transform(image_size, train=False), seed)
+    return base, _loader(dataset, tokenizer, workers, batch_size=batch_size)
+
+
+class UniqueImages(Dataset):
+    """The distinct images of a dataset, in order; an unreadable one is replaced by the next (and counted)."""
+
+    def __init__(self, base: ImageFiles, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base.image_paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image, bad_fields = _read_or_next(self.base.image, index, len(self))
+        return {"image": self.transform(image), "label": -1, "index": index, "key": self.base.image_paths[index],
+                **bad_fields}
+
+
+def retrieval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, workers: int = 0, seed: int = 0,
+                     options: DataConfig | None = None) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
+    """(loader over the unique images in order, text tokens (T, L), text_to_image (T,)).
+
+    Captions that share an image file (COCO's five per image, repeated CSV paths) map to one image;
+    datasets without files (shapes) have one caption per image.
+    """
+    base = _map_style(spec, image_size, seed, options)
+    transform = image_transform(image_size, train=False)
+    if isinstance(base, ImageFiles):
+        images, texts, text_to_image = UniqueImages(base, transform), base.texts, base.image_of
+    else:
+        images = ImageTextDataset(base, transform, seed)
+        texts = [base[i]["caption"] for i in range(len(base))]
+        text_to_image = range(len(base))
+    loader = _loader(images, tokenizer, workers, batch_size=batch_size)
+    return loader, tokenizer(list(texts)), torch.tensor(list(text_to_image), dtype=torch.long)
