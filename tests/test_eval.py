@@ -1,12 +1,19 @@
 """eval.py: recall and accuracy against hand-computed cases, the zero-shot classifier's construction,
-and the command line on a checkpoint that train.py wrote."""
+the command line on a checkpoint that train.py wrote, and on released weights against open_clip's own
+zero-shot pipeline."""
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import eval as evaluation
 import train
+from data import eval_loader
+from data.templates import load_templates
+from data.tokenizer import ClipTokenizer
+from models import create_model
 from tests.test_train import small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
 
 
@@ -54,3 +61,114 @@ def test_command_line_writes_the_paper_metrics(tmp_path, tokenizer_path):  # noq
     results = json.loads(out.read_text())
     for direction in ("image_to_text", "text_to_image"):
         assert all(f"{direction}_R@{k}" in results for k in (1, 5, 10))
+
+
+
+def test_command_line_on_coco_retrieval_and_imagefolder_zeroshot(tmp_path, tokenizer_path):  # noqa: F811
+    from tests.test_data_formats import karpathy, write_images
+
+    train.main(small_run(tmp_path / "run", tokenizer_path, "--train.steps=1"))
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    spec = f"coco:{karpathy(tmp_path / 'coco')}#test"  # 4 test images, 21 captions
+    out = tmp_path / "retrieval.json"
+    results = evaluation.main(["--checkpoint", checkpoint, "--task", "retrieval", "--data", spec, "--out", str(out)])
+    assert results["num_images"] == 4 and results["num_texts"] == 21 and results["bad_images"] == 0
+    assert results["text_to_image_R@10"] == 100.0  # 4 candidate images: the true one is always in the top 10
+    assert json.loads(out.read_text())["data"] == spec
+
+    for folder in ("red_square", "blue_circle", "green_star"):
+        write_images(tmp_path / "classes" / folder, 3, prefix=folder)
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+    results = evaluation.main(["--checkpoint", checkpoint, "--task", "zeroshot", "--data",
+                               f"imagefolder:{tmp_path / 'classes'}", "--templates", str(tmp_path / "templates.txt")])
+    assert results["num_classes"] == 3 and results["num_images"] == 9 and 0 <= results["top1"] <= 100
+    with pytest.raises(SystemExit, match="has 2 names but imagefolder"):
+        (tmp_path / "two.txt").write_text("red\nblue\n")
+        evaluation.main(["--checkpoint", checkpoint, "--task", "zeroshot", "--data",
+                         f"imagefolder:{tmp_path / 'classes'}", "--classnames", str(tmp_path / "two.txt")])
+
+# Released weights: the whole zero-shot pipeline against open_clip's (test-only peer), random weights.
+open_clip = pytest.importorskip("open_clip")
+
+
+@pytest.fixture(scope="module")
+def released_weights(tmp_path_factory):
+    """open_clip's ViT-B-32-quickgelu with fp16-representable random weights, and its checkpoint (fp16)."""
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32-quickgelu").half().float().eval()
+    path = tmp_path_factory.mktemp("weights") / "open_clip_model.pt"
+    torch.save({"state_dict": {key: value.half() for key, value in reference.state_dict().items()}}, path)
+    yield reference, str(path)
+    path.unlink()
+
+
+def write_imagefolder(root, classes=("golden_retriever", "tabby_cat", "castle"), per_class=2):
+    generator = torch.Generator().manual_seed(0)
+    for c, folder in enumerate(classes):
+        (root / folder).mkdir(parents=True)
+        for i in range(per_class):
+            size = (200 + 37 * i, 260 - 20 * c)  # not square: the shortest side is resized, then cropped
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+            image = Image.fromarray(pixels.numpy())
+            (image.convert("L") if i == 1 else image).save(root / folder / f"{i}.png")
+    return root
+
+
+def test_zeroshot_classifier_equals_open_clips(released_weights):
+    reference, path = released_weights
+    model = create_model("ViT-B-32-quickgelu", pretrained=path).eval()
+    tokenizer = ClipTokenizer(open_clip.tokenizer.default_bpe())
+    names, templates = ["golden retriever", "tabby cat!", "château"], load_templates("imagenet")[:5]
+    ours = evaluation.zeroshot_classifier(model, tokenizer, names, templates, "cpu")  # (classes, D)
+    with torch.no_grad():
+        theirs = open_clip.build_zero_shot_classifier(
+            reference, open_clip.get_tokenizer("ViT-B-32-quickgelu"), names, templates)  # (D, classes)
+    torch.testing.assert_close(ours, theirs.T, atol=1e-5, rtol=0)
+
+
+def test_released_weights_command_line_matches_open_clip(released_weights, tmp_path):
+    reference, path = released_weights
+    root = write_imagefolder(tmp_path / "val")
+    (tmp_path / "classes.txt").write_text("# my names\ngolden retriever\ntabby cat\ncastle\n")
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\na drawing of the {}.\n")
+    out = tmp_path / "zeroshot.json"
+    results = evaluation.main([
+        "--model", "ViT-B-32-quickgelu", "--pretrained", path, "--task", "zeroshot", "--data", f"imagefolder:{root}",
+        "--classnames", str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt"),
+        "--batch-size", "4", "--out", str(out)])  # --bpe: found in the installed open_clip
+
+    # open_clip's own protocol on the same files: its preprocessing, tokenizer and classifier
+    preprocess = open_clip.image_transform(224, is_train=False)
+    files = sorted(root.glob("*/*.png"))
+    labels = torch.tensor([["castle", "golden_retriever", "tabby_cat"].index(f.parent.name) for f in files])
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(f)) for f in files])
+        image_features = F.normalize(reference.encode_image(images), dim=-1)
+        classifier = open_clip.build_zero_shot_classifier(
+            reference, open_clip.get_tokenizer("ViT-B-32-quickgelu"), ["castle", "golden retriever", "tabby cat"],
+            ["a photo of a {}.", "a drawing of the {}."])
+    logits = 100.0 * image_features @ classifier
+    assert results["num_classes"] == 3 and results["num_images"] == 6
+    assert results["top1"] == pytest.approx(100.0 * (logits.argmax(-1) == labels).float().mean().item())
+    assert json.loads(out.read_text())["model"] == "ViT-B-32-quickgelu"
+
+    # the image features eval.py computes equal open_clip's (same preprocessing, same weights)
+    model = create_model("ViT-B-32-quickgelu", pretrained=path).eval()
+    dataset, loader = eval_loader(f"imagefolder:{root}", 224, ClipTokenizer(open_clip.tokenizer.default_bpe()), 8)
+    ours, _, bad = evaluation.encode_images(model, loader, "cpu")
+    assert bad == 0
+    torch.testing.assert_close(ours, image_features, atol=1e-5, rtol=0)
+
+
+def test_command_line_names_the_problem(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["--task", "zeroshot"])
+    assert "give either --checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--bpe: no CLIP BPE vocabulary at 'nowhere.txt.gz'"):
+        evaluation.main(["--model", "ViT-B-32-quickgelu", "--pretrained", "nowhere.pt", "--bpe", "nowhere.txt.gz",
+                         "--task", "zeroshot"])
+    with pytest.raises(SystemExit, match="did you mean 'imagenet'"):
+        evaluation.main(["--model", "ViT-B-32-quickgelu", "--pretrained", "nowhere.pt", "--task", "zeroshot",
+                         "--classnames", "imagenett"])
+    with pytest.raises(SystemExit, match="--checkpoint: no file at 'nowhere.pt'"):
+        evaluation.main(["--checkpoint", "nowhere.pt", "--task", "zeroshot"])
