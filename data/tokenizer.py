@@ -353,3 +353,45 @@ def train_sentencepiece(texts: Iterable[str], model_prefix_or_path: str, vocab_s
     with open(path, "wb") as f:
         f.write(model.getvalue())
     return path
+
+
+def main(argv: list[str] | None = None) -> str:
+    """`python -m data.tokenizer train --data SPEC --vocab-size N --out FILE`: a sentencepiece model trained on
+    the captions of any dataset spec (read without decoding images), for `data.tokenizer_path`."""
+    import argparse
+
+    from config import load_config
+    from data import captions
+
+    parser = argparse.ArgumentParser(prog="python -m data.tokenizer", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a sentencepiece BPE model on a dataset's captions",
+                                epilog="Extra --data.KEY=VALUE arguments set data options (e.g. --data.image_root).")
+    train.add_argument("--data", required=True, help="dataset spec, e.g. csv:pairs.csv or wds:shards/{0000..0099}.tar")
+    train.add_argument("--vocab-size", type=int, default=1024, help="upper bound on the number of pieces")
+    train.add_argument("--out", required=True, help="output file (.model is appended if missing)")
+    train.add_argument("--limit", type=int, default=None, help="train on at most this many captions")
+    args, overrides = parser.parse_known_args(argv)
+    options = load_config(None, overrides).data
+
+    count = 0
+
+    def counted(texts: Iterable[str]) -> Iterable[str]:
+        nonlocal count
+        for text in texts:
+            count += 1
+            yield text
+
+    try:
+        path = train_sentencepiece(counted(captions(args.data, args.limit, options)), args.out, args.vocab_size)
+    except (FileNotFoundError, ValueError) as error:  # a spec that points at nothing, named by the dataset
+        sys.exit(f"python -m data.tokenizer train: {error}")
+    except RuntimeError as error:  # sentencepiece's own message, e.g. an empty corpus
+        sys.exit(f"python -m data.tokenizer train: training on {args.data} failed after {count} captions: {error}")
+    vocab = SentencePieceTokenizer(path).vocab_size
+    print(f"trained a {vocab}-piece sentencepiece model on {count} captions of {args.data}: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

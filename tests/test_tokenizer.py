@@ -1,8 +1,11 @@
 """ClipTokenizer gives open_clip's ids on a varied corpus; its stdlib fallbacks differ only where documented;
 the layout, decoding, serialisation and the tokenizer registry behave as train.py expects."""
+import os
 import pickle
 import re
 import string
+import subprocess
+import sys
 import unicodedata
 
 import pytest
@@ -237,3 +240,18 @@ def test_unknown_kind_suggests_the_closest():
         tokenizer_from_bytes("clipp", b"", context_length=77)
     with pytest.raises(ValueError, match="known: sentencepiece, clip"):
         tokenizer_from_bytes("wordpiece", b"", context_length=77)
+
+
+def test_train_command_on_a_dataset_spec(tmp_path):
+    from data.tokenizer import main
+
+    path = main(["train", "--data", "shapes:train:300", "--vocab-size", "64", "--out", str(tmp_path / "shapes")])
+    tokenizer = SentencePieceTokenizer(path)
+    assert path.endswith("shapes.model") and tokenizer.vocab_size <= 64
+    assert tokenizer.decode(tokenizer("a large red circle")[0]) == "a large red circle"
+    with pytest.raises(SystemExit, match="csv: no file at"):
+        main(["train", "--data", f"csv:{tmp_path / 'missing.csv'}", "--out", str(tmp_path / "x")])
+    result = subprocess.run([sys.executable, "-m", "data.tokenizer", "train", "--data", "shapes:val:50", "--out",
+                             str(tmp_path / "cli"), "--vocab-size", "48"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and "on 50 captions of shapes:val:50" in result.stdout, result.stderr

@@ -126,3 +126,19 @@ def test_non_finite_loss_stops_with_a_message(tmp_path, tokenizer_path, monkeypa
     monkeypatch.setattr(train, "compute_loss", lambda *args: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="non-finite loss nan at step 0"):
         train.main(small_run(tmp_path, tokenizer_path, "--train.steps=3"))
+
+
+def test_clip_tokenizer_run_and_its_checkpoint(tmp_path, capsys):
+    open_clip = pytest.importorskip("open_clip")
+    import eval as evaluation
+
+    bpe = open_clip.tokenizer.default_bpe()
+    train.main(small_run(tmp_path, bpe, "--data.tokenizer=clip", "--data.context_length=24", "--train.steps=2"))
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    cfg, model, tokenizer = evaluation.load_checkpoint(checkpoint)  # the vocabulary travels in the checkpoint
+    assert model.text.token_embedding.num_embeddings == 49408 and model.text.context_length == 24
+    assert tokenizer("a red circle!")[0, :6].tolist() == open_clip.tokenize(["a red circle!"])[0, :6].tolist()
+    with pytest.raises(SystemExit, match="data.tokenizer=clip needs data.tokenizer_path"):
+        train.main(small_run(tmp_path / "other", "", "--data.tokenizer=clip"))
+    with pytest.raises(SystemExit, match="data.tokenizer must be one of sentencepiece, clip"):
+        train.main(small_run(tmp_path / "other", "", "--data.tokenizer=bpe"))
