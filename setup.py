@@ -85,6 +85,7 @@ setup(
     description="Readable, fast vision-language research in pure PyTorch: CLIP, BLIP, Flamingo",
     python_requires=">=3.11",
     packages=find_packages(include=["models", "models.*", "losses", "losses.*", "data", "data.*", "kernels", "kernels.*"]),
+    py_modules=["config", "distributed", "train", "eval"],
     package_data={"data": ["prompts/*.txt"]},
     install_requires=RUNTIME,
     extras_require={"dev": DEV},
