@@ -109,7 +109,9 @@ def test_confident_pairs():
     expected = float64_reference(reference.contrastive_loss, image, text, scale)
     assert expected[0] < 1e-6
     assert abs(fused[0].double() - expected[0]) <= 1e-5 * expected[0]  # relative to the tiny loss itself
-    assert_close_relative(fused, expected, rtol=1e-5)
+    # Gradients ~1e-6 here: fp32 rounding of the ~100-sized logits sets their floor. 3e-5, not 1e-5: a
+    # 16-thread AVX-512 machine (torch 2.11) measured 1.2e-5, this 2-core one below 1e-5.
+    assert_close_relative(fused, expected, rtol=3e-5)
 
 
 @pytest.mark.parametrize("logit_scale", [1.0, 100.0])
