@@ -1,10 +1,11 @@
-"""Forward + backward time and peak memory of the CLIP loss on CPU: naive (open_clip style) vs the fused op.
+"""Forward + backward time and peak memory of the CLIP loss: naive (open_clip style) vs the fused op.
 
-    python3 benchmarks/bench_loss.py                      # N = 1024 ... 32768, D = 512
+    python3 benchmarks/bench_loss.py                      # N = 1024 ... 32768, D = 512, CPU
     python3 benchmarks/bench_loss.py --sizes 8192 16384   # the two target cases
+    python3 benchmarks/bench_loss.py --device cuda        # the CUDA op; memory = peak CUDA allocation
 
 Naive: two logits matmuls (image @ text^T, text @ image^T) and two cross entropies, as open_clip's
-ClipLoss with world size 1. Fused: kernels.contrastive_loss(backend="cpu"). Each case runs in a fresh
+ClipLoss with world size 1. Fused: kernels.contrastive_loss(backend="cpu" or "cuda"). Each case runs in a fresh
 subprocess; its peak memory is the increase of the peak resident set (VmHWM, reset after the
 inputs are built) over the resident set with the inputs in place, so it counts the loss's
 activations and the feature gradients. Targets (2-core CPU): at N = 16384 the fused peak is <= 5% of
@@ -36,7 +37,13 @@ def available_memory_bytes() -> int:
     raise KeyError("MemAvailable")
 
 
-def run_case(method: str, n: int, dim: int, repeats: int) -> dict:
+def gpu_memory_bytes() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def run_case(method: str, n: int, dim: int, repeats: int, device: str = "cpu") -> dict:
     """Runs in the subprocess: one untimed-for-memory pass, then `repeats` timed passes."""
     import torch
     import torch.nn.functional as F
@@ -44,31 +51,42 @@ def run_case(method: str, n: int, dim: int, repeats: int) -> dict:
     import kernels
 
     def naive(image, text, logit_scale) -> torch.Tensor:
-        labels = torch.arange(len(image))
+        labels = torch.arange(len(image), device=image.device)
         logits_per_image = logit_scale * image @ text.T  # (N, N)
         logits_per_text = logit_scale * text @ image.T  # (N, N)
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
     def fused(image, text, logit_scale) -> torch.Tensor:
-        return kernels.contrastive_loss(image, text, logit_scale, backend="cpu")
+        return kernels.contrastive_loss(image, text, logit_scale, backend=device)
 
     loss_fn = {"naive": naive, "fused": fused}[method]
 
     def inputs(n: int) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        image = F.normalize(torch.randn(n, dim), dim=-1)
-        text = F.normalize(torch.randn(n, dim), dim=-1)
-        return [t.requires_grad_() for t in (image, text, torch.tensor(100.0))]
+        image = F.normalize(torch.randn(n, dim, device=device), dim=-1)
+        text = F.normalize(torch.randn(n, dim, device=device), dim=-1)
+        return [t.requires_grad_() for t in (image, text, torch.tensor(100.0, device=device))]
 
     def step(features: list[torch.Tensor]) -> float:
         for t in features:
             t.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         loss_fn(*features).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     step(inputs(256))  # loads BLAS kernels, starts threads: one-time memory that is not the loss's
     features = inputs(n)
+    if device == "cuda":  # peak of the caching allocator above what the inputs hold
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        first_time = step(features)
+        peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+        times = [step(features) for _ in range(repeats)] or [first_time]
+        return {"time_s": min(times), "peak_mib": peak_mib, "threads": torch.get_num_threads()}
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset VmHWM to the current resident set
     baseline_kib = read_status_kib("VmRSS")
@@ -78,9 +96,9 @@ def run_case(method: str, n: int, dim: int, repeats: int) -> dict:
     return {"time_s": min(times), "peak_mib": peak_kib / 1024, "threads": torch.get_num_threads()}
 
 
-def measure(method: str, n: int, dim: int, repeats: int) -> dict:
+def measure(method: str, n: int, dim: int, repeats: int, device: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--sizes", str(n), "--dim", str(dim)]
-    command += ["--repeats", str(repeats)]
+    command += ["--repeats", str(repeats), "--device", device]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -90,29 +108,32 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, help="timed passes after the first (default 3, 1 for N >= 8192)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the CUDA op and GPU memory")
     parser.add_argument("--worker", choices=["naive", "fused"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        print(json.dumps(run_case(args.worker, args.sizes[0], args.dim, args.repeats)))
+        print(json.dumps(run_case(args.worker, args.sizes[0], args.dim, args.repeats, args.device)))
         return
 
     row = "{:>6} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}"
-    print(f"D = {args.dim}, fp32, forward + backward; time = best of the timed passes; MiB = peak RSS increase")
+    memory = "peak RSS increase" if args.device == "cpu" else "peak CUDA allocation above the inputs"
+    print(f"D = {args.dim}, fp32, {args.device}, forward + backward; time = best of the timed passes; MiB = {memory}")
     print(row.format("N", "naive s", "fused s", "time ratio", "naive MiB", "fused MiB", "mem ratio"))
     notes = []
     for n in args.sizes:
         repeats = args.repeats if args.repeats is not None else (3 if n < 8192 else 1)
-        fused = measure("fused", n, args.dim, repeats)
+        fused = measure("fused", n, args.dim, repeats, args.device)
         fused_cells = f"{fused['time_s']:.3f}", f"{fused['peak_mib']:.1f}"
         naive_bytes = NAIVE_PEAK_LOGITS * n * n * 4
-        if naive_bytes > 0.8 * available_memory_bytes():
+        available = available_memory_bytes() if args.device == "cpu" else gpu_memory_bytes()
+        if naive_bytes > 0.8 * available:
             notes.append(f"N = {n}: naive skipped, it would need ~{naive_bytes / 2**30:.0f} GiB "
-                         f"(> 80% of the {available_memory_bytes() / 2**30:.0f} GiB available)")
+                         f"(> 80% of the {available / 2**30:.0f} GiB available)")
             print(row.format(n, "skipped", fused_cells[0], "-", "-", fused_cells[1], "-"), flush=True)
             continue
-        naive = measure("naive", n, args.dim, repeats)
+        naive = measure("naive", n, args.dim, repeats, args.device)
         time_ratio, memory_ratio = fused["time_s"] / naive["time_s"], fused["peak_mib"] / naive["peak_mib"]
         print(row.format(n, f"{naive['time_s']:.3f}", fused_cells[0], f"{time_ratio:.2f}", f"{naive['peak_mib']:.1f}",
                          fused_cells[1], f"{memory_ratio:.3f}"), flush=True)
