@@ -41,7 +41,8 @@ def main() -> None:
     print("| tokenizer | seconds | speed-up | same ids |")
     print("|---|---|---|---|")
     print(f"| open_clip SimpleTokenizer | {theirs:.2f} | 1.00x | |")
-    print(f"| ours (ClipTokenizer) | {ours:.2f} | {theirs / ours:.1f}x | {bool((outputs['ours'] == outputs['open_clip']).all())} |")
+    same = bool((outputs["ours"] == outputs["open_clip"]).all())
+    print(f"| ours (ClipTokenizer) | {ours:.2f} | {theirs / ours:.1f}x | {same} |")
 
 
 if __name__ == "__main__":

@@ -168,7 +168,8 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
-          f"precision {args.precision}, {args.text_lengths}-length texts, median of {args.rounds} alternating rounds of {args.steps} steps")
+          f"precision {args.precision}, {args.text_lengths}-length texts, "
+          f"median of {args.rounds} alternating rounds of {args.steps} steps")
     header = (f"| model | batch | params | ours samples/s | open_clip samples/s | speed ratio | "
               f"ours peak MiB | open_clip peak MiB | memory ratio |")
     rows = []
