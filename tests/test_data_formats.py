@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader
 import train
 from data import (Collate, GlobalBatchSampler, ImageTextDataset, build_dataset, captions, eval_loader,
                   retrieval_loader, train_loader)
-from data.bad_samples import MIN_BAD_TO_STOP, BadSampleCount, too_many
+from data.bad_samples import MIN_BAD_TO_STOP, BadSample, BadSampleCount, too_many
 from data.make_shards import main as make_shards_main
 from data.transforms import image_transform
 from data.tokenizer import SentencePieceTokenizer
-from data.webdataset import WebDataset, expand_braces, expand_shards
+from data.webdataset import (WebDataset, decompressed, expand_braces, expand_shards, iter_tar_members,
+                              shard_records)
 from tests.multiprocess import run_on_processes
 from tests.test_train import CONFIG, small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
 
@@ -349,6 +350,159 @@ def test_broken_shards_and_records_are_skipped_and_counted(tmp_path):
     assert sum(item["bad"] for item in items) == 7 - 1  # the cut shard's error comes after its last sample
     for expected in ("no caption", "no image", "cannot decode image", "empty caption", "not UTF-8", "empty file"):
         assert any(expected in e for e in examples), expected
+
+
+def tarfile_members(path) -> list[tuple[str, bytes]]:
+    """The reference: (name, data) of each regular file, as tarfile's stream mode (the old reader) gives them."""
+    with tarfile.open(path, "r|*") as tar:
+        return [(member.name, tar.extractfile(member).read()) for member in tar if member.isfile()]
+
+
+def our_members(path) -> list[tuple[str, bytes]]:
+    with open(path, "rb") as file, decompressed(file) as stream:
+        return list(iter_tar_members(stream))
+
+
+def set_header_fields(path, offset: int, fields: dict[int, bytes], signed: bool = False) -> None:
+    """Overwrite byte ranges {start: bytes} of the header at `offset` and write its checksum again."""
+    data = bytearray(open(path, "rb").read())
+    header = data[offset:offset + 512]
+    for start, value in {**fields, 148: b" " * 8}.items():
+        header[start:start + len(value)] = value
+    checksum = sum(b - 256 if signed and b >= 128 else b for b in header)
+    header[148:155] = b"%06o\0" % (checksum & 0o777777 if checksum >= 0 else 0o777777)
+    if signed and checksum < 0:
+        raise ValueError("a negative signed checksum cannot be written in octal")
+    data[offset:offset + 512] = header
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("format, compression", [
+    (tarfile.GNU_FORMAT, ""), (tarfile.USTAR_FORMAT, ""), (tarfile.PAX_FORMAT, ""),
+    (tarfile.PAX_FORMAT, "gz"), (tarfile.GNU_FORMAT, "bz2"), (tarfile.USTAR_FORMAT, "xz"),
+], ids=["gnu", "ustar", "pax", "pax-gz", "gnu-bz2", "ustar-xz"])
+def test_tar_reader_matches_tarfile(tmp_path, format, compression):
+    long_path = "d" * 60 + "/" + "e" * 60 + ".jpg"  # 125 characters: ustar's prefix/name split
+    names = [long_path, "ünïcödé/图像.jpg", "a" * 150 + ".txt"]  # the last needs a GNU long name or a pax path
+    path = tmp_path / f"shard.tar{'.' + compression if compression else ''}"
+    with tarfile.open(path, f"w:{compression}", format=format, pax_headers={"comment": "a global header"}) as tar:
+        add_member(tar, "000000.jpg", jpeg_bytes(0))
+        directory = tarfile.TarInfo("some/dir")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name in names[: 2 if format == tarfile.USTAR_FORMAT else 3]:
+            add_member(tar, name, name.encode())
+        for size in (0, 1, 511, 512, 513, 3 * 2**20 + 7):  # empty, block edges, and bigger than a read chunk
+            add_member(tar, f"some/dir/size{size}.bin", bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        link = tarfile.TarInfo("link.jpg")  # a long link target: a GNU 'K' header or a pax linkpath
+        link.type, link.linkname = tarfile.SYMTYPE, "000000.jpg" if format == tarfile.USTAR_FORMAT else "l" * 150
+        tar.addfile(link)
+        if format == tarfile.PAX_FORMAT:  # the size in a pax record; the header's size field says 0
+            info = tarfile.TarInfo("pax_size.txt")
+            info.size, info.pax_headers = 5, {"size": "5"}
+            tar.addfile(info, io.BytesIO(b"hello"))
+    expected = tarfile_members(path)
+    pax_size_members = 1 if format == tarfile.PAX_FORMAT else 0
+    assert len(expected) == 1 + (2 if format == tarfile.USTAR_FORMAT else 3) + 6 + pax_size_members
+    assert our_members(path) == expected
+    keys = [record["__key__"] for record in shard_records(str(path))]
+    assert keys[:2] == ["000000", "d" * 60 + "/" + "e" * 60] and "some/dir/size512" in keys
+
+
+def test_tar_reader_reads_what_older_tars_wrote_as_tarfile_does(tmp_path):
+    path = tmp_path / "gnu.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        add_member(tar, "a.txt", b"x" * 1000)
+        add_member(tar, "é.txt", b"accented")  # bytes >= 128 in the header: the signed sum differs
+        for name, kind, data in (("olddir/", tarfile.AREGTYPE, b""), ("contiguous.txt", tarfile.CONTTYPE, b"data")):
+            info = tarfile.TarInfo(name)  # a V7 directory: type '\0' and a trailing slash; '7' is a regular file
+            info.type, info.size = kind, len(data)
+            tar.addfile(info, io.BytesIO(data))
+    offsets = [member.offset for member in tarfile.open(path).getmembers()]
+    set_header_fields(path, offsets[0], {124: b"\x80" + (1000).to_bytes(11, "big")})  # GNU base-256 size
+    set_header_fields(path, offsets[1], {}, signed=True)  # as old Sun tars summed
+    expected = [("a.txt", b"x" * 1000), ("é.txt", b"accented"), ("contiguous.txt", b"data")]
+    assert our_members(path) == tarfile_members(path) == expected
+
+
+def damaged_shard(tmp_path, kind: str) -> tuple[str, list[str], str]:
+    """A 3-sample shard damaged in one way: (path, keys of the records still read, the error's words)."""
+    path = write_shards(tmp_path, [3])[0]  # members: 000000.jpg, 000000.txt, 000001.jpg, ...
+    members = tarfile.open(path).getmembers()
+    data = open(path, "rb").read()
+    cuts = {"cut in a header": (members[2].offset + 100, "truncated header"),
+            "cut in data": (members[2].offset_data + 50, "unexpected end of data"),
+            "cut in padding": (members[3].offset_data + members[3].size + 10, "unexpected end of data"),
+            "zero-byte": (0, "empty file")}
+    if kind in cuts:
+        cut, message = cuts[kind]
+        open(path, "wb").write(data[:cut])
+        return path, ["000000"] if cut else [], message
+    if kind == "bad checksum":
+        corrupt = bytearray(data)
+        corrupt[members[2].offset + 3] ^= 1  # the third member's name: 000001.jpg -> 000101.jpg
+        open(path, "wb").write(bytes(corrupt))
+        return path, ["000000"], "bad checksum"
+    if kind == "sparse member":
+        set_header_fields(path, members[2].offset, {156: b"S"})
+        return path, ["000000"], "GNU sparse member"
+    if kind == "invalid size field":
+        set_header_fields(path, members[2].offset, {124: b"0000000001x\0"})
+        return path, ["000000"], "invalid number field"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT if kind == "cut after a long-name header" else None) as tar:
+        add_member(tar, "000000.txt", b"fine")
+        info = tarfile.TarInfo("000001.txt" if kind != "cut after a long-name header" else "n" * 120 + ".txt")
+        info.size = 4
+        info.pax_headers = {"huge pax size": {"size": str(10**15)},  # a petabyte: must fail at the end of the file
+                            "non-numeric pax size": {"size": "12x"},
+                            "malformed pax header": {"path": "ü.txt"}}.get(kind, {})
+        tar.addfile(info, io.BytesIO(b"tiny"))
+    data = open(path, "rb").read()
+    if kind == "malformed pax header":
+        data = re.sub(rb"(\d+) path=", lambda match: b"%d path=" % (int(match[1]) + 1), data, count=1)  # too long
+    elif kind == "cut after a long-name header":
+        data = data[: tarfile.open(path).getmembers()[1].offset_data - 512]  # the 'L' header and its data only
+    open(path, "wb").write(data)
+    messages = {"huge pax size": "unexpected end of data", "non-numeric pax size": "invalid pax size",
+                "malformed pax header": "malformed pax header", "cut after a long-name header": "the archive ends"}
+    return path, ["000000"], messages[kind]
+
+
+@pytest.mark.parametrize("kind", ["bad checksum", "cut in a header", "cut in data", "cut in padding", "zero-byte",
+                                  "sparse member", "invalid size field", "huge pax size", "non-numeric pax size",
+                                  "malformed pax header", "cut after a long-name header"])
+def test_a_damaged_shard_ends_with_one_bad_sample_after_the_records_before_the_damage(tmp_path, kind):
+    path, keys, message = damaged_shard(tmp_path, kind)
+    records = list(shard_records(path))
+    assert [record["__key__"] for record in records[:-1]] == keys  # the record being read when it broke is dropped
+    bad = records[-1]
+    assert isinstance(bad, BadSample) and bad.where == path and message in bad.reason, bad
+
+
+def test_a_shard_cut_between_members_or_empty_ends_cleanly_as_with_tarfile(tmp_path):
+    path = write_shards(tmp_path, [3])[0]
+    members = tarfile.open(path).getmembers()
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: members[4].offset])  # no end-of-archive blocks: nothing shows the cut
+    assert [record["__key__"] for record in shard_records(path)] == ["000000", "000001"]
+    open(path, "wb").write(bytes(1024))  # only the end-of-archive blocks
+    assert our_members(path) == tarfile_members(path) == [] and list(shard_records(path)) == []
+
+
+@pytest.mark.parametrize("damage", ["cut", "unknown method"])
+def test_a_damaged_compressed_shard_ends_with_one_bad_sample(tmp_path, damage):
+    with tarfile.open(tmp_path / "shard.tar.gz", "w:gz") as tar:
+        for i in range(20):
+            add_member(tar, f"{i:06d}.txt", os.urandom(2000))  # incompressible: the damage lands mid-stream
+    data = bytearray(open(tmp_path / "shard.tar.gz", "rb").read())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[2] = 0  # the gzip header's compression method: 8 (deflate) is the only one
+    open(tmp_path / "shard.tar.gz", "wb").write(bytes(data))
+    records = list(shard_records(str(tmp_path / "shard.tar.gz")))
+    assert [record["__key__"] for record in records[:-1]] == [f"{i:06d}" for i in range(len(records) - 1)]
+    assert isinstance(records[-1], BadSample) and "unreadable tar" in records[-1].reason
 
 
 def _loader_keys(cfg, tokenizer, start_step, steps) -> list[list[str]]:
