@@ -3,7 +3,7 @@ batch and precision: one step = forward of both towers + CLIP loss + backward + 
 
     python benchmarks/bench_train.py                                  # ViT-tiny (batch 128), ViT-B-32 (batch 16)
     python benchmarks/bench_train.py --text-lengths full                # every text fills the 77-token context
-    python benchmarks/bench_train.py --settings ViT-B-32:32 --precision bf16 --device cuda
+    python benchmarks/bench_train.py --settings ViT-B-32:256 --precision bf16 --device cuda
 
 Each implementation lives in its own worker process, built once; the parent asks them in turn for a round of
 `--steps` timed steps (after warm-up), `--rounds` times, ours and open_clip's alternating so that both see
@@ -11,6 +11,9 @@ the same machine load. Throughput is the median over rounds. Peak memory: on CUD
 on the CPU, the worker's peak resident set (VmHWM) minus its resident set after `import torch`, so it
 counts weights, gradients, optimizer state and activations. Weights are random; open_clip is a test-only
 dependency (`pip install -e ".[dev]"`).
+
+Optimizers: each codebase's own, both AdamW: train.py's `build_optimizer` (fused, no decay on norms,
+biases, embeddings, logit scale) and open_clip's default `torch.optim.AdamW` kernels.
 
 Texts are caption-like by default (8-24 tokens of the context, then padding), as in CLIP training data.
 This codebase's text tower skips the padding after the batch's longest text (exact, since attention is
@@ -87,7 +90,13 @@ def worker(impl: str, model_name: str, batch: int, precision: str, device: str, 
     rss_after_import = read_status_kib("VmRSS")
     model, loss_fn, image_size, context_length, vocab_size = build(impl, model_name)
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if impl == "ours":  # each codebase's own training optimizer (open_clip's main.py: AdamW, default kernels)
+        import train
+        from config import TrainConfig
+
+        optimizer = train.build_optimizer(model, TrainConfig(lr=1e-5))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.2)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     tokens = torch.randint(1, vocab_size - 2, (batch, context_length), device=device)
     if text_lengths == "full":
