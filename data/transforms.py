@@ -1,7 +1,9 @@
 """Image transforms: CLIP's preprocessing (Radford et al., 2021), with a mild random crop for training.
 
-Deliberate differences from OpenAI's `_transform`: images are converted to RGB first (before any
-resampling), and training adds RandomResizedCrop(scale 0.9-1) but never a horizontal flip, because
+Evaluation follows OpenAI's `_transform` step for step: bicubic resize of the shortest side, centre
+crop, RGB conversion, OpenAI mean and std (the order matters for palette and CMYK images, which are
+resampled in their own mode before the conversion). Deliberate differences for training: images are
+converted to RGB first, and RandomResizedCrop(scale 0.9-1) is used but never a horizontal flip, because
 captions say "left" and "right". Randomness comes only from torch's global RNG, so seeding it before
 the call reproduces the crop.
 """
@@ -25,7 +27,7 @@ def image_transform(
     """PIL image -> normalised float tensor (3, image_size, image_size)."""
     bicubic = T.InterpolationMode.BICUBIC
     if train:
-        resize = [T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=bicubic)]
-    else:
-        resize = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
-    return T.Compose([convert_to_rgb, *resize, T.ToTensor(), T.Normalize(mean, std)])
+        steps = [convert_to_rgb, T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=bicubic)]
+    else:  # the reference's order, so released weights see the pixels they were evaluated on
+        steps = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size), convert_to_rgb]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])

@@ -172,3 +172,13 @@ def test_command_line_names_the_problem(tmp_path, capsys):
                          "--classnames", "imagenett"])
     with pytest.raises(SystemExit, match="--checkpoint: no file at 'nowhere.pt'"):
         evaluation.main(["--checkpoint", "nowhere.pt", "--task", "zeroshot"])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "RGBA"])
+def test_eval_preprocessing_equals_open_clips(mode):
+    from data.transforms import image_transform
+
+    pixels = torch.randint(0, 256, (300, 241, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy()).convert(mode)
+    ours = image_transform(224, train=False)(image)
+    assert torch.equal(ours, open_clip.image_transform(224, is_train=False)(image))
