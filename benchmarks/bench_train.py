@@ -28,17 +28,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_loss import read_status_kib  # noqa: E402
+
 # Tiny preset as in models/__init__.py: the same numbers go into open_clip's config.
 TINY = dict(embed_dim=128, image_size=64, patch_size=8, vision_layers=4, vision_width=128, vision_head_width=32,
             text_width=128, text_layers=3, text_heads=4, context_length=32, vocab_size=1024)
-
-
-def read_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def build(impl: str, model_name: str):
