@@ -24,9 +24,12 @@ RUNTIME = [
     "pyyaml",
     "tensorboard",
 ]
-# Test-only peers: open_clip (with its BPE vocabulary file, ftfy and regex) is the reference the checkpoint
-# conversion, the CLIP tokenizer and the training benchmark are compared against.
-DEV = ["pytest", "open-clip-torch==3.3.0"]
+# Test-only peers, never imported at run time: open_clip (with its BPE vocabulary file, ftfy and regex) for the
+# CLIP checkpoint conversion, tokenizer and training benchmark; transformers for BLIP (and its WordPiece
+# tokenizer) and MPT parity on random weights; pycocoevalcap's BLEU and CIDEr-D scorers; scikit-learn's
+# logistic regression for the linear probe.
+DEV = ["pytest", "open-clip-torch==3.3.0", "transformers==5.23.0", "pycocoevalcap==1.2", "scikit-learn==1.9.1"]
+PLOTS = ["matplotlib"]  # optional: ablation and probe figures
 
 
 def extension_modules() -> list:
@@ -88,7 +91,7 @@ setup(
     py_modules=["config", "distributed", "train", "eval"],
     package_data={"data": ["prompts/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"dev": DEV},
+    extras_require={"dev": DEV, "plots": PLOTS},
     ext_modules=extension_modules(),
     cmdclass=build_ext_class(),
 )
