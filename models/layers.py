@@ -10,12 +10,18 @@ Deliberate differences from the reference implementations:
 - OpenAI's `LayerNorm` casts to fp32 by hand; here precision comes from autocast, which already runs
   layer norm in fp32.
 - `Block` optionally carries a cross-attention sub-block between self-attention and the MLP (BLIP's
-  image-grounded text encoder/decoder layout, pre-norm here). It runs only when `context` is passed, so one
-  stack serves both BLIP's unimodal mode (no image) and its multimodal mode.
+  image-grounded text encoder/decoder layout). It runs only when `context` is passed, so one stack serves both
+  BLIP's unimodal mode (no image) and its multimodal mode. `post_norm=True` gives BERT's post-LN layout
+  (`x = norm(x + sublayer(x))`, Vaswani et al. 2017) that BLIP's released text weights need; pre-norm otherwise.
+- Incremental decoding keeps past keys/values in a `KVCache` passed through `Transformer.forward`; the
+  cross-attention keys/values of a fixed context are computed once and reused. Positions of the new tokens are
+  the caller's business (`cache.length` tokens came before).
 - Attention widths default to `dim` (`head_dim = dim // num_heads`); `head_dim` can be set explicitly for
   Flamingo-style attention whose inner width (heads x 64) differs from the model width.
 """
 from typing import Callable, Optional
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +46,66 @@ def get_act_layer(name: str) -> type[nn.Module]:
     return ACT_LAYERS[name]
 
 
+@dataclass
+class LayerCache:
+    """One block's state for incremental decoding: self-attention keys/values of every past token and the
+    cross-attention keys/values of the (fixed) context."""
+
+    key: Optional[torch.Tensor] = None  # (B, heads, T_past, head_dim)
+    value: Optional[torch.Tensor] = None
+    context_key: Optional[torch.Tensor] = None  # (B, heads, S, head_dim)
+    context_value: Optional[torch.Tensor] = None
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys/values after the past ones; returns all of them."""
+        if self.key is not None:
+            key = torch.cat([self.key, key], dim=2)  # (B, heads, T_past + T, head_dim)
+            value = torch.cat([self.value, value], dim=2)
+        self.key, self.value = key, value
+        return key, value
+
+
+class KVCache:
+    """Keys/values of past tokens for each block of a decoder, for generation (`models/generation.py`)."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Number of tokens already seen (the position of the next one)."""
+        key = self.layers[0].key
+        return 0 if key is None else key.shape[2]
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], context: bool) -> None:
+        names = ("key", "value", "context_key", "context_value") if context else ("key", "value")
+        for layer in self.layers:
+            for name in names:
+                tensor = getattr(layer, name)
+                if tensor is not None:
+                    setattr(layer, name, fn(tensor))
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Each sample's state `repeats` times in a row: (B, ...) -> (B * repeats, ...), e.g. one copy per beam."""
+        self._map(lambda tensor: tensor.repeat_interleave(repeats, dim=0), context=True)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the self-attention state of `rows` (N,) of the batch, e.g. the beams that survive a step. Rows are
+        chosen among copies of one sample, so the context keys/values (equal across those copies) stay."""
+        self._map(lambda tensor: tensor.index_select(0, rows), context=False)
+
+
+def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Bool (num_queries, num_keys), True = may attend: the queries are the last `num_queries` tokens."""
+    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(num_keys - num_queries)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
-    attn_mask: bool (True = may attend) or additive float, broadcastable to (B, heads, T, T).
+    attn_mask: bool (True = may attend) or additive float, broadcastable to (B, heads, T, T). With `is_causal`
+    it must be bool, and is combined with the causal mask. With a `cache`, keys and values of earlier tokens are
+    prepended and the new ones stored.
     """
 
     def __init__(
@@ -65,10 +127,20 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.append(k, v)  # each (B, heads, T_past + T, head_dim)
+        if is_causal and (attn_mask is not None or k.shape[2] != q.shape[2]):
+            # SDPA's is_causal takes no mask and aligns queries with the first keys; here they are the last ones.
+            causal = causal_mask(q.shape[2], k.shape[2], q.device)  # (T, T_past + T)
+            attn_mask, is_causal = causal if attn_mask is None else attn_mask & causal, False
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, is_causal=is_causal
         )
@@ -80,6 +152,8 @@ class CrossAttention(nn.Module):
     """Multi-head attention from queries `x` (B, T, dim) to a context (B, S, context_dim).
 
     Queries come from `q`, keys and values from the fused `kv`; attn_mask broadcastable to (B, heads, T, S).
+    With a `cache`, the context's keys/values are computed on the first call and reused after (the context is
+    fixed while decoding).
     """
 
     def __init__(
@@ -103,11 +177,20 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
         q = rearrange(self.q(x), "b t (h d) -> b h t d", h=self.num_heads)  # (B, heads, T, head_dim)
-        kv = rearrange(self.kv(context), "b s (two h d) -> two b h s d", two=2, h=self.num_heads)
-        k, v = kv.unbind(0)  # each (B, heads, S, head_dim)
+        if cache is not None and cache.context_key is not None:
+            k, v = cache.context_key, cache.context_value
+        else:
+            kv = rearrange(self.kv(context), "b s (two h d) -> two b h s d", two=2, h=self.num_heads)
+            k, v = kv.unbind(0)  # each (B, heads, S, head_dim)
+            if cache is not None:
+                cache.context_key, cache.context_value = k, v
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
         )
@@ -182,9 +265,12 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, optional cross-attention to a context, MLP.
+    """Transformer block: self-attention, optional cross-attention to a context, MLP; each a residual sub-layer.
 
+    Pre-norm (`x + f(norm(x))`, ViT/GPT-2) by default; `post_norm=True` gives BERT's `norm(x + f(x))`.
     The cross-attention sub-block exists when `cross_attention=True` and runs when `context` is given.
+    `drop` is BERT's hidden dropout (after each sub-layer's output projection, and inside the MLP as timm's Mlp
+    does); `attn_drop` drops attention probabilities.
     """
 
     def __init__(
@@ -199,33 +285,44 @@ class Block(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         cross_attention: bool = False,
         context_dim: Optional[int] = None,
+        post_norm: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
     ):
         super().__init__()
+        self.post_norm = post_norm
 
         def layer_scale() -> nn.Module:
             return LayerScale(dim, init_values) if init_values else nn.Identity()
 
-        def drop() -> nn.Module:
+        def drop_path_layer() -> nn.Module:
             return DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.ls1 = layer_scale()
-        self.drop_path1 = drop()
+        self.drop_path1 = drop_path_layer()
 
         self.norm_cross = norm_layer(dim) if cross_attention else nn.Identity()
         self.cross_attn = (
-            CrossAttention(dim, context_dim=context_dim, num_heads=num_heads, qkv_bias=qkv_bias)
+            CrossAttention(
+                dim, context_dim=context_dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
+            )
             if cross_attention
             else nn.Identity()
         )
         self.ls_cross = layer_scale() if cross_attention else nn.Identity()
-        self.drop_path_cross = drop() if cross_attention else nn.Identity()
+        self.drop_path_cross = drop_path_layer() if cross_attention else nn.Identity()
 
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.ls2 = layer_scale()
-        self.drop_path2 = drop()
+        self.drop_path2 = drop_path_layer()
+
+    def residual(self, x: torch.Tensor, norm: nn.Module, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.post_norm:
+            return norm(x + sublayer(x))  # BERT
+        return x + sublayer(norm(x))
 
     def forward(
         self,
@@ -234,11 +331,18 @@ class Block(nn.Module):
         is_causal: bool = False,
         context: Optional[torch.Tensor] = None,
         context_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        x = self.residual(
+            x, self.norm1, lambda h: self.drop_path1(self.ls1(self.attn(h, attn_mask, is_causal, cache)))
+        )
         if context is not None:  # BLIP runs one text stack with (multimodal) and without (unimodal) the image
-            x = x + self.drop_path_cross(self.ls_cross(self.cross_attn(self.norm_cross(x), context, attn_mask=context_mask)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            x = self.residual(
+                x,
+                self.norm_cross,
+                lambda h: self.drop_path_cross(self.ls_cross(self.cross_attn(h, context, context_mask, cache))),
+            )
+        x = self.residual(x, self.norm2, lambda h: self.drop_path2(self.ls2(self.mlp(h))))
         return x
 
 
@@ -258,6 +362,9 @@ class Transformer(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         cross_attention: bool = False,
         context_dim: Optional[int] = None,
+        post_norm: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
     ):
         super().__init__()
         self.width = width
@@ -276,6 +383,9 @@ class Transformer(nn.Module):
                 norm_layer=norm_layer,
                 cross_attention=cross_attention,
                 context_dim=context_dim,
+                post_norm=post_norm,
+                drop=drop,
+                attn_drop=attn_drop,
             )
             for rate in drop_path_rates
         )
@@ -287,11 +397,15 @@ class Transformer(nn.Module):
         is_causal: bool = False,
         context: Optional[torch.Tensor] = None,
         context_mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
-        for block in self.blocks:
+        layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layer_caches):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Recompute each block's activations in backward instead of storing them.
-                x = checkpoint(block, x, attn_mask, is_causal, context, context_mask, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, is_causal, context, context_mask, layer_cache, use_reentrant=False)
             else:
-                x = block(x, attn_mask=attn_mask, is_causal=is_causal, context=context, context_mask=context_mask)
+                x = block(
+                    x, attn_mask=attn_mask, is_causal=is_causal, context=context, context_mask=context_mask, cache=layer_cache
+                )
         return x
