@@ -1,8 +1,9 @@
-"""Caption tokenizers: SentencePiece (Kudo & Richardson, 2018) trained on our own captions, and CLIP's byte-level
-BPE (Radford et al., 2021, section 2.4; BPE of Sennrich et al., 2016 over UTF-8 bytes as in GPT-2).
+"""Caption tokenizers: SentencePiece (Kudo & Richardson, 2018) trained on our own captions, CLIP's byte-level
+BPE (Radford et al., 2021, section 2.4; BPE of Sennrich et al., 2016 over UTF-8 bytes as in GPT-2), and BERT's
+uncased WordPiece with BLIP's [DEC]/[ENC] (Li et al., 2022), whose differences from HF are in its docstring.
 
 Every row is [bos] + pieces + [eos], padded with 0, and long texts are cut so that eos is always kept (the text
-models pool at the eos position either way). `TOKENIZERS` names both for configs; `tokenizer_from_bytes`
+models pool at the eos position either way). `TOKENIZERS` names them for configs; `tokenizer_from_bytes`
 rebuilds one from the vocabulary a checkpoint carries.
 
 SentencePieceTokenizer: text is lowercased before encoding, and the model normalises with NFKC + case folding,
@@ -311,10 +312,226 @@ class ClipTokenizer:
         return symbols.translate(self._from_symbols).encode("latin-1").decode("utf-8", errors="replace").strip()
 
 
-TOKENIZERS = {"sentencepiece": SentencePieceTokenizer, "clip": ClipTokenizer}
+# tokenizers' BertNormalizer and BertPreTokenizer classify characters with the unicode_categories crate, whose
+# tables are Unicode 8.0: what they call control (removed), non-spacing mark (removed after NFD) and punctuation
+# (split off) is frozen here as ranges of code points, so that the ids do not move with Python's own Unicode
+# version. tests/test_bert_tokenizer.py checks all three against tokenizers over every code point.
+_BERT_CONTROL = """
+0-8 B-C E-1F 7F-9F AD 600-605 61C 6DD 70F 180E 200B-200F 202A-202E 2060-2064 2066-206F E000-F8FF
+FEFF FFF9-FFFB FFFD 110BD 1BCA0-1BCA3 1D173-1D17A E0001 E0020-E007F F0000-FFFFD 100000-10FFFD
+"""  # Cc, Cf, Co of Unicode 8.0 (not Cn) less tab, newline and return, plus U+FFFD
+_BERT_PUNCTUATION = """
+21-2F 3A-40 5B-60 7B-7E A1 A7 AB B6-B7 BB BF 37E 387 55A-55F 589-58A 5BE 5C0 5C3 5C6 5F3-5F4 609-60A 60C-60D
+61B 61E-61F 66A-66D 6D4 700-70D 7F7-7F9 830-83E 85E 964-965 970 AF0 DF4 E4F E5A-E5B F04-F12 F14 F3A-F3D F85
+FD0-FD4 FD9-FDA 104A-104F 10FB 1360-1368 1400 166D-166E 169B-169C 16EB-16ED 1735-1736 17D4-17D6 17D8-17DA
+1800-180A 1944-1945 1A1E-1A1F 1AA0-1AA6 1AA8-1AAD 1B5A-1B60 1BFC-1BFF 1C3B-1C3F 1C7E-1C7F 1CC0-1CC7 1CD3
+2010-2027 2030-2043 2045-2051 2053-205E 207D-207E 208D-208E 2308-230B 2329-232A 2768-2775 27C5-27C6 27E6-27EF
+2983-2998 29D8-29DB 29FC-29FD 2CF9-2CFC 2CFE-2CFF 2D70 2E00-2E2E 2E30-2E42 3001-3003 3008-3011 3014-301F 3030
+303D 30A0 30FB A4FE-A4FF A60D-A60F A673 A67E A6F2-A6F7 A874-A877 A8CE-A8CF A8F8-A8FA A8FC A92E-A92F A95F
+A9C1-A9CD A9DE-A9DF AA5C-AA5F AADE-AADF AAF0-AAF1 ABEB FD3E-FD3F FE10-FE19 FE30-FE52 FE54-FE61 FE63 FE68
+FE6A-FE6B FF01-FF03 FF05-FF0A FF0C-FF0F FF1A-FF1B FF1F-FF20 FF3B-FF3D FF3F FF5B FF5D FF5F-FF65 10100-10102
+1039F 103D0 1056F 10857 1091F 1093F 10A50-10A58 10A7F 10AF0-10AF6 10B39-10B3F 10B99-10B9C 11047-1104D
+110BB-110BC 110BE-110C1 11140-11143 11174-11175 111C5-111C9 111CD 111DB 111DD-111DF 11238-1123D 112A9 114C6
+115C1-115D7 11641-11643 1173C-1173E 12470-12474 16A6E-16A6F 16AF5 16B37-16B3B 16B44 1BC9F 1DA87-1DA8B
+"""  # ASCII's symbols (HF counts "$", "+", "^", "`", ... as punctuation) and P* of Unicode 8.0
+_BERT_MARKS = """
+300-36F 483-487 591-5BD 5BF 5C1-5C2 5C4-5C5 5C7 610-61A 64B-65F 670 6D6-6DC 6DF-6E4 6E7-6E8 6EA-6ED 711 730-74A
+7A6-7B0 7EB-7F3 816-819 81B-823 825-827 829-82D 859-85B 8E3-902 93A 93C 941-948 94D 951-957 962-963 981 9BC 9C1-9C4
+9CD 9E2-9E3 A01-A02 A3C A41-A42 A47-A48 A4B-A4D A51 A70-A71 A75 A81-A82 ABC AC1-AC5 AC7-AC8 ACD AE2-AE3 B01 B3C B3F
+B41-B44 B4D B56 B62-B63 B82 BC0 BCD C00 C3E-C40 C46-C48 C4A-C4D C55-C56 C62-C63 C81 CBC CBF CC6 CCC-CCD CE2-CE3 D01
+D41-D44 D4D D62-D63 DCA DD2-DD4 DD6 E31 E34-E3A E47-E4E EB1 EB4-EB9 EBB-EBC EC8-ECD F18-F19 F35 F37 F39 F71-F7E
+F80-F84 F86-F87 F8D-F97 F99-FBC FC6 102D-1030 1032-1037 1039-103A 103D-103E 1058-1059 105E-1060 1071-1074 1082
+1085-1086 108D 109D 135D-135F 1712-1714 1732-1734 1752-1753 1772-1773 17B4-17B5 17B7-17BD 17C6 17C9-17D3 17DD
+180B-180D 18A9 1920-1922 1927-1928 1932 1939-193B 1A17-1A18 1A1B 1A56 1A58-1A5E 1A60 1A62 1A65-1A6C 1A73-1A7C 1A7F
+1AB0-1ABD 1B00-1B03 1B34 1B36-1B3A 1B3C 1B42 1B6B-1B73 1B80-1B81 1BA2-1BA5 1BA8-1BA9 1BAB-1BAD 1BE6 1BE8-1BE9 1BED
+1BEF-1BF1 1C2C-1C33 1C36-1C37 1CD0-1CD2 1CD4-1CE0 1CE2-1CE8 1CED 1CF4 1CF8-1CF9 1DC0-1DF5 1DFC-1DFF 20D0-20DC 20E1
+20E5-20F0 2CEF-2CF1 2D7F 2DE0-2DFF 302A-302D 3099-309A A66F A674-A67D A69E-A69F A6F0-A6F1 A802 A806 A80B A825-A826
+A8C4 A8E0-A8F1 A926-A92D A947-A951 A980-A982 A9B3 A9B6-A9B9 A9BC A9E5 AA29-AA2E AA31-AA32 AA35-AA36 AA43 AA4C AA7C
+AAB0 AAB2-AAB4 AAB7-AAB8 AABE-AABF AAC1 AAEC-AAED AAF6 ABE5 ABE8 ABED FB1E FE00-FE0F FE20-FE2F 101FD 102E0
+10376-1037A 10A01-10A03 10A05-10A06 10A0C-10A0F 10A38-10A3A 10A3F 10AE5-10AE6 11001 11038-11046 1107F-11081
+110B3-110B6 110B9-110BA 11100-11102 11127-1112B 1112D-11134 11173 11180-11181 111B6-111BE 111CA-111CC 1122F-11231
+11234 11236-11237 112DF 112E3-112EA 11300-11301 1133C 11340 11366-1136C 11370-11374 114B3-114B8 114BA 114BF-114C0
+114C2-114C3 115B2-115B5 115BC-115BD 115BF-115C0 115DC-115DD 11633-1163A 1163D 1163F-11640 116AB 116AD 116B0-116B5
+116B7 1171D-1171F 11722-11725 11727-1172B 16AF0-16AF4 16B30-16B36 16F8F-16F92 1BC9D-1BC9E 1D167-1D169 1D17B-1D182
+1D185-1D18B 1D1AA-1D1AD 1D242-1D244 1DA00-1DA36 1DA3B-1DA6C 1DA75 1DA84 1DA9B-1DA9F 1DAA1-1DAAF 1E8D0-1E8D6
+E0100-E01EF
+"""  # Mn of Unicode 8.0 (Mc U+1734 was Mn then)
+# CJK ideographs get spaces around them; tokenizers' ranges, whose 2B920 is 2B820 in HF's Python BasicTokenizer
+_BERT_CJK = "3400-4DBF 4E00-9FFF F900-FAFF 20000-2A6DF 2A700-2B81F 2B920-2CEAF 2F800-2FA1F"
 
 
-def tokenizer_from_bytes(kind: str, blob: bytes, context_length: int) -> SentencePieceTokenizer | ClipTokenizer:
+def _ranges_class(ranges: str) -> str:
+    """'21-2F 3A' -> the body of a regex character class for those code point ranges (hex)."""
+    spans = (span.split("-") for span in ranges.split())
+    chars = ([re.escape(chr(int(end, 16))) for end in span] for span in spans)
+    return "".join("-".join(ends) for ends in chars)
+
+
+_BERT_CLEAN = re.compile(f"[{_ranges_class(_BERT_CONTROL)}]")
+_BERT_CJK_CHAR = re.compile(f"[{_ranges_class(_BERT_CJK)}]")
+_BERT_MARK = re.compile(f"[{_ranges_class(_BERT_MARKS)}]")
+_BERT_SPLIT = re.compile(rf"[{_ranges_class(_BERT_PUNCTUATION)}]|[^\s{_ranges_class(_BERT_PUNCTUATION)}]+")
+# the same for ASCII text, where the control characters are 0-8, B, C, E-1F and 7F, and every symbol is punctuation
+_BERT_ASCII_CLEAN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_BERT_ASCII_SPLIT = re.compile(r"[a-z0-9]+|[^a-z0-9\s]")
+BERT_MAX_WORD = 100  # longer words are one [UNK] (HF's max_input_chars_per_word)
+_BERT_CLEANUP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]  # HF's clean_up_tokenization, in its order
+
+
+class BertTokenizer:
+    """BERT's uncased WordPiece (Devlin et al., 2019; Wu et al., 2016) with BLIP's two added tokens.
+
+    Gives the ids of HuggingFace `transformers.BertTokenizer(vocab_file, do_lower_case=True)` (tokenizers'
+    BertNormalizer, BertPreTokenizer and WordPiece), checked in tests/test_bert_tokenizer.py on a varied
+    corpus and per code point. Steps: drop control characters, map whitespace to spaces, put spaces around
+    CJK ideographs, strip accents (NFD, drop Mn), lowercase one character at a time, split on whitespace and
+    punctuation, then greedy longest-match-first WordPiece with "##" continuations; a word over 100
+    characters or with no spelling in the vocabulary is one [UNK].
+
+    Rows are [CLS] + pieces + [SEP] + [PAD]s; long texts are cut so that [SEP] is kept last. BLIP's
+    `init_tokenizer` adds `[DEC]` (its bos, the decoder's first token) and `[ENC]` (the image-grounded
+    encoder's first token) after the vocabulary: `bos_id` = len(vocab), `enc_id` = len(vocab) + 1, so
+    bert-base-uncased's 30522 entries become `vocab_size` 30524 with ids 30522 and 30523. The default
+    context_length is 35, BLIP's max_length for retrieval texts (its pretraining pads captions to 30).
+
+    Deliberate differences from HF:
+    - literal "[CLS]", "[SEP]", "[MASK]", ... in a text are ordinary text (HF turns them into the special ids,
+      so a caption could plant a [SEP]); as in ClipTokenizer.
+    - `decode` stops at the first [SEP] (as the other tokenizers here stop at eos); HF only drops special ids.
+    - characters assigned after Python's Unicode version (14.0 for 3.11) are letters here; tokenizers
+      decomposes and lowercases them with Rust's newer tables. And one character Python's NFD decomposes,
+      tokenizers' does not (U+11938, Dives Akuru). Nothing else differs, over every code point.
+    HF's pure-Python `BertTokenizerLegacy` (the tokenizer BLIP was trained with, transformers 4.15) differs
+    from both on a few rare inputs: it lowercases whole words (a final "Σ" becomes "ς", not "σ"), drops
+    unassigned code points, reads Python's Unicode tables, and puts its CJK range at 2B820.
+    """
+
+    def __init__(self, vocab_file: str | os.PathLike, context_length: int = 35):
+        path = os.fspath(vocab_file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"BERT vocabulary '{path}' not found (bert-base-uncased's vocab.txt, one piece a line)")
+        with open(path, "rb") as f:
+            vocab_txt = f.read()
+        self._setup(path, vocab_txt, context_length)
+
+    @classmethod
+    def from_bytes(cls, vocab_txt: bytes, context_length: int = 35) -> "BertTokenizer":
+        """Rebuild from `model_bytes()`, e.g. the copy a train.py checkpoint carries."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup("<bytes>", vocab_txt, context_length)
+        return tokenizer
+
+    def model_bytes(self) -> bytes:
+        return self._vocab_txt
+
+    def _setup(self, model_path: str, vocab_txt: bytes, context_length: int) -> None:
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length} leaves no room for [CLS] and [SEP]")
+        self.model_path, self._vocab_txt, self.context_length = model_path, vocab_txt, context_length
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            lines = self._vocab_txt.decode("utf-8").split("\n")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{self.model_path} is not a UTF-8 vocab.txt") from error
+        if lines and lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        # as HF's load_vocab: the id is the line number, and a repeated line maps to its last occurrence
+        self._vocab = [*lines, "[DEC]", "[ENC]"]
+        self._ids = {piece: i for i, piece in enumerate(lines)}
+        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in self._ids]
+        if missing or "[DEC]" in self._ids or "[ENC]" in self._ids:
+            raise ValueError(f"{self.model_path}: a BERT vocabulary needs {', '.join(missing) or 'its special tokens'}"
+                             f" and no [DEC] or [ENC] (BLIP appends those)")
+        self.pad_id, self.unk_id, self.cls_id = self._ids["[PAD]"], self._ids["[UNK]"], self._ids["[CLS]"]
+        self.sep_id, self.mask_id = self._ids["[SEP]"], self._ids["[MASK]"]
+        self.bos_id, self.enc_id = len(lines), len(lines) + 1
+        self.eos_id = self.sep_id  # BLIP's decoder stops at [SEP]
+        self.vocab_size = len(lines) + 2
+        self._special = {self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.bos_id, self.enc_id}
+        # a piece is tried from the longest a vocabulary entry can match, not from the word's full length
+        self._longest = max((len(p) - 2 if p.startswith("##") else len(p) for p in lines), default=1)
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def __getstate__(self) -> dict:
+        return {"model_path": self.model_path, "_vocab_txt": self._vocab_txt, "context_length": self.context_length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._load()
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        """HF's normalisation and pre-tokenisation: text -> lowercased, accent-free words and punctuation marks."""
+        if text.isascii():  # no CJK, accents or non-ASCII whitespace: 10x faster
+            return _BERT_ASCII_SPLIT.findall(_BERT_ASCII_CLEAN.sub("", text).lower())
+        text = _BERT_CJK_CHAR.sub(r" \g<0> ", _BERT_CLEAN.sub("", text))
+        text = _BERT_MARK.sub("", unicodedata.normalize("NFD", text))
+        # one character at a time, as tokenizers does: str.lower on a whole word turns a final "Σ" into "ς"
+        text = "".join(map(str.lower, text)) if "\u03a3" in text else text.lower()
+        return _BERT_SPLIT.findall(text)
+
+    def _wordpiece(self, word: str) -> tuple[int, ...]:
+        """One word -> its pieces, greedy longest match first; (unk,) if any part has no piece."""
+        if len(word) > BERT_MAX_WORD:
+            return (self.unk_id,)
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(min(len(word), start + self._longest), start, -1):
+                piece = self._ids.get(word[start:end] if start == 0 else "##" + word[start:end])
+                if piece is not None:
+                    break
+            else:
+                return (self.unk_id,)
+            ids.append(piece)
+            start = end
+        return tuple(ids)
+
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Piece ids of `text` without [CLS]/[SEP], at most `limit` of them."""
+        ids: list[int] = []
+        for word in self.words(text):
+            pieces = self._cache.get(word)
+            if pieces is None:
+                if len(self._cache) >= _CACHE_SIZE:
+                    self._cache.clear()
+                pieces = self._cache[word] = self._wordpiece(word)
+            ids.extend(pieces)
+            if limit is not None and len(ids) >= limit:
+                return ids[:limit]
+        return ids
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """texts -> LongTensor (N, context_length) of [CLS] + pieces + [SEP] + [PAD]s, [SEP] always kept."""
+        if isinstance(texts, str):
+            texts = [texts]
+        keep = self.context_length - 2
+        rows = []
+        for text in texts:
+            row = [self.cls_id, *self.encode(text, keep), self.sep_id]
+            rows.append(row + [self.pad_id] * (self.context_length - len(row)))
+        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), self.context_length))
+
+    def decode(self, tokens: Sequence[int] | torch.Tensor) -> str:
+        """One row of ids -> text, up to the first [SEP] and without special ids (as HF's decode with
+        skip_special_tokens=True, clean_up_tokenization_spaces=True): "a dog ' s toy ." -> "a dog's toy."."""
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        if self.sep_id in ids:
+            ids = ids[: ids.index(self.sep_id)]
+        text = " ".join(self._vocab[i] for i in ids if i not in self._special).replace(" ##", "").strip()
+        for spaced, joined in _BERT_CLEANUP:
+            text = text.replace(spaced, joined)
+        return text
+
+
+TOKENIZERS = {"sentencepiece": SentencePieceTokenizer, "clip": ClipTokenizer, "bert": BertTokenizer}
+
+
+def tokenizer_from_bytes(
+        kind: str, blob: bytes, context_length: int) -> "SentencePieceTokenizer | ClipTokenizer | BertTokenizer":
     """A `TOKENIZERS[kind]` rebuilt from its `model_bytes()`, e.g. from a checkpoint's copy."""
     if kind not in TOKENIZERS:
         close = difflib.get_close_matches(kind, TOKENIZERS, n=1)
