@@ -43,6 +43,7 @@ except ImportError:
     regex = None
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+BLIP_TOKENS = ("[DEC]", "[ENC]")  # BLIP's decoder and image-grounded encoder first tokens, after the vocabulary
 
 
 class SentencePieceTokenizer:
@@ -74,6 +75,10 @@ class SentencePieceTokenizer:
         self.pad_id = PAD_ID
         self.bos_id = self._processor.bos_id()
         self.eos_id = self._processor.eos_id()
+        # BLIP's decoder and image-grounded-encoder first tokens, when trained with blip_tokens=True; else None
+        last = self.vocab_size - 2
+        blip = last >= 0 and [self._processor.id_to_piece(i) for i in (last, last + 1)] == list(BLIP_TOKENS)
+        self.dec_id, self.enc_id = (last, last + 1) if blip and self._processor.is_control(last) else (None, None)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -440,15 +445,16 @@ class BertTokenizer:
         if lines and lines[-1] == "":
             lines.pop()  # the newline that ends the last line
         # as HF's load_vocab: the id is the line number, and a repeated line maps to its last occurrence
-        self._vocab = [*lines, "[DEC]", "[ENC]"]
+        self._vocab = [*lines, *BLIP_TOKENS]
         self._ids = {piece: i for i, piece in enumerate(lines)}
         missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in self._ids]
-        if missing or "[DEC]" in self._ids or "[ENC]" in self._ids:
+        if missing or any(token in self._ids for token in BLIP_TOKENS):
             raise ValueError(f"{self.model_path}: a BERT vocabulary needs {', '.join(missing) or 'its special tokens'}"
                              f" and no [DEC] or [ENC] (BLIP appends those)")
         self.pad_id, self.unk_id, self.cls_id = self._ids["[PAD]"], self._ids["[UNK]"], self._ids["[CLS]"]
         self.sep_id, self.mask_id = self._ids["[SEP]"], self._ids["[MASK]"]
         self.bos_id, self.enc_id = len(lines), len(lines) + 1
+        self.dec_id = self.bos_id  # the name SentencePieceTokenizer(blip_tokens) uses too
         self.eos_id = self.sep_id  # BLIP's decoder stops at [SEP]
         self.vocab_size = len(lines) + 2
         self._special = {self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id, self.bos_id, self.enc_id}
@@ -540,12 +546,17 @@ def tokenizer_from_bytes(
     return TOKENIZERS[kind].from_bytes(blob, context_length=context_length)
 
 
-def train_sentencepiece(texts: Iterable[str], model_prefix_or_path: str, vocab_size: int = 1024) -> str:
+def train_sentencepiece(texts: Iterable[str], model_prefix_or_path: str, vocab_size: int = 1024,
+                        blip_tokens: bool = False) -> str:
     """Train a BPE model on `texts` (lowercased) and write it to `<prefix>.model`; returns that path.
 
     `vocab_size` is an upper bound: a small corpus (the shapes captions have ~60 words) yields fewer
     pieces rather than an error. BPE, not unigram: on such a corpus unigram pruning stops at ~80
     pieces and spells "yellow" in four. One thread and no input sampling keep the result deterministic.
+
+    blip_tokens=True appends BLIP's [DEC] and [ENC] as control pieces after the trained vocabulary, where
+    BLIP adds them to BERT's (`dec_id`, `enc_id` of the tokenizer): every other id and every encoding stay
+    those of the same training without them, and no text can produce them.
     """
     path = str(model_prefix_or_path)
     if not path.endswith(".model"):
@@ -566,9 +577,17 @@ def train_sentencepiece(texts: Iterable[str], model_prefix_or_path: str, vocab_s
         num_threads=1,
         minloglevel=2,  # errors only
     )
+    blob = model.getvalue()
+    if blip_tokens:
+        from sentencepiece import sentencepiece_model_pb2  # needs protobuf, only here
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(blob)
+        for name in BLIP_TOKENS:
+            proto.pieces.add(piece=name, score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL)
+        blob = proto.SerializeToString()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
-        f.write(model.getvalue())
+        f.write(blob)
     return path
 
 
@@ -588,6 +607,7 @@ def main(argv: list[str] | None = None) -> str:
     train.add_argument("--vocab-size", type=int, default=1024, help="upper bound on the number of pieces")
     train.add_argument("--out", required=True, help="output file (.model is appended if missing)")
     train.add_argument("--limit", type=int, default=None, help="train on at most this many captions")
+    train.add_argument("--blip-tokens", action="store_true", help="append BLIP's [DEC] and [ENC] control pieces")
     args, overrides = parser.parse_known_args(argv)
     options = load_config(None, overrides).data
 
@@ -600,7 +620,8 @@ def main(argv: list[str] | None = None) -> str:
             yield text
 
     try:
-        path = train_sentencepiece(counted(captions(args.data, args.limit, options)), args.out, args.vocab_size)
+        path = train_sentencepiece(counted(captions(args.data, args.limit, options)), args.out, args.vocab_size,
+                                   args.blip_tokens)
     except (FileNotFoundError, ValueError) as error:  # a spec that points at nothing, named by the dataset
         sys.exit(f"python -m data.tokenizer train: {error}")
     except RuntimeError as error:  # sentencepiece's own message, e.g. an empty corpus

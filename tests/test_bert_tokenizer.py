@@ -203,3 +203,27 @@ def test_errors_name_the_file(tmp_path):
         BertTokenizer.from_bytes("[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n".encode())
     with pytest.raises(ValueError, match="UTF-8"):
         BertTokenizer.from_bytes(b"\xff\xfe")
+
+
+# ---------------------------------------------------------------- BLIP's tokens for sentencepiece models
+
+
+def test_sentencepiece_blip_tokens_leave_every_other_id_unchanged(tmp_path):
+    from data.tokenizer import SentencePieceTokenizer, main, train_sentencepiece
+
+    texts = list(captions("shapes:train:300"))
+    plain = SentencePieceTokenizer(train_sentencepiece(texts, tmp_path / "plain", 96))
+    blip = SentencePieceTokenizer(train_sentencepiece(texts, tmp_path / "blip", 96, blip_tokens=True))
+    assert (plain.dec_id, plain.enc_id) == (None, None)
+    n = plain.vocab_size
+    assert (blip.vocab_size, blip.dec_id, blip.enc_id) == (n + 2, n, n + 1)
+    probe = texts[:50] + list(CORPUS.values()) + ["[dec] [DEC] [enc] [ENC]"]  # no text reaches the new ids
+    assert torch.equal(blip(probe), plain(probe)) and blip(probe).max() < n
+    row = blip("a red circle")[0]
+    row[0] = blip.dec_id
+    assert blip.decode(row) == "a red circle"
+    assert (pickle.loads(pickle.dumps(blip)).dec_id, tokenizer_from_bytes(
+        "sentencepiece", blip.model_bytes(), context_length=8).enc_id) == (n, n + 1)
+    path = main(["train", "--data", "shapes:train:300", "--vocab-size", "96", "--out", str(tmp_path / "cli"),
+                 "--blip-tokens"])
+    assert SentencePieceTokenizer(path).dec_id == n
