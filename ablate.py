@@ -321,9 +321,8 @@ def write_tables(spec: dict, cells: list[dict], records: dict, tables_dir: str) 
     if failures:
         lines += ["", "Failed runs:", ""]
         for r in failures:
-            error = r["error"].strip().splitlines()
-            lines.append(f"- {_label(r['overrides'])} seed={r['seed']}: " + (error[-1] if error else ""))
-            lines += ["  ```", *("  " + line for line in error[-6:]), "  ```"]
+            lines += [f"- {_label(r['overrides'])} seed={r['seed']} (`{r['run_dir']}/stderr.txt`):", "  ```",
+                      *("  " + line for line in r["error"].strip().splitlines()[-6:]), "  ```"]
     png = os.path.join(tables_dir, f"{name}.png")
     if spec.get("plot") and plot(spec, cells, records, png):
         lines += ["", f"![{name}]({name}.png)"]
@@ -426,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, OSError, yaml.YAMLError) as error:
         sys.exit(f"ablation file error: {error}")
 
-    records = {}
+    records, stale = {}, 0
     for cell in cells:
         record = read_record(cell)
         if record and record["command"] == cell["command"]:
             records[cell["run_dir"]] = record
+        stale += bool(record) and record["command"] != cell["command"]
     if args.dry_run:
         print(f"{spec['name']}: {len(cells)} cells ({len(records)} recorded)")
         for i, cell in enumerate(cells, 1):
@@ -454,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = [c for c in cells if c["run_dir"] not in records
             or (args.retry_failed and records[c["run_dir"]]["status"] != "ok")]
-    if args.max_cells is not None:
-        todo = todo[:args.max_cells]
-    print(f"{spec['name']}: {len(cells)} cells, {len(cells) - len(todo)} recorded or left for later, "
-          f"{len(todo)} to run", flush=True)
+    later = todo[args.max_cells:] if args.max_cells is not None else []
+    todo = todo[:len(todo) - len(later)]
+    print(f"{spec['name']}: {len(cells)} cells, {len(records)} recorded, {len(todo)} to run"
+          + (f", {len(later)} left for later (--max-cells)" if later else "")
+          + (f"; {stale} recorded with another command (they run again)" if stale else ""), flush=True)
     ran, started = 0, time.time()
     for cell in todo:
         if stop["requested"]:

@@ -69,7 +69,7 @@ def test_sweep_stops_continues_records_failures_and_reproduces(tmp_path, tokeniz
     # start it again: the finished cell is skipped, the rest run, the failing cell is recorded
     result = ablate(*args, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 cells, 1 recorded or left for later, 2 to run" in result.stdout
+    assert "3 cells, 1 recorded, 2 to run" in result.stdout
     assert "FAILED: `python train.py` exited with 1: config error: train.precision must be one of" in result.stdout
     assert os.path.getmtime(first_record) == first_mtime
     entries = json.loads((tables / "tiny.json").read_text())
@@ -88,7 +88,7 @@ def test_sweep_stops_continues_records_failures_and_reproduces(tmp_path, tokeniz
 
     # a finished sweep runs nothing
     result = ablate(*args, timeout=120)
-    assert "3 cells, 3 recorded or left for later, 0 to run" in result.stdout
+    assert "3 cells, 3 recorded, 0 to run" in result.stdout
     assert os.path.getmtime(first_record) == first_mtime
 
     # the recorded command, run by hand into another folder, reproduces the metrics exactly
