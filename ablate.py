@@ -371,7 +371,8 @@ def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
         xs = [_plot_x(x) if numeric else categories.index(_arg(x)) for x, _ in points]
         means = [statistics.mean(v) for _, v in points]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
-        axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"{series_key}={label}" if series_key else None)
+        axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3,
+                      label=f"{series_key}={label}" if series_key else None)
     if not numeric:
         axes.set_xticks(range(len(categories)), categories)
     elif options.get("xscale"):
