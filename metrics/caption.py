@@ -14,13 +14,14 @@
 `caption_scores` reports both x100, the scale COCO captioning papers print (BLIP: B@4 39.7, CIDEr 133.3).
 
 Deliberate approximations in `ptb_tokenize` (of the Java lexer's hundreds of rules, the ones that change
-captions' scores): lowercase; split off the clitics 's 're 've 'm 'll 'd n't (and "cannot" -> can not);
+captions' scores): CoreNLP 3.4's British -> American spellings ("colour" -> "color", "grey" -> "gray"; only
+lowercase words, as there); lowercase; split off the clitics 's 're 've 'm 'll 'd n't (and "cannot" -> can not);
 split off punctuation and symbols; keep periods inside words ("u.s.", "3.5", "st.") and a final period only
 on single-letter and listed abbreviations; keep commas and colons inside numbers ("2,500", "4:45"); map
 brackets to -lrb- -rrb- -lsb- -rsb- -lcb- -rcb- (which pycocoevalcap then keeps: its list has them in upper
 case and the text was lowercased), "/" and "*" to "\\/" and "\\*", quotes to `` '' ` ' and dashes to --.
-Not done: the lexer's American spellings (it rewrites "colour" as "color"), URLs, e-mail addresses,
-emoticons, SGML tags and the rarer Unicode punctuation; captions have almost none of them.
+Not done: URLs, e-mail addresses, emoticons, SGML tags, words joined by "/" (split here; the lexer may keep
+"and\\/or" whole) and the rarer Unicode punctuation; captions have almost none of them.
 """
 import math
 import re
@@ -40,26 +41,77 @@ _CLITIC = re.compile(r"(?i)^(.+?)(n't|'s|'re|'ve|'m|'ll|'d)$")
 
 
 def _split_word(word: str) -> list[str]:
-    """A matched word -> its PTB tokens: a final period and clitics split off."""
+    """A matched word (original case) -> its PTB tokens: a final period and clitics split off."""
     tokens = []
     if word.endswith(".") and len(word) > 1:
         stem = word[:-1]
         # "u.s." and "e.g." keep their period (it holds an inner one), so do "a." and the listed abbreviations
-        if "." in stem or len(stem) == 1 and stem.isalpha() or stem in _ABBREVIATIONS:
+        if "." in stem or len(stem) == 1 and stem.isalpha() or stem.lower() in _ABBREVIATIONS:
             return [word]
         word, tokens = stem, ["."]
-    if word == "cannot":
-        return ["can", "not", *tokens]
+    if word.lower() == "cannot":
+        return [word[:3], word[3:], *tokens]
     match = _CLITIC.match(word)
     if match and match.group(1) != "'":
         return [match.group(1), match.group(2), *tokens]
     return [word, *tokens]
 
 
+# CoreNLP 3.4's Americanize (edu/stanford/nlp/process/Americanize.java), on by default in its PTBLexer and applied
+# before -lowerCase, so only lowercase spellings change: "grey" -> "gray", "Grey" stays (then "grey")
+_AMERICAN = dict(zip(
+    "anaesthetic analogue analogues analyse analysed analysing armoured cancelled cancelling candour capitalise "
+    "capitalised capitalisation centre chimaeric clamour coloured colouring colourful defence Defence discolour "
+    "discolours discoloured discolouring encyclopaedia endeavour endeavours endeavoured endeavouring fervour favour "
+    "favours favoured favouring favourite favourites fibre fibres finalise finalised finalising flavour flavours "
+    "flavoured flavouring glamour grey harbour harbours homologue homologues honour honours honoured honouring "
+    "honourable humour humours humoured humouring kerb labelled labelling labour Labour labours laboured labouring "
+    "leant learnt localise localised manoeuvre manoeuvres maximise maximised maximising meagre minimise minimised "
+    "minimising modernise modernised modernising misdemeanour misdemeanours neighbour neighbours neighbourhood "
+    "neighbourhoods oestrogen oestrogens organisation organisations penalise penalised popularise popularised "
+    "popularises popularising practise practised pressurise pressurised pressurises pressurising realise realised "
+    "realising realises recognise recognised recognising recognises rumoured rumouring savour savours savoured "
+    "savouring splendour splendours theatre theatres titre titres travelled travelling".split(),
+    "anesthetic analog analogs analyze analyzed analyzing armored canceled canceling candor capitalize capitalized "
+    "capitalization center chimeric clamor colored coloring colorful defense Defense discolor discolors discolored "
+    "discoloring encyclopedia endeavor endeavors endeavored endeavoring fervor favor favors favored favoring favorite "
+    "favorites fiber fibers finalize finalized finalizing flavor flavors flavored flavoring glamour gray harbor "
+    "harbors homolog homologs honor honors honored honoring honorable humor humors humored humoring curb labeled "
+    "labeling labor Labor labors labored laboring leaned learned localize localized maneuver maneuvers maximize "
+    "maximized maximizing meager minimize minimized minimizing modernize modernized modernizing misdemeanor "
+    "misdemeanors neighbor neighbors neighborhood neighborhoods estrogen estrogens organization organizations "
+    "penalize penalized popularize popularized popularizes popularizing practice practiced pressurize pressurized "
+    "pressurizes pressurizing realize realized realizing realizes recognize recognized recognizing recognizes "
+    "rumored rumoring savor savors savored savoring splendor splendors theater theaters titer titers traveled "
+    "traveling".split(),
+))
+_AMERICAN_PATTERNS = [(re.compile(pattern), replacement, re.compile(exception) if exception else None)
+                      for pattern, replacement, exception in [
+    ("haem(at)?o", r"hem\1o", None), ("aemia$", "emia", None), ("([lL])eukaem", r"\1eukem", None),
+    ("programme(s?)$", r"program\1", None),
+    ("^([a-z]{3,})our(s?)$", r"\1or\2", "abatjour|beflour|bonjour|calambour|carrefour|cornflour|contour|de[tv]our|"
+     "dortour|dyvour|downpour|giaour|glamour|holour|inpour|outpour|pandour|paramour|pompadour|recontour|repour|"
+     "ryeflour|sompnour|tambour|troubadour|tregetour|velour"),
+]]
+
+
+def _americanize(word: str) -> str:
+    if len(word) < 4:
+        return word
+    if word in _AMERICAN:
+        return _AMERICAN[word]
+    if len(word) < 6:
+        return word
+    for pattern, replacement, exception in _AMERICAN_PATTERNS:
+        if pattern.search(word) and not (exception and exception.search(word)):
+            return pattern.sub(lambda match: match.expand(replacement), word)
+    return word
+
+
 def ptb_tokenize(caption: str) -> str:
     """A caption as pycocoevalcap scores it: PTB tokens, lowercased, its punctuation tokens removed, joined by
     spaces. "A man's hat (red)." -> "a man 's hat -lrb- red -rrb-"."""
-    text = _DASHES.sub(" -- ", caption.lower().translate(_QUOTES).replace("&amp;", "&").replace("\u2026", "..."))
+    text = _DASHES.sub(" -- ", caption.translate(_QUOTES).replace("&amp;", "&").replace("\u2026", "..."))
     tokens, opened = [], False
     for match in _TOKEN.finditer(text):
         token = match.group()
@@ -70,9 +122,9 @@ def ptb_tokenize(caption: str) -> str:
         elif token in ("/", "*"):
             token = "\\" + token
         elif token[0].isalnum() or token[0] == "_":
-            tokens.extend(_split_word(token))
+            tokens.extend(_americanize(word).lower() for word in _split_word(token))
             continue
-        tokens.append(token)
+        tokens.append(token.lower())
     return " ".join(token for token in tokens if token not in PUNCTUATIONS)
 
 

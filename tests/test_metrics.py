@@ -90,6 +90,9 @@ def test_ptb_tokenize_crafted_cases():
         "cats & dogs / birds * fish": "cats & dogs \\/ birds \\* fish",
         "‘curly’ “quotes” – dash": "curly quotes dash",
         "  extra   spaces\tand\nlines ": "extra spaces and lines",
+        # CoreNLP 3.4's Americanize, which sees the text before -lowerCase
+        "A grey cat, a colourful theatre; Grey armour and neighbours' favourite contour":
+            "a gray cat a colorful theater grey armor and neighbors favorite contour",
         "": "",
     }
     for text, expected in cases.items():
