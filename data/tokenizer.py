@@ -407,7 +407,7 @@ class BertTokenizer:
     - characters assigned after Python's Unicode version (14.0 for 3.11) are letters here; tokenizers
       decomposes and lowercases them with Rust's newer tables. And one character Python's NFD decomposes,
       tokenizers' does not (U+11938, Dives Akuru). Nothing else differs, over every code point.
-    HF's pure-Python `BertTokenizerLegacy` (the tokenizer BLIP was trained with, transformers 4.15) differs
+    HF's pure-Python `BertTokenizerLegacy` (transformers 4's slow BertTokenizer, which BLIP used) differs
     from both on a few rare inputs: it lowercases whole words (a final "Σ" becomes "ς", not "σ"), drops
     unassigned code points, reads Python's Unicode tables, and puts its CJK range at 2B820.
     """

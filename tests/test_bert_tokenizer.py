@@ -109,6 +109,10 @@ def test_every_code_point_normalises_and_splits_as_tokenizers():
             words = (f"x{chr(c)}y" for c in chunk)
             differ += [c for c, word in zip(chunk, words) if BertTokenizer.words(word) !=
                        [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(word))]]
+    # the ASCII shortcut, one string per character (the chunks above are not ASCII)
+    ascii_texts = [f"x{chr(c)}Y {chr(c)}{chr(c)}" for c in range(128)]
+    assert [BertTokenizer.words(t) for t in ascii_texts] == [
+        [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t))] for t in ascii_texts]
     # characters Python's Unicode (14.0 on 3.11) does not have yet, which Rust lowercases or decomposes, and
     # U+11938, which Python's NFD decomposes and tokenizers' does not
     assert {c for c in differ if unicodedata.category(chr(c)) != "Cn"} == {0x11938}, [hex(c) for c in differ[:20]]
@@ -128,6 +132,19 @@ def test_literal_special_tokens_stay_text(tokenizer, hf):
     assert row.count(tokenizer.sep_id) == 1 and row.count(tokenizer.cls_id) == 1
     assert hf(text)["input_ids"].count(tokenizer.sep_id) == 2
     assert tokenizer.encode(text) == hf("a caption [ sep ] with more [ cls ]", add_special_tokens=False)["input_ids"]
+
+
+def test_bert_base_uncased_when_cached():
+    # the real vocabulary, if a previous download left it in the Hugging Face cache (never fetched here)
+    path = pytest.importorskip("huggingface_hub").try_to_load_from_cache("bert-base-uncased", "vocab.txt")
+    if not isinstance(path, str):
+        pytest.skip("bert-base-uncased's vocab.txt is not in the Hugging Face cache")
+    tokenizer, hf = BertTokenizer(path), transformers.BertTokenizer(path, do_lower_case=True)
+    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.enc_id) == (30524, 30522, 30523)
+    texts = list(CORPUS.values()) + list(captions("shapes:val:200"))
+    assert torch.equal(tokenizer(texts), hf_rows(hf, texts, 35))
+    # transformers' convert_blip_original_pytorch_to_hf.py: "[DEC] a picture of" starts [30522, 1037, 3861, 1997]
+    assert [tokenizer.bos_id, *tokenizer.encode("a picture of")] == [30522, 1037, 3861, 1997]
 
 
 # ---------------------------------------------------------------- layout, BLIP's added tokens
