@@ -1,7 +1,10 @@
 """The few distributed helpers the scripts need, built on torchrun's environment variables.
 
 `torchrun --nproc_per_node N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python
-train.py` runs as a single process with no process group. gloo on CPU, nccl on GPU.
+train.py` runs as a single process with no process group. On CPU the group is gloo; on GPU it has both
+backends, `cpu:gloo,cuda:nccl`: CUDA tensors (features, gradients, the logged loss) go through NCCL and
+the CPU-side bookkeeping (the stop flag, bad-sample counts, RNG states) through gloo, since NCCL has no
+CPU backend.
 """
 import datetime
 import os
@@ -35,7 +38,7 @@ def init(device_type: str = "auto") -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return device
 
@@ -52,6 +55,24 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= world_size()
     return value
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (a CPU tensor: gloo even next to NCCL)."""
+    if not is_initialized():
+        return flag
+    value = torch.tensor(float(flag))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] with one process."""
+    if not is_initialized():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj):
