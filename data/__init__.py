@@ -19,8 +19,10 @@ Bad samples (data/bad_samples.py): a map-style item that cannot be read is repla
 that can (so every batch keeps its size, which the gathered contrastive loss and the sampler need), a
 stream skips it; either way it is counted in the batch's `bad`, `seen` and `bad_examples`, for train.py.
 """
+import atexit
 import difflib
 import signal
+import weakref
 import zlib
 from typing import Iterator
 
@@ -227,8 +229,36 @@ class GlobalBatchSampler(Sampler):
 def _ignore_sigterm(worker_id: int) -> None:
     # A scheduler's SIGTERM (preemption, `scancel`) often reaches the whole process group. The training
     # process answers it by finishing its step and writing a checkpoint, which needs its data workers
-    # alive until then; they are shut down with the loader.
+    # alive until then; they are shut down with the loader (see `shutdown_workers`).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# Worker processes are stopped when their loader iterator is garbage-collected. An iterator caught in
+# a reference cycle, or kept alive by a traceback, lives until interpreter exit, where multiprocessing
+# terminates daemonic children with SIGTERM (which the workers ignore, see above) and then joins them
+# forever. So every multi-worker iterator is tracked here, and `shutdown_workers` stops them
+# explicitly: train.py calls it on every way out, and it runs at exit before multiprocessing's hook.
+_worker_iterators: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class _TrackedLoader(DataLoader):
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _worker_iterators.add(iterator)
+        return iterator
+
+
+def shutdown_workers() -> None:
+    """Stop the worker processes of every live multi-worker loader iterator (idempotent)."""
+    for iterator in list(_worker_iterators):
+        iterator._shutdown_workers()  # asks each worker to exit (a None index) and joins it
+    _worker_iterators.clear()
+
+
+# atexit runs its handlers last-registered first: this one runs before multiprocessing's (registered when
+# torch imported multiprocessing), so no worker is left for it to terminate and join.
+atexit.register(shutdown_workers)
 
 
 class Collate:
@@ -256,7 +286,7 @@ class Collate:
 
 
 def _loader(dataset: Dataset, tokenizer, workers: int, **kwargs) -> DataLoader:
-    return DataLoader(dataset, num_workers=workers, collate_fn=Collate(tokenizer), worker_init_fn=_ignore_sigterm,
+    return _TrackedLoader(dataset, num_workers=workers, collate_fn=Collate(tokenizer), worker_init_fn=_ignore_sigterm,
                       prefetch_factor=4 if workers else None, **kwargs)
 
 
@@ -290,7 +320,18 @@ def skipped_rows(loader: DataLoader) -> BadSampleCount:
     return base.skipped_rows if isinstance(base, ImageFiles) else BadSampleCount()
 
 
-def _map_style(spec: str, image_size: int, seed: int, options: DataConfig | None) -> Dataset:
+def unreadable_start(dataset: Dataset, count: int = 16) -> list[str]:
+    """The first `count` items' read failures (messages; empty when all could be read)."""
+    failures = []
+    for index in range(min(count, len(dataset))):
+        try:
+            dataset[index]
+        except BadSample as error:
+            failures.append(str(error))
+    return failures
+
+
+def map_style_dataset(spec: str, image_size: int, seed: int, options: DataConfig | None) -> Dataset:
     base = build_dataset(spec, image_size, seed, options)
     if isinstance(base, WebDataset):
         raise ValueError(f"{spec}: wds shards are a training format; evaluate on a coco, csv, imagefolder or "
@@ -301,7 +342,7 @@ def _map_style(spec: str, image_size: int, seed: int, options: DataConfig | None
 def eval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, workers: int = 0, seed: int = 0,
                 options: DataConfig | None = None) -> tuple[Dataset, DataLoader]:
     """In-order, unaugmented batches of a whole dataset (for zero-shot and retrieval evaluation)."""
-    base = _map_style(spec, image_size, seed, options)
+    base = map_style_dataset(spec, image_size, seed, options)
     dataset = ImageTextDataset(base, image_transform(image_size, train=False), seed)
     return base, _loader(dataset, tokenizer, workers, batch_size=batch_size)
 
@@ -328,7 +369,7 @@ def retrieval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 25
     Captions that share an image file (COCO's five per image, repeated CSV paths) map to one image;
     datasets without files (shapes) have one caption per image.
     """
-    base = _map_style(spec, image_size, seed, options)
+    base = map_style_dataset(spec, image_size, seed, options)
     transform = image_transform(image_size, train=False)
     if isinstance(base, ImageFiles):
         images, texts, text_to_image = UniqueImages(base, transform), base.texts, base.image_of

@@ -87,7 +87,7 @@ class ShardWriter:
 
 def make_shards(spec: str, out_dir: str, shard_size: int, options=None) -> tuple[list[str], BadSampleCount]:
     """Write the shards; returns their paths and the count of samples left out."""
-    image_size = options.image_size if options is not None else 64
+    image_size = (options.image_size if options is not None else 0) or 64  # 0: the tiny presets' 64
     dataset = build_dataset(spec, image_size, options=options)
     if isinstance(dataset, WebDataset):
         raise ValueError(f"{spec}: already shards (to re-shard, list the shards in a csv first)")
