@@ -268,6 +268,26 @@ def test_ptb_tokenize_equals_corenlp_where_java_runs():
     assert differ == []
 
 
+def test_caption_scores_equal_pycocoevalcap_end_to_end_where_java_runs(pycocoevalcap):
+    # raw captions through pycocoevalcap's own pipeline: PTBTokenizer (Java), then Bleu(4) and Cider()
+    import shutil
+
+    ptbtokenizer = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
+    if shutil.which("java") is None:
+        pytest.skip("no java to run pycocoevalcap's PTBTokenizer")
+    predictions = {1: "A man riding a wave, on a surfboard.", 2: "Two dogs (playing) in the grass!",
+                   "img3": "A plate of food w/ broccoli...", 4: "A stop-sign; it's red.", 5: "a cat's nap on a couch"}
+    endings = itertools.cycle([".", "", " !"])
+    references = {key: [text.capitalize() + next(endings) for text in REFERENCES[key]] for key in predictions}
+    tokenizer = ptbtokenizer.PTBTokenizer()
+    gts = tokenizer.tokenize({key: [{"caption": text} for text in texts] for key, texts in references.items()})
+    res = tokenizer.tokenize({key: [{"caption": text}] for key, text in predictions.items()})
+    bleus, cider = reference_scores(pycocoevalcap, {key: texts[0] for key, texts in res.items()}, gts)
+    scores = caption_scores(predictions, references)
+    assert [scores[f"BLEU-{k}"] for k in range(1, 5)] == pytest.approx([100 * b for b in bleus], abs=1e-9)
+    assert scores["CIDEr"] == pytest.approx(100 * cider, abs=1e-9)
+
+
 # ---------------------------------------------------------------- VQA
 
 
