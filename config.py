@@ -2,6 +2,7 @@
 dotted command-line overrides (`--train.lr=3e-4`). An unknown key or a value of the wrong type fails
 before anything runs, naming the key and the closest valid keys.
 """
+import copy
 import dataclasses
 import difflib
 import typing
@@ -15,6 +16,7 @@ class ModelConfig:
     name: str = "ViT-tiny"  # a preset of models.MODELS
     grad_checkpointing: bool = False
     drop_path: float = 0.0
+    sync_bn: bool = False  # BatchNorm statistics over all processes (the ResNet towers), so any world size trains one model
 
 
 @dataclass
@@ -22,13 +24,13 @@ class DataConfig:
     train: str = "shapes:train"  # dataset spec strings, see data/__init__.py
     val: str = "shapes:val"
     heldout: str = "shapes:heldout"  # evaluated zero-shot at the end; "" to skip
-    image_size: int = 64
+    image_size: int = 0  # 0: the model preset's (64 for the tiny presets, 224 for ViT-B-32, ...)
     workers: int = 2  # DataLoader worker processes per training process
     tokenizer: str = "sentencepiece"  # sentencepiece | clip (CLIP's byte-level BPE, vocabulary 49408)
     tokenizer_path: str = ""  # sentencepiece: a model, or "" to train one on data.train captions; clip: the .txt.gz
     tokenizer_captions: int = 20000  # how many training captions the tokenizer is trained on
     vocab_size: int = 1024
-    context_length: int = 32
+    context_length: int = 0  # 0: the model preset's (32 for the tiny presets, 77 for the paper's)
     image_root: str = ""  # coco and csv: folder relative image paths start from; "" = the JSON's or CSV's folder
     csv_image_key: str = "filepath"  # csv: column of image paths
     csv_caption_key: str = "caption"  # csv: column of captions
@@ -172,12 +174,24 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
         for key, value in _flatten(tree).items():
             _set(cfg, key, value, source=path)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
+    """A copy of `cfg` with command-line overrides applied (e.g. on top of a checkpoint's config)."""
+    cfg = copy.deepcopy(cfg)
     for key, value in parse_overrides(list(overrides)):
         parsed = yaml.safe_load(value) if value != "" else ""
         if valid_keys().get(key) is str and not isinstance(parsed, str):
             parsed = value  # '--out_dir=2024' stays a string
         _set(cfg, key, parsed, source="command line")
     return cfg
+
+
+def differences(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every leaf key whose value differs."""
+    old_flat, new_flat = _flatten(dataclasses.asdict(old)), _flatten(dataclasses.asdict(new))
+    return [(key, old_flat[key], new_flat[key]) for key in old_flat if old_flat[key] != new_flat[key]]
 
 
 def config_from_dict(tree: dict) -> Config:

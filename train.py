@@ -13,6 +13,7 @@ processes, up to floating-point summation order.
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -24,17 +25,24 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import distributed
-from config import ConfigError, config_from_dict, load_config, save_config
-from data import build_dataset, captions, skipped_rows, train_loader
+from config import ConfigError, apply_overrides, config_from_dict, differences, load_config, save_config
+from data import build_dataset, captions, map_style_dataset, shutdown_workers, skipped_rows, train_loader, unreadable_start
 from data.bad_samples import BadSampleCount
-from data.tokenizer import TOKENIZERS, ClipTokenizer, SentencePieceTokenizer, train_sentencepiece
+from data.tokenizer import (TOKENIZERS, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
+                            train_sentencepiece)
 from losses import clip_loss, siglip_loss
-from models import create_model
+from models import MODELS, create_model
+from models.batchnorm import convert_sync_batchnorm
+
+MAX_LOGIT_SCALE = math.log(100)  # OpenAI clamps the learned log-temperature to [0, ln 100] after each step
 
 
-def build_tokenizer(cfg, out_dir: str) -> SentencePieceTokenizer | ClipTokenizer:
-    """data.tokenizer=clip: CLIP's byte-level BPE from data.tokenizer_path (bpe_simple_vocab_16e6.txt.gz).
-    sentencepiece: the model at data.tokenizer_path, or one trained on data.train captions and kept in out_dir."""
+def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> SentencePieceTokenizer | ClipTokenizer:
+    """A resumed run's own tokenizer (the bytes its checkpoint carries). Otherwise data.tokenizer=clip: CLIP's
+    byte-level BPE from data.tokenizer_path (bpe_simple_vocab_16e6.txt.gz); sentencepiece: the model at
+    data.tokenizer_path, or one trained on data.train captions and kept in out_dir."""
+    if checkpoint is not None:
+        return tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
     if cfg.data.tokenizer == "clip":
         return ClipTokenizer(cfg.data.tokenizer_path, context_length=cfg.data.context_length)
     path = cfg.data.tokenizer_path or os.path.join(out_dir, "tokenizer.model")
@@ -48,9 +56,19 @@ def build_tokenizer(cfg, out_dir: str) -> SentencePieceTokenizer | ClipTokenizer
     return SentencePieceTokenizer(path, context_length=cfg.data.context_length)
 
 
+def resolve_presets(cfg):
+    """data.image_size and data.context_length left at 0 take the model preset's (ViT-B-32: 224 and 77), so
+    the saved config says what was used."""
+    preset = MODELS.get(cfg.model.name)
+    if preset is not None:
+        cfg.data.image_size = cfg.data.image_size or preset.image_size
+        cfg.data.context_length = cfg.data.context_length or preset.context_length
+    return cfg
+
+
 def build_model(cfg, tokenizer) -> torch.nn.Module:
     extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
-    return create_model(
+    model = create_model(
         cfg.model.name,
         image_size=cfg.data.image_size,
         vocab_size=tokenizer.vocab_size,
@@ -60,6 +78,7 @@ def build_model(cfg, tokenizer) -> torch.nn.Module:
         drop_path=cfg.model.drop_path,
         **extra,
     )
+    return convert_sync_batchnorm(model) if cfg.model.sync_bn else model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -91,6 +110,20 @@ def learning_rate(step: int, train_cfg) -> float:
     return train_cfg.min_lr + 0.5 * (train_cfg.lr - train_cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+@contextlib.contextmanager
+def running_stats_kept(model: torch.nn.Module):
+    """BatchNorm running statistics as they were before the block: exact accumulation's gradient-free
+    caching pass re-runs every micro-batch, and must not count it twice in the running averages."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [{name: buffer.clone() for name, buffer in m.named_buffers()} for m in norms]
+    try:
+        yield
+    finally:
+        for module, buffers in zip(norms, saved):
+            for name, buffer in buffers.items():
+                getattr(module, name).copy_(buffer)
+
+
 def compute_loss(cfg, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
     if cfg.loss.name == "siglip":
         return siglip_loss(image_features, text_features, logit_scale, logit_bias)
@@ -110,7 +143,7 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Ten
         return loss.detach()
     # Exact accumulation: the loss needs every micro-batch's features as negatives. Cache them without
     # gradient, then re-run each micro-batch with gradient, splicing its live features into the cache.
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, running_stats_kept(model):
         cached = [forward(batch) for batch in micro_batches]
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
@@ -128,8 +161,32 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Ten
     return loss.detach()
 
 
-def check_config(cfg) -> str | None:
+# (key, smallest valid value): counts and intervals that must be positive or at least non-negative
+MINIMUMS = {
+    "train.steps": 1, "train.batch_size": 1, "train.accum_steps": 1, "train.log_every": 1, "train.ckpt_every": 1,
+    "train.eval_every": 0, "train.warmup_steps": 0, "train.lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
+    "train.grad_clip": 0.0, "data.workers": 0, "data.image_size": 1, "data.context_length": 2, "data.vocab_size": 8,
+    "data.tokenizer_captions": 1, "data.shuffle_buffer": 1, "data.max_bad_fraction": 0.0, "model.drop_path": 0.0,
+    "eval.batch_size": 1,
+}
+
+
+def check_config(cfg, world_size: int = 1) -> str | None:
     """What is wrong with the values of a config (its keys and types are checked on loading), or None."""
+    if cfg.model.name not in MODELS:
+        close = difflib.get_close_matches(cfg.model.name, MODELS, n=3, cutoff=0.4)
+        return f"model.name: unknown model '{cfg.model.name}'; closest presets: {', '.join(close or sorted(MODELS))}"
+    for key, minimum in MINIMUMS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < minimum or (key == "train.lr" and value == 0):
+            return f"{key} must be {'>' if key == 'train.lr' else '>='} {minimum}; got {value}"
+    if cfg.data.max_bad_fraction > 1 or cfg.model.drop_path >= 1:
+        return "data.max_bad_fraction must be at most 1 and model.drop_path below 1"
+    per_step = world_size * cfg.train.accum_steps
+    if cfg.train.batch_size % per_step:
+        return (f"train.batch_size={cfg.train.batch_size} must divide evenly into {world_size} processes x "
+                f"{cfg.train.accum_steps} accumulation steps (train.accum_steps); e.g. {per_step * max(1, round(cfg.train.batch_size / per_step))}")
     choices = {"train.precision": ("fp32", "bf16", "fp16"), "loss.name": ("clip", "siglip"),
                "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
@@ -144,12 +201,23 @@ def check_config(cfg) -> str | None:
         return "loss.impl=fused implements the CLIP (softmax) loss only; use loss.impl=torch with siglip"
     for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
         spec = getattr(cfg.data, key)
+        if not spec:
+            continue
         try:
-            if spec:
+            if key == "train":
                 build_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data)
+                continue
+            dataset = map_style_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data)
         except (ValueError, FileNotFoundError) as error:
             return f"data.{key}: {error}"
+        failures = unreadable_start(dataset)  # an evaluation set that cannot be read fails now, not after training
+        if len(failures) > min(len(dataset), 16) // 2:
+            return (f"data.{key}: {len(failures)} of its first {min(len(dataset), 16)} samples cannot be read, "
+                    f"e.g. {'; '.join(failures[:3])}")
     return None
+
+
+RESUME_OUT_DIR = "out_dir"  # what a bare `--resume` means: out_dir/checkpoint.pt, which must exist
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -159,37 +227,81 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_run_config(args, overrides: list[str]):
+    """(config, checkpoint or None). A resumed run keeps its own config (the checkpoint's) with the command
+    line's dotted overrides on top, e.g. `--resume --train.steps=2000` to train longer; the keys that changed
+    are printed. `--resume auto` starts fresh when out_dir holds no checkpoint yet (a scheduler's restart)."""
+    cfg = load_config(args.config, overrides)  # also names out_dir, where the checkpoint is
+    if not args.resume:
+        return cfg, None
+    path = args.resume if args.resume not in ("auto", RESUME_OUT_DIR) else os.path.join(cfg.out_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        if args.resume == "auto":
+            if distributed.is_main():
+                print(f"--resume auto: no checkpoint at '{path}' yet; starting a new run", flush=True)
+            return cfg, None
+        raise FileNotFoundError(f"--resume: no checkpoint at '{path}'")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = resolve_presets(config_from_dict(checkpoint["config"]))
+    resumed = apply_overrides(saved, overrides)
+    if distributed.is_main():
+        changed = differences(saved, resumed)
+        print(f"resuming {path} with its own config" + ("; changed: " if changed else "") +
+              ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed), flush=True)
+        ignored = [key for key, _, _ in differences(resumed, resolve_presets(cfg)) if key != "out_dir"]
+        if args.config and ignored:
+            print(f"note: {args.config} differs from the run's config in {', '.join(ignored)}; the run's values are "
+                  f"kept (override them on the command line to change them)", flush=True)
+    return resumed, checkpoint
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before CUDA states were saved
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file overriding the defaults in config.py")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="continue from CHECKPOINT (default: out_dir/checkpoint.pt)")
+    parser.add_argument("--resume", nargs="?", const=RESUME_OUT_DIR, default=None,
+                        help="continue from out_dir/checkpoint.pt, from CHECKPOINT, or with 'auto' from "
+                             "out_dir's checkpoint when there is one (else start fresh)")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg, checkpoint = load_run_config(args, overrides)
     except (ConfigError, FileNotFoundError) as error:
         sys.exit(f"config error: {error}")
-    problem = check_config(cfg)
+    cfg = resolve_presets(cfg)
+    problem = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if problem:
         sys.exit(f"config error: {problem}")
+    try:
+        return train(cfg, checkpoint)
+    finally:  # every way out (the end, an error, sys.exit, SIGTERM) stops the data workers
+        shutdown_workers()
 
+
+def train(cfg, checkpoint: dict | None) -> dict:
     device = distributed.init(cfg.device)
     rank, world_size = distributed.rank(), distributed.world_size()
     main_process = distributed.is_main()
-    checkpoint = None
-    if args.resume:
-        path = os.path.join(cfg.out_dir, "checkpoint.pt") if args.resume == "auto" else args.resume
-        if not os.path.exists(path):
-            sys.exit(f"--resume: no checkpoint at '{path}'")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = config_from_dict(checkpoint["config"]) if not args.config and not overrides else cfg
     if main_process:
         os.makedirs(cfg.out_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
     distributed.barrier()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    tokenizer = build_tokenizer(cfg, cfg.out_dir)
+    tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
     model = build_model(cfg, tokenizer).to(device)
     optimizer = build_optimizer(model, cfg.train)
     if cfg.train.precision == "fp16" and device.type != "cuda":
@@ -203,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])])
+        set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])], device)
         step = checkpoint["step"]
         if main_process:
             print(f"resumed from step {step}", flush=True)
@@ -219,22 +331,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     signal.signal(signal.SIGTERM, request_stop)
 
-    def checkpoint_state() -> dict:
-        rng_states = [torch.get_rng_state()]
-        if world_size > 1:
-            gathered = [None] * world_size
-            torch.distributed.all_gather_object(gathered, rng_states[0])
-            rng_states = gathered
-        return {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states,
-            "tokenizer": tokenizer.model_bytes(),
-        }
-
     def save() -> None:
-        state = checkpoint_state()  # every process takes part (it gathers RNG states)
+        rng_states = distributed.all_gather_object(rng_state(device))  # every process takes part
         if main_process:
-            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), state)
+            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states,
+                "tokenizer": tokenizer.model_bytes(),
+            })
 
     writer = None
     if main_process:
@@ -252,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     bad_samples, bad_reported = BadSampleCount(), set()  # unreadable samples this process skipped, this run
     model.train()
     start_step, run_start = step, time.time()
-    interval_start = run_start
+    interval_start, interval_start_step = run_start, step
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.train)
         for group in optimizer.param_groups:
@@ -260,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
         for batch in micro_batches:
             bad_samples.add_batch(batch)
+        scale = raw_model.logit_scale.detach().exp()  # the temperature multiplier this step's loss uses
         loss = train_step(cfg, model, micro_batches, device, autocast, scaler)
         if not torch.isfinite(loss):
             sys.exit(f"non-finite loss {loss.item()} at step {step} (lr {lr:.3g}) on rank {rank}; "
@@ -270,40 +375,37 @@ def main(argv: list[str] | None = None) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # after the step, as OpenAI does: a clamp inside forward would stop its gradient
+            raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         step += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             mean_loss = distributed.all_reduce_mean(loss.float()).item()
             bad = bad_samples.summed_over_ranks()  # since the start of this run, over all ranks
             if main_process:
-                elapsed = time.time() - interval_start
-                steps_done = (step - start_step) % cfg.train.log_every or cfg.train.log_every
+                elapsed, steps_done = time.time() - interval_start, step - interval_start_step
                 samples_per_s = steps_done * cfg.train.batch_size / elapsed
                 eta = (cfg.train.steps - step) * elapsed / steps_done
-                scale = raw_model.logit_scale.exp().item()
                 bad_text = f" bad {bad.bad}/{bad.seen} ({100 * bad.fraction:.2f}%)" if bad.bad else ""
-                print(f"step {step}/{cfg.train.steps} loss {mean_loss:.4f} lr {lr:.3g} scale {scale:.1f} "
+                print(f"step {step}/{cfg.train.steps} loss {mean_loss:.4f} lr {lr:.3g} scale {scale.item():.1f} "
                       f"grad_norm {grad_norm.item():.2f} {samples_per_s:.0f} samples/s eta {eta / 60:.1f} min"
                       f"{bad_text}", flush=True)
                 for example in [e for e in bad.examples if e not in bad_reported]:
                     print(f"bad sample skipped: {example}", flush=True)
                     bad_reported.add(example)
-                for name, value in (("loss", mean_loss), ("lr", lr), ("logit_scale", scale),
+                for name, value in (("loss", mean_loss), ("lr", lr), ("logit_scale", scale.item()),
                                     ("grad_norm", grad_norm.item()), ("samples_per_s", samples_per_s)):
                     writer.add_scalar(f"train/{name}", value, step)
                 writer.add_scalar("data/bad_samples", bad.bad, step)
                 writer.add_scalar("data/bad_fraction", bad.fraction, step)
-            interval_start = time.time()
+            interval_start, interval_start_step = time.time(), step
             if bad.too_many(cfg.data.max_bad_fraction):  # the same sums on every rank: all stop here
                 sys.exit(f"too many bad samples at step {step}: {bad.describe()}; more than "
                          f"data.max_bad_fraction={cfg.data.max_bad_fraction} (fix or remove them, or raise it)")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
             model.train()
-        if world_size > 1:
-            flag = torch.tensor(float(stop_requested))
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop_requested = bool(flag.item())
+        stop_requested = distributed.any_rank(stop_requested)  # a SIGTERM on any rank stops them all here
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop_requested:
             save()
         if stop_requested:
@@ -314,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if main_process:
         print(f"trained steps {start_step}-{step} in {(time.time() - run_start) / 60:.1f} min", flush=True)
+    shutdown_workers()  # the training loader is spent; its workers would idle through the evaluation
     results = run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
     if writer is not None:
         writer.close()

@@ -9,8 +9,9 @@ Deliberate differences from openai/CLIP `clip/model.py:CLIP` and open_clip `mode
 - the towers are modules passed in (`visual`, `text`) and initialise themselves as OpenAI's
   `initialize_parameters` does, so BLIP and Flamingo reuse them standalone; the text tower lives under
   `text.` (open_clip's `CustomTextCLIP` layout), not flattened into the top level.
-- `forward` returns a dict with the temperature multiplier already `exp`-ed and clamped at 100 (OpenAI clamps
-  the parameter after each optimizer step instead; with the clamp here the loss never sees more than 100).
+- `forward` returns a dict with the temperature multiplier already `exp`-ed. It is not clamped here: a clamp
+  inside forward gives the parameter no gradient once it passes ln 100, so it could never come back.
+  Training clamps the parameter to [0, ln 100] after each optimizer step, as OpenAI does (train.py).
 """
 import math
 from typing import Optional
@@ -56,6 +57,6 @@ class CLIP(nn.Module):
         return {
             "image_features": self.encode_image(images, normalize=True),  # (B, embed_dim)
             "text_features": self.encode_text(tokens, normalize=True),  # (B, embed_dim)
-            "logit_scale": self.logit_scale.exp().clamp(max=100),  # scalar multiplier
+            "logit_scale": self.logit_scale.exp(),  # scalar multiplier
             "logit_bias": self.logit_bias,  # scalar or None
         }

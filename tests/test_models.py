@@ -240,13 +240,20 @@ def test_clip_tiny_forward(name):
     torch.testing.assert_close(model.encode_text(tokens, normalize=True).norm(dim=-1), torch.ones(2))
 
 
-def test_logit_scale_starts_at_one_over_007_and_is_clamped_at_100():
+def test_logit_scale_starts_at_one_over_007_and_keeps_its_gradient_above_100():
+    # training clamps the parameter after each step (tests/test_train.py); forward must not, or a scale that
+    # passed ln 100 would get no gradient and could never come back
     model = create_model("ViT-tiny").eval()
-    images, tokens = torch.randn(1, 3, 64, 64), torch.randint(1, 1024, (1, 8))
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(1, 1024, (2, 8))
     assert model(images, tokens)["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1000.0))
-    assert model(images, tokens)["logit_scale"].item() == pytest.approx(100.0)
+    out = model(images, tokens)
+    assert out["logit_scale"].item() == pytest.approx(1000.0, rel=1e-5)
+    from losses import clip_loss
+
+    clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs().item() > 0
 
 
 def test_siglip_init():
