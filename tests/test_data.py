@@ -1,5 +1,4 @@
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -115,14 +114,6 @@ def test_images_are_rgb_of_requested_size(image_size):
         assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (image_size, image_size)
 
 
-def test_generation_is_fast():
-    ds = ShapesDataset("train", image_size=64)
-    start = time.perf_counter()
-    for i in range(200):
-        ds[i]
-    assert (time.perf_counter() - start) / 200 < 1e-3
-
-
 # ---------------------------------------------------------------- templates
 
 
@@ -140,9 +131,7 @@ def test_templates():
 def model_path(tmp_path_factory):
     ds = ShapesDataset("train", length=3000)
     captions = [ds[i]["caption"] for i in range(len(ds))]
-    start = time.perf_counter()
     path = train_sentencepiece(iter(captions), tmp_path_factory.mktemp("spm") / "shapes", vocab_size=1024)
-    assert time.perf_counter() - start < 10
     assert path.endswith("shapes.model")
     return path
 
