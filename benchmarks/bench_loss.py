@@ -3,13 +3,19 @@
     python3 benchmarks/bench_loss.py                      # N = 1024 ... 32768, D = 512, CPU
     python3 benchmarks/bench_loss.py --sizes 8192 16384   # the two target cases
     python3 benchmarks/bench_loss.py --device cuda        # the CUDA op; memory = peak CUDA allocation
+    python3 benchmarks/bench_loss.py --device cuda --dtype bfloat16   # bf16 features; naive under autocast
+    python3 benchmarks/bench_loss.py --device cuda --tf32             # fp32 matmuls on TF32 tensor cores
 
 Naive: two logits matmuls (image @ text^T, text @ image^T) and two cross entropies, as open_clip's
-ClipLoss with world size 1. Fused: kernels.contrastive_loss(backend="cpu" or "cuda"). Each case runs in a fresh
-subprocess; its peak memory is the increase of the peak resident set (VmHWM, reset after the
-inputs are built) over the resident set with the inputs in place, so it counts the loss's
-activations and the feature gradients. Targets (2-core CPU): at N = 16384 the fused peak is <= 5% of
-the naive one; at N = 8192 the fused time is <= 1.3x the naive one.
+ClipLoss with world size 1 (with --dtype bfloat16 under torch.autocast, as in AMP training: bf16
+matmuls, fp32 cross entropy). Fused: kernels.contrastive_loss(backend="cpu" or "cuda") with its
+default block size (256 on the CPU, 4096 on a GPU) unless --block-size is given; it computes its
+blocks with the same ATen matmuls (cuBLAS on a GPU) as the naive loss. Each case runs in a fresh
+subprocess. On the CPU its peak memory is the increase of the peak resident set (VmHWM, reset after
+the inputs are built) over the resident set with the inputs in place, so it counts the loss's
+activations and the feature gradients; on a GPU it is the peak CUDA allocation above the inputs.
+Targets: on the 2-core CPU, at N = 16384 the fused peak is <= 5% of the naive one and at N = 8192 the
+fused time is <= 1.3x the naive one; on a GPU, at N >= 16384 the fused time is <= 1.1x the naive one.
 """
 import argparse
 import json
@@ -43,28 +49,41 @@ def gpu_memory_bytes() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
-def run_case(method: str, n: int, dim: int, repeats: int, device: str = "cpu") -> dict:
+def run_case(
+    method: str,
+    n: int,
+    dim: int,
+    repeats: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+    block_size: int = 0,
+    tf32: bool = False,
+) -> dict:
     """Runs in the subprocess: one untimed-for-memory pass, then `repeats` timed passes."""
     import torch
     import torch.nn.functional as F
 
     import kernels
 
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    feature_dtype = getattr(torch, dtype)
+
     def naive(image, text, logit_scale) -> torch.Tensor:
-        labels = torch.arange(len(image), device=image.device)
-        logits_per_image = logit_scale * image @ text.T  # (N, N)
-        logits_per_text = logit_scale * text @ image.T  # (N, N)
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        with torch.autocast(device, dtype=feature_dtype, enabled=feature_dtype != torch.float32):
+            labels = torch.arange(len(image), device=image.device)
+            logits_per_image = logit_scale * image @ text.T  # (N, N)
+            logits_per_text = logit_scale * text @ image.T  # (N, N)
+            return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
     def fused(image, text, logit_scale) -> torch.Tensor:
-        return kernels.contrastive_loss(image, text, logit_scale, backend=device)
+        return kernels.contrastive_loss(image, text, logit_scale, backend=device, block_size=block_size)
 
     loss_fn = {"naive": naive, "fused": fused}[method]
 
     def inputs(n: int) -> list[torch.Tensor]:
         torch.manual_seed(0)
-        image = F.normalize(torch.randn(n, dim, device=device), dim=-1)
-        text = F.normalize(torch.randn(n, dim, device=device), dim=-1)
+        image = F.normalize(torch.randn(n, dim, device=device), dim=-1).to(feature_dtype)
+        text = F.normalize(torch.randn(n, dim, device=device), dim=-1).to(feature_dtype)
         return [t.requires_grad_() for t in (image, text, torch.tensor(100.0, device=device))]
 
     def step(features: list[torch.Tensor]) -> float:
@@ -96,9 +115,10 @@ def run_case(method: str, n: int, dim: int, repeats: int, device: str = "cpu") -
     return {"time_s": min(times), "peak_mib": peak_kib / 1024, "threads": torch.get_num_threads()}
 
 
-def measure(method: str, n: int, dim: int, repeats: int, device: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--sizes", str(n), "--dim", str(dim)]
-    command += ["--repeats", str(repeats), "--device", device]
+def measure(method: str, n: int, repeats: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--sizes", str(n), "--dim", str(args.dim)]
+    command += ["--repeats", str(repeats), "--device", args.device, "--dtype", args.dtype]
+    command += ["--block-size", str(args.block_size)] + (["--tf32"] if args.tf32 else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -109,22 +129,31 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, help="timed passes after the first (default 3, 1 for N >= 8192)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: the CUDA op and GPU memory")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="feature dtype")
+    parser.add_argument("--block-size", type=int, default=0, help="the fused op's block edge (0: its default)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 CUDA matmuls (both losses)")
     parser.add_argument("--worker", choices=["naive", "fused"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        print(json.dumps(run_case(args.worker, args.sizes[0], args.dim, args.repeats, args.device)))
+        result = run_case(
+            args.worker, args.sizes[0], args.dim, args.repeats, args.device, args.dtype, args.block_size, args.tf32
+        )
+        print(json.dumps(result))
         return
 
     row = "{:>6} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}"
     memory = "peak RSS increase" if args.device == "cpu" else "peak CUDA allocation above the inputs"
-    print(f"D = {args.dim}, fp32, {args.device}, forward + backward; time = best of the timed passes; MiB = {memory}")
+    precision = args.dtype + (", TF32 allowed" if args.tf32 else "")
+    block = f"block {args.block_size}" if args.block_size else "default block"
+    print(f"D = {args.dim}, {precision}, {args.device}, fused with its {block}, forward + backward; "
+          f"time = best of the timed passes; MiB = {memory}")
     print(row.format("N", "naive s", "fused s", "time ratio", "naive MiB", "fused MiB", "mem ratio"))
     notes = []
     for n in args.sizes:
         repeats = args.repeats if args.repeats is not None else (3 if n < 8192 else 1)
-        fused = measure("fused", n, args.dim, repeats, args.device)
+        fused = measure("fused", n, repeats, args)
         fused_cells = f"{fused['time_s']:.3f}", f"{fused['peak_mib']:.1f}"
         naive_bytes = NAIVE_PEAK_LOGITS * n * n * 4
         available = available_memory_bytes() if args.device == "cpu" else gpu_memory_bytes()
@@ -133,7 +162,7 @@ def main() -> None:
                          f"(> 80% of the {available / 2**30:.0f} GiB available)")
             print(row.format(n, "skipped", fused_cells[0], "-", "-", fused_cells[1], "-"), flush=True)
             continue
-        naive = measure("naive", n, args.dim, repeats, args.device)
+        naive = measure("naive", n, repeats, args)
         time_ratio, memory_ratio = fused["time_s"] / naive["time_s"], fused["peak_mib"] / naive["peak_mib"]
         print(row.format(n, f"{naive['time_s']:.3f}", fused_cells[0], f"{time_ratio:.2f}", f"{naive['peak_mib']:.1f}",
                          fused_cells[1], f"{memory_ratio:.3f}"), flush=True)

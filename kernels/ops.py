@@ -1,12 +1,17 @@
 """Python side of the fused contrastive loss: loads `kernels._C`, registers the fake (meta) kernels
 and autograd of the `crossmodal::` ops, and picks a backend.
 
-The loss is the symmetric InfoNCE of CLIP (Radford et al. 2021) computed in tiles as in Inf-CL
+The loss is the symmetric InfoNCE of CLIP (Radford et al. 2021) computed in blocks as in Inf-CL
 (Cheng et al. 2024, arXiv 2410.17243): the forward keeps only per-row and per-column log-sum-exps,
-the backward recomputes each tile. Differences from Inf-CL: one pass yields both directions' LSEs
-(Inf-CL runs the one-directional loss twice), the logit-scale gradient is exact per rank (no
-all-reduce inside the op), any feature dimension works, the GPU kernels read bf16/fp16 features
-directly, and the positive pair's terms use log1p/expm1, so confident pairs keep accurate gradients.
+the backward recomputes each block. Each block of logits is one ATen matmul (cuBLAS on a GPU, so
+tensor cores for bf16/fp16 and for TF32 when torch allows it) followed by a custom epilogue; the
+gradient products are matmuls too (as in Liger-Kernel's fused linear cross entropy). Extra memory is
+one block of logits (block_size^2 fp32, plus block_size^2 bf16/fp16 for G with such features), fp32
+gradient accumulators (N x D) and O(N) LSEs.
+Differences from Inf-CL: one pass yields both directions' LSEs (Inf-CL runs the one-directional loss
+twice), the logit-scale gradient is exact per rank (no all-reduce inside the op), any feature
+dimension works, bf16/fp16 features go to cuBLAS as they are, and the positive pair's terms use
+log1p/expm1, so confident pairs keep accurate gradients.
 
 Backends: "torch" (kernels.reference, also the fallback), "cpu" and "cuda" (the extension), "auto"
 (the extension on the features' device when built, else "torch" with a one-time warning).
@@ -75,17 +80,20 @@ def contrastive_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
     backend: str = "auto",
+    block_size: int = 0,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of one batch: (CE(S) + CE(S^T)) / 2 with S = logit_scale * image @ text^T.
 
     image_features, text_features: (N, D), normally L2-normalised; logit_scale: the multiplier tau
     (already exp'd and clamped), a 0-dim tensor that receives a gradient. Returns a 0-dim float32
     loss (float64 for float64 features); gradients come back in the features' dtype.
+    block_size: rows and columns of S per matmul block of the extension (0: 256 on the CPU, 4096 on
+    a GPU); it bounds the scratch memory to block_size^2 logits. Ignored by the "torch" backend.
     """
     if _select_backend(backend, image_features) == "torch":
         return reference.contrastive_loss(image_features, text_features, logit_scale)
     logit_scale, image_features, text_features = _prepare(logit_scale, image_features, text_features)
-    loss, _, _ = torch.ops.crossmodal.contrastive_loss_forward(image_features, text_features, logit_scale)
+    loss, _, _ = torch.ops.crossmodal.contrastive_loss_forward(image_features, text_features, logit_scale, block_size)
     return loss
 
 
@@ -97,6 +105,7 @@ def contrastive_loss_local(
     logit_scale: torch.Tensor | float,
     offset: int,
     backend: str = "auto",
+    block_size: int = 0,
 ) -> torch.Tensor:
     """One rank's distributed loss, open_clip's local-loss mode:
     0.5 * (CE(scale * image_local @ text_all^T, labels) + CE(scale * text_local @ image_all^T, labels)),
@@ -106,6 +115,7 @@ def contrastive_loss_local(
     (rows offset ... offset + b - 1 are this rank's). Gradients flow to all four feature tensors and
     to logit_scale; the all-gather's backward routes the gathered ones home. Averaging the ranks'
     parameter gradients (as DDP does) then gives exactly the full-batch contrastive_loss gradients.
+    block_size: as in contrastive_loss.
     """
     if _select_backend(backend, image_local) == "torch":
         return reference.contrastive_loss_local(image_local, text_local, image_all, text_all, logit_scale, offset)
@@ -113,7 +123,7 @@ def contrastive_loss_local(
         logit_scale, image_local, text_local, image_all, text_all
     )
     loss, _, _ = torch.ops.crossmodal.contrastive_loss_local_forward(
-        image_local, text_local, image_all, text_all, logit_scale, offset
+        image_local, text_local, image_all, text_all, logit_scale, offset, block_size
     )
     return loss
 
@@ -124,18 +134,18 @@ def _accumulation_dtype(features: torch.Tensor) -> torch.dtype:
 
 def _register() -> None:
     @torch.library.register_fake("crossmodal::contrastive_loss_forward")
-    def _(image, text, logit_scale):
+    def _(image, text, logit_scale, block=0):
         dtype = _accumulation_dtype(image)  # each LSE as (2, N): [max; log_sum]
         return image.new_empty((), dtype=dtype), image.new_empty(2, image.shape[0], dtype=dtype), text.new_empty(
             2, text.shape[0], dtype=dtype
         )
 
     @torch.library.register_fake("crossmodal::contrastive_loss_backward")
-    def _(grad, image, text, logit_scale, lse_image, lse_text):
+    def _(grad, image, text, logit_scale, lse_image, lse_text, block=0):
         return torch.empty_like(image), torch.empty_like(text), torch.empty_like(logit_scale)
 
     @torch.library.register_fake("crossmodal::contrastive_loss_local_forward")
-    def _(image_local, text_local, image_all, text_all, logit_scale, offset):
+    def _(image_local, text_local, image_all, text_all, logit_scale, offset, block=0):
         dtype = _accumulation_dtype(image_local)
         b = image_local.shape[0]
         return image_local.new_empty((), dtype=dtype), image_local.new_empty(2, b, dtype=dtype), text_local.new_empty(
@@ -143,32 +153,36 @@ def _register() -> None:
         )
 
     @torch.library.register_fake("crossmodal::contrastive_loss_local_backward")
-    def _(grad, image_local, text_local, image_all, text_all, logit_scale, offset, lse_image, lse_text):
+    def _(grad, image_local, text_local, image_all, text_all, logit_scale, offset, lse_image, lse_text, block=0):
         return tuple(torch.empty_like(t) for t in (image_local, text_local, image_all, text_all, logit_scale))
 
+    # The backward gets the forward's block size: its recomputed logits must round as the forward's.
     def setup_context(ctx, inputs, output):
+        *features_and_scale, block = inputs
         _, lse_image, lse_text = output
         ctx.mark_non_differentiable(lse_image, lse_text)
-        ctx.save_for_backward(*inputs, lse_image, lse_text)
+        ctx.save_for_backward(*features_and_scale, lse_image, lse_text)
+        ctx.block = block
 
     def backward(ctx, grad, _grad_lse_image, _grad_lse_text):
-        return torch.ops.crossmodal.contrastive_loss_backward(grad, *ctx.saved_tensors)
+        grads = torch.ops.crossmodal.contrastive_loss_backward(grad, *ctx.saved_tensors, ctx.block)
+        return (*grads, None)  # no gradient for block
 
     torch.library.register_autograd("crossmodal::contrastive_loss_forward", backward, setup_context=setup_context)
 
     def setup_context_local(ctx, inputs, output):
-        *features_and_scale, offset = inputs
+        *features_and_scale, offset, block = inputs
         _, lse_image, lse_text = output
         ctx.mark_non_differentiable(lse_image, lse_text)
         ctx.save_for_backward(*features_and_scale, lse_image, lse_text)
-        ctx.offset = offset
+        ctx.offset, ctx.block = offset, block
 
     def backward_local(ctx, grad, _grad_lse_image, _grad_lse_text):
         image_local, text_local, image_all, text_all, logit_scale, lse_image, lse_text = ctx.saved_tensors
         grads = torch.ops.crossmodal.contrastive_loss_local_backward(
-            grad, image_local, text_local, image_all, text_all, logit_scale, ctx.offset, lse_image, lse_text
+            grad, image_local, text_local, image_all, text_all, logit_scale, ctx.offset, lse_image, lse_text, ctx.block
         )
-        return (*grads, None)  # no gradient for offset
+        return (*grads, None, None)  # no gradient for offset and block
 
     torch.library.register_autograd(
         "crossmodal::contrastive_loss_local_forward", backward_local, setup_context=setup_context_local

@@ -186,15 +186,23 @@ def op_samples(device: str = "cpu") -> list[tuple]:
     grad = torch.tensor(1.3, device=device)
     with_grad = [t.clone().requires_grad_() for t in (image, text, scale)]
     local_with_grad = [t.clone().requires_grad_() for t in (*local, scale)]
+    block = 7  # explicit block sizes (not dividing 20 or 10) besides the default
     return [
         (crossmodal_ops.contrastive_loss_forward.default, (image, text, scale)),
         (crossmodal_ops.contrastive_loss_forward.default, tuple(with_grad)),
+        (crossmodal_ops.contrastive_loss_forward.default, (*with_grad, block)),
         (crossmodal_ops.contrastive_loss_backward.default, (grad, image, text, scale, lse_image, lse_text)),
+        (crossmodal_ops.contrastive_loss_backward.default, (grad, image, text, scale, lse_image, lse_text, block)),
         (crossmodal_ops.contrastive_loss_local_forward.default, (*local, scale, offset)),
         (crossmodal_ops.contrastive_loss_local_forward.default, (*local_with_grad, offset)),
+        (crossmodal_ops.contrastive_loss_local_forward.default, (*local_with_grad, offset, block)),
         (
             crossmodal_ops.contrastive_loss_local_backward.default,
             (grad, *local, scale, offset, local_lse_image, local_lse_text),
+        ),
+        (
+            crossmodal_ops.contrastive_loss_local_backward.default,
+            (grad, *local, scale, offset, local_lse_image, local_lse_text, block),
         ),
     ]
 
@@ -244,6 +252,65 @@ def test_backend_selection(monkeypatch):
         kernels.contrastive_loss(image, text, scale, backend="cpu")
 
 
+# ---- Block sizes: the matmul blocks a GPU runs (4096 there), with the CPU epilogues ----
+
+
+@pytest.mark.parametrize(
+    "n, block_size", [(300, 7), (300, 100), (300, 299), (300, 300), (300, 1000), (50, 1), (1, 4)]
+)  # blocks that do not divide N, one block larger than N, single-row blocks, N = 1
+def test_block_sizes_float64_parity(n, block_size):
+    image, text = (f.double() for f in features(n, 37))
+    scale = torch.tensor(30.0, dtype=torch.float64)
+    fused = loss_and_grads(
+        lambda i, t, s: kernels.contrastive_loss(i, t, s, backend="cpu", block_size=block_size), image, text, scale
+    )
+    assert_close_relative(fused, loss_and_grads(reference.contrastive_loss, image, text, scale), rtol=1e-10)
+
+
+@pytest.mark.parametrize("block_size", [64, 1000])  # 150 local rows, 450 columns: ragged blocks; one block
+def test_block_sizes_local_form_float64_parity(block_size):
+    inputs, offset = local_inputs(450, 3, 1, dim=33)
+    inputs = [t.double() for t in inputs]
+    scale = torch.tensor(100.0, dtype=torch.float64)
+    fused = loss_and_grads(
+        lambda *x: kernels.contrastive_loss_local(*x[:4], x[4], offset, backend="cpu", block_size=block_size),
+        *inputs,
+        scale,
+    )
+    expected = loss_and_grads(lambda *x: reference.contrastive_loss_local(*x[:4], x[4], offset), *inputs, scale)
+    assert_close_relative(fused, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("block_size", [100, 4096])  # 4096: the CUDA default, one block here
+def test_block_sizes_float32(block_size):
+    image, text = features(513, 100, near_duplicates=True)
+    scale = torch.tensor(100.0)
+    fused = loss_and_grads(
+        lambda i, t, s: kernels.contrastive_loss(i, t, s, backend="cpu", block_size=block_size), image, text, scale
+    )
+    assert_close_relative(fused, float64_reference(reference.contrastive_loss, image, text, scale), rtol=1e-5)
+
+
+def test_gradcheck_float64_blocks():
+    image, text = features(10, 4)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    inputs = tuple(t.double().requires_grad_() for t in (image, text, scale))
+    assert torch.autograd.gradcheck(
+        lambda i, t, s: kernels.contrastive_loss(i, t, s, backend="cpu", block_size=4), inputs
+    )
+    local, offset = local_inputs(10, 2, 1, dim=4)
+    local = tuple(t.double().requires_grad_() for t in (*local, torch.tensor(7.0)))
+    assert torch.autograd.gradcheck(
+        lambda *x: kernels.contrastive_loss_local(*x[:4], x[4], offset, backend="cpu", block_size=3), local
+    )
+
+
+def test_negative_block_size_is_rejected():
+    image, text = features(10, 4)
+    with pytest.raises(RuntimeError, match="block must be >= 0"):
+        kernels.contrastive_loss(image, text, torch.tensor(10.0), backend="cpu", block_size=-1)
+
+
 # ---- CUDA (run only where a GPU is visible) ----
 
 
@@ -255,7 +322,7 @@ def test_cuda_backend_available():
 @requires_cuda
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("logit_scale", [1.0, 100.0])
-@pytest.mark.parametrize("n, dim", [(1, 3), (130, 37), (300, 100)])  # the CUDA tile is 64
+@pytest.mark.parametrize("n, dim", [(1, 3), (130, 37), (300, 100)])  # one 4096 block; smaller blocks below
 def test_cuda_matches_float64_reference(n, dim, logit_scale, dtype, rtol):
     image, text = (f.to("cuda", dtype) for f in features(n, dim))
     scale = torch.tensor(logit_scale, device="cuda")
@@ -263,6 +330,48 @@ def test_cuda_matches_float64_reference(n, dim, logit_scale, dtype, rtol):
     expected = float64_reference(reference.contrastive_loss, image, text, scale)
     assert_close_relative(fused[:1], expected[:1], rtol=1e-5)
     assert_close_relative(fused, expected, rtol=rtol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("block_size", [64, 100, 1000])  # ragged blocks (300 = 4 x 64 + 44); one block
+def test_cuda_block_sizes(block_size, dtype, rtol):
+    image, text = (f.to("cuda", dtype) for f in features(300, 100, near_duplicates=True))
+    scale = torch.tensor(100.0, device="cuda")
+    fused = loss_and_grads(
+        lambda i, t, s: kernels.contrastive_loss(i, t, s, backend="cuda", block_size=block_size), image, text, scale
+    )
+    expected = float64_reference(reference.contrastive_loss, image, text, scale)
+    assert_close_relative(fused[:1], expected[:1], rtol=1e-5)
+    assert_close_relative(fused, expected, rtol=rtol)
+
+    inputs, offset = local_inputs(450, 3, 1, dim=33)
+    inputs = [t.to("cuda", dtype) for t in inputs]
+    fused = loss_and_grads(
+        lambda *x: kernels.contrastive_loss_local(*x[:4], x[4], offset, backend="cuda", block_size=block_size),
+        *inputs,
+        scale,
+    )
+    expected = float64_reference(lambda *x: reference.contrastive_loss_local(*x[:4], x[4], offset), *inputs, scale)
+    assert_close_relative(fused, expected, rtol=rtol)
+
+
+@requires_cuda
+def test_cuda_scratch_is_one_block():
+    n, dim, block_size = 8192, 64, 1024
+    image, text = (f.cuda().requires_grad_() for f in features(n, dim))
+    scale = torch.tensor(30.0, device="cuda", requires_grad=True)
+    loss_fn = lambda i, t, s: kernels.contrastive_loss(i, t, s, backend="cuda", block_size=block_size)  # noqa: E731
+    loss_fn(image[:2000], text[:2000], scale).backward()  # cuBLAS workspaces are not the loss's memory
+    image.grad = text.grad = scale.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss_fn(image, text, scale).backward()
+    peak = torch.cuda.max_memory_allocated() - baseline
+    # one fp32 block of logits (4 MiB), the fp32 gradients and a temporary of their size (6 MiB),
+    # while a single N x N fp32 matrix would be 256 MiB
+    assert peak <= 2 * 4 * block_size**2 + 4 * (4 * n * dim), peak / 2**20
 
 
 @requires_cuda

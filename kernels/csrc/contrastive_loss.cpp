@@ -1,16 +1,22 @@
-// Fused symmetric InfoNCE (CLIP) loss: op schema, device-independent op bodies, CPU tile passes.
+// Fused symmetric InfoNCE (CLIP) loss: op schema, op bodies and block passes shared by both devices,
+// CPU epilogues.
 //
-// The op bodies reduce every case to two "tile passes" over S = scale * rows @ cols^T:
-//   lse_pass:  row (and optionally column) log-sum-exp from a running (max, excess) per row/column,
-//              plus each row's positive logit S_{i, i+offset}, read from the tile that holds it;
-//   grad_pass: recompute each tile, form G, accumulate G @ cols into row_grad and G^T @ rows into
-//              col_grad.
+// The op bodies reduce every case to two "block passes" over S = scale * rows @ cols^T, computed one
+// block of rows x columns at a time and never stored whole:
+//   lse_pass:  dots = rows_p @ cols_q^T (one ATen matmul), then an epilogue merges the block's row
+//              (and optionally column) log-sum-exp partials into a running (max, excess) per
+//              row/column and records each row's positive logit S_{i, i+offset};
+//   grad_pass: recompute dots with the same matmul, an epilogue turns them into G / weight, then
+//              row_grad_p += G @ cols_q and col_grad_q += G^T @ rows_p (two more matmuls).
+// The matmuls are the same ATen calls on both devices (BLAS on the CPU; cuBLAS on a GPU, tensor
+// cores for bf16/fp16 features and for fp32 ones when torch allows TF32); only the epilogues are
+// per device: the C++ loops below, or the kernels of contrastive_loss_cuda.cu. So the CPU tests run
+// the GPU's block code, except the epilogue kernels.
 // The single-process loss is one square problem (rows = images, cols = texts) whose row and column
-// LSEs come from the same tiles. The distributed (local-loss) form is two one-sided b x N problems:
+// LSEs come from the same blocks. The distributed (local-loss) form is two one-sided b x N problems:
 // local images against all texts and local texts against all images, positives at i + offset.
 // An LSE is saved as a (2, n) tensor [max; log_sum] (lse = max + log_sum, see contrastive_loss.h).
-// The loss and the logit-scale gradient are O(N D) ATen code shared by both devices; the CUDA
-// passes live in contrastive_loss_cuda.cu.
+// The loss and the logit-scale gradient are O(N D) ATen code.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -36,18 +42,29 @@ namespace crossmodal {
 using at::Tensor;
 
 #if defined(WITH_CUDA)
-void lse_pass_cuda(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64_t offset, const Tensor& row_lse,
-                   const Tensor& col_lse, const Tensor& positives);
-void grad_pass_cuda(const Tensor& rows, const Tensor& cols, const Tensor& scale, const Tensor& weight,
-                    int64_t offset, const Tensor& row_lse, const Tensor& col_lse, const Tensor& row_grad,
-                    const Tensor& col_grad);
+// The CUDA epilogues (contrastive_loss_cuda.cu), same contracts as lse_epilogue and grad_epilogue below.
+void lse_epilogue_cuda(const Tensor& dots, const Tensor& scale, int64_t first_positive, const Tensor& row_state,
+                       const Tensor& col_state, const Tensor& positives);
+void grad_epilogue_cuda(const Tensor& dots, const Tensor& scale, int64_t first_positive, const Tensor& row_lse,
+                        const Tensor& col_lse, const Tensor& coefficients);
 #endif
 
 namespace {
 
-// 256 x 256 tiles: big enough for BLAS to run near its peak (measured ~110 GFLOP/s per core on
-// 256 x 512 x 256, as on large matrices), small enough (256 KiB in fp32) to stay in L2.
-constexpr int64_t kCpuTile = 256;
+// Default block edges (rows and columns of S per matmul), used when the op's `block` argument is 0.
+// CPU: 256 x 256, many blocks at once on the threads: big enough for BLAS to run near its peak
+// (measured ~110 GFLOP/s per core on 256 x 512 x 256, as on large matrices), small enough (256 KiB
+// in fp32) to stay in L2. CUDA: 4096 x 4096, one block after another: each cuBLAS call (K = D for
+// the logits, K = 4096 for the gradient products) fills the GPU, and the scratch is bounded by
+// 64 MiB of fp32 dots plus, for bf16/fp16 features, 32 MiB of G in their dtype.
+constexpr int64_t kCpuBlock = 256;
+constexpr int64_t kCudaBlock = 4096;
+
+int64_t block_edge(const Tensor& features, int64_t block) {
+  TORCH_CHECK(block >= 0, "block must be >= 0 (0: the device's default), got ", block);
+  if (block > 0) return block;
+  return features.is_cuda() ? kCudaBlock : kCpuBlock;
+}
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // The exp loops in AVX-512 or AVX2 where the CPU has them, chosen at load time (baseline: SSE2).
@@ -57,19 +74,29 @@ constexpr int64_t kCpuTile = 256;
 #endif
 
 // The op bodies' own ATen calls run below autograd and autocast: they must record no graph (the op
-// has its own backward), and autocast must not turn the fp32 tile matmuls into bf16/fp16 ones when
+// has its own backward), and autocast must not turn the fp32 block matmuls into bf16/fp16 ones when
 // the op is called inside a torch.autocast region.
 struct InnerCallsGuard {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
 };
 
-// Calls tile(p, q) for every (row block p, column block q). With `wavefront`, tiles run round by
-// round (see wavefront_column), so tile() may update per-column state without locks; without it
-// each row block walks all column blocks in one task (enough when only rows are updated).
-template <typename TileFn>
-void for_each_tile(int64_t row_blocks, int64_t col_blocks, bool wavefront, const TileFn& tile) {
+// Calls block(p, q) for every (row block p, column block q), round by round (see wavefront_column).
+// On the CPU the row blocks of a round run on the threads at once: with `wavefront`, one round per
+// parallel region, so block() may update per-column state without locks; without it each row block
+// walks all column blocks in one task (enough when only rows are updated). On a GPU blocks run one
+// after another in the same order (each matmul and epilogue fills the device by itself).
+template <typename BlockFn>
+void for_each_block(int64_t row_blocks, int64_t col_blocks, bool parallel, bool wavefront, const BlockFn& block) {
   const int64_t rounds = std::max(row_blocks, col_blocks);
+  if (!parallel) {
+    for (int64_t k = 0; k < rounds; ++k)
+      for (int64_t p = 0; p < row_blocks; ++p) {
+        const int64_t q = wavefront_column(p, k, rounds);
+        if (q < col_blocks) block(p, q);
+      }
+    return;
+  }
   auto run_rounds = [&](int64_t first_round, int64_t last_round) {
     at::parallel_for(0, row_blocks, 1, [&](int64_t begin, int64_t end) {
       // Worker threads start with default thread-local state: without this guard, at::mm on
@@ -78,7 +105,7 @@ void for_each_tile(int64_t row_blocks, int64_t col_blocks, bool wavefront, const
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t k = first_round; k < last_round; ++k) {
           const int64_t q = wavefront_column(p, k, rounds);
-          if (q < col_blocks) tile(p, q);
+          if (q < col_blocks) block(p, q);
         }
       }
     });
@@ -90,10 +117,10 @@ void for_each_tile(int64_t row_blocks, int64_t col_blocks, bool wavefront, const
   }
 }
 
-// Scales a (tile_rows, tile_cols) tile of raw dot products in place, merges its row partials into
-// row_max/row_excess (this tile's rows), records the positives that fall in the tile (row i's is
-// tile column first_positive + i) and, unless col_max is null, merges its column partials into
-// col_max/col_excess (this tile's columns).
+// CPU forward epilogue. Scales a (tile_rows, tile_cols) block of raw dot products in place, merges its
+// row partials into row_max/row_excess (this block's rows), records the positives that fall in the
+// block (row i's is block column first_positive + i) and, unless col_max is null, merges its column
+// partials into col_max/col_excess (this block's columns).
 template <typename acc_t>
 CM_SIMD_CLONES void tile_lse(acc_t* scores, int64_t tile_rows, int64_t tile_cols, acc_t scale, int64_t first_positive,
                              acc_t* row_max, acc_t* row_excess, acc_t* positives, acc_t* col_max, acc_t* col_excess) {
@@ -135,12 +162,13 @@ CM_SIMD_CLONES void tile_lse(acc_t* scores, int64_t tile_rows, int64_t tile_cols
     lse_merge(col_max[j], col_excess[j], tile_col_max[j], tile_col_excess[j] + (tile_col_ties[j] - 1));
 }
 
-// Turns a tile of raw dot products into G in place: symmetric_grad if col_max is given, else
-// one_sided_grad. Row i's positive is tile column first_positive + i.
+// CPU backward epilogue. Turns a block of raw dot products into G / weight in place: symmetric_grad
+// if col_max is given, else one_sided_grad. Row i's positive is block column first_positive + i.
 template <typename acc_t>
-CM_SIMD_CLONES void tile_grad(acc_t* scores, int64_t tile_rows, int64_t tile_cols, acc_t scale, acc_t weight,
+CM_SIMD_CLONES void tile_grad(acc_t* scores, int64_t tile_rows, int64_t tile_cols, acc_t scale,
                               int64_t first_positive, const acc_t* row_max, const acc_t* row_log_sum,
                               const acc_t* col_max, const acc_t* col_log_sum) {
+  const acc_t weight = 1;  // the op bodies apply g / (2N) to the O(N D) products
   for (int64_t i = 0; i < tile_rows; ++i) {
     acc_t* g = scores + i * tile_cols;
     const Lse<acc_t> row{row_max[i], row_log_sum[i]};
@@ -162,84 +190,127 @@ CM_SIMD_CLONES void tile_grad(acc_t* scores, int64_t tile_rows, int64_t tile_col
   }
 }
 
-// row_lse (2, R) [and col_lse (2, C)] hold the running (max, excess) during the pass and
-// (max, log_sum) after it.
-template <typename acc_t>
-void lse_pass_cpu_typed(const Tensor& rows, const Tensor& cols, acc_t scale, int64_t offset, acc_t* row_lse,
-                        acc_t* col_lse, acc_t* positives) {
-  const int64_t num_rows = rows.size(0), num_cols = cols.size(0);
-  const bool with_cols = col_lse != nullptr;
-  std::fill(row_lse, row_lse + num_rows, -std::numeric_limits<acc_t>::infinity());
-  std::fill(row_lse + num_rows, row_lse + 2 * num_rows, acc_t(0));
-  if (with_cols) {
-    std::fill(col_lse, col_lse + num_cols, -std::numeric_limits<acc_t>::infinity());
-    std::fill(col_lse + num_cols, col_lse + 2 * num_cols, acc_t(0));
-  }
-  auto tile = [&](int64_t p, int64_t q) {
-    const int64_t row0 = p * kCpuTile, col0 = q * kCpuTile;
-    const int64_t tile_rows = std::min(kCpuTile, num_rows - row0), tile_cols = std::min(kCpuTile, num_cols - col0);
-    Tensor scores = at::mm(rows.narrow(0, row0, tile_rows), cols.narrow(0, col0, tile_cols).t());  // (tile_rows, tile_cols)
-    tile_lse(scores.data_ptr<acc_t>(), tile_rows, tile_cols, scale, row0 + offset - col0, row_lse + row0,
-             row_lse + num_rows + row0, positives + row0, with_cols ? col_lse + col0 : nullptr,
-             with_cols ? col_lse + num_cols + col0 : nullptr);
-  };
-  for_each_tile(ceil_div(num_rows, kCpuTile), ceil_div(num_cols, kCpuTile), with_cols, tile);
-  for (int64_t i = 0; i < num_rows; ++i) row_lse[num_rows + i] = lse_log_sum(row_lse[num_rows + i]);
-  for (int64_t j = 0; with_cols && j < num_cols; ++j) col_lse[num_cols + j] = lse_log_sum(col_lse[num_cols + j]);
-}
-
-template <typename acc_t>
-void grad_pass_cpu_typed(const Tensor& rows, const Tensor& cols, acc_t scale, acc_t weight, int64_t offset,
-                         const acc_t* row_lse, const acc_t* col_lse, const Tensor& row_grad, const Tensor& col_grad) {
-  const int64_t num_rows = rows.size(0), num_cols = cols.size(0);
-  auto tile = [&](int64_t p, int64_t q) {
-    const int64_t row0 = p * kCpuTile, col0 = q * kCpuTile;
-    const int64_t tile_rows = std::min(kCpuTile, num_rows - row0), tile_cols = std::min(kCpuTile, num_cols - col0);
-    const Tensor tile_rows_features = rows.narrow(0, row0, tile_rows);  // (tile_rows, D)
-    const Tensor tile_cols_features = cols.narrow(0, col0, tile_cols);  // (tile_cols, D)
-    Tensor coefficients = at::mm(tile_rows_features, tile_cols_features.t());  // scores, then G in place
-    tile_grad(coefficients.data_ptr<acc_t>(), tile_rows, tile_cols, scale, weight, row0 + offset - col0,
-              row_lse + row0, row_lse + num_rows + row0, col_lse == nullptr ? nullptr : col_lse + col0,
-              col_lse == nullptr ? nullptr : col_lse + num_cols + col0);
-    row_grad.narrow(0, row0, tile_rows).addmm_(coefficients, tile_cols_features);
-    col_grad.narrow(0, col0, tile_cols).addmm_(coefficients.t(), tile_rows_features);
-  };
-  for_each_tile(ceil_div(num_rows, kCpuTile), ceil_div(num_cols, kCpuTile), /*wavefront=*/true, tile);
-}
-
 at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The matmul operands: on the CPU fp32 (fp64) copies of the features, as BLAS has no fast bf16/fp16
+// path; on a GPU the features themselves, so cuBLAS runs bf16/fp16 on tensor cores.
+Tensor matmul_operand(const Tensor& features) {
+  if (!features.is_cuda()) return features.to(acc_dtype(features.scalar_type())).contiguous();
+  const auto dtype = features.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "the CUDA contrastive loss supports float32, float16 and bfloat16, got ", dtype,
+              " (use backend='torch')");
+  return features.contiguous();
+}
+
+// a @ b in the accumulation dtype: bf16/fp16 products accumulate in fp32 inside cuBLAS.
+Tensor block_product(const Tensor& a, const Tensor& b) {
+  const auto acc = acc_dtype(a.scalar_type());
+  return a.scalar_type() == acc ? at::mm(a, b) : at::mm(a, b, acc);
+}
+
+// out += a @ b, out in the accumulation dtype.
+void accumulate_product(const Tensor& out, const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    out.addmm_(a, b);
+  } else {
+    out.add_(at::mm(a, b, out.scalar_type()));
+  }
+}
+
+// The raw dot products rows_block @ cols_block^T in the accumulation dtype, (block rows, block cols).
+// Both passes call exactly this on the same blocks, so the backward's logits round as the forward's.
+Tensor block_dots(const Tensor& rows_block, const Tensor& cols_block) {
+  return block_product(rows_block, cols_block.t());
+}
+
 template <typename acc_t>
-acc_t* data_or_null(const Tensor& t) {
-  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+acc_t* second_row(const Tensor& state) {  // (2, n) view -> pointer to its row 1
+  return state.data_ptr<acc_t>() + state.stride(0);
 }
 
-// Fills row_lse (2, R), col_lse (2, C) unless undefined, and positives (R) for S = scale * rows @ cols^T.
-void lse_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64_t offset, const Tensor& row_lse,
-              const Tensor& col_lse, const Tensor& positives) {
+// Forward epilogue of one block: merges the block's partials into row_state (2, block rows) and,
+// if defined, col_state (2, block cols), both running (max, excess), and records the positives.
+void lse_epilogue(const Tensor& dots, const Tensor& scale, int64_t first_positive, const Tensor& row_state,
+                  const Tensor& col_state, const Tensor& positives) {
 #if defined(WITH_CUDA)
-  if (rows.is_cuda()) return lse_pass_cuda(rows, cols, scale, offset, row_lse, col_lse, positives);
+  if (dots.is_cuda()) return lse_epilogue_cuda(dots, scale, first_positive, row_state, col_state, positives);
 #endif
-  const auto acc = acc_dtype(rows.scalar_type());
-  const Tensor rows_acc = rows.to(acc).contiguous(), cols_acc = cols.to(acc).contiguous();  // BLAS operands
-  AT_DISPATCH_FLOATING_TYPES(acc, "lse_pass_cpu", [&] {
-    lse_pass_cpu_typed<scalar_t>(rows_acc, cols_acc, scale.item<scalar_t>(), offset, row_lse.data_ptr<scalar_t>(),
-                                 data_or_null<scalar_t>(col_lse), positives.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "lse_epilogue_cpu", [&] {
+    const bool with_cols = col_state.defined();
+    tile_lse(dots.data_ptr<scalar_t>(), dots.size(0), dots.size(1), *scale.const_data_ptr<scalar_t>(), first_positive,
+             row_state.data_ptr<scalar_t>(), second_row<scalar_t>(row_state), positives.data_ptr<scalar_t>(),
+             with_cols ? col_state.data_ptr<scalar_t>() : nullptr,
+             with_cols ? second_row<scalar_t>(col_state) : nullptr);
   });
 }
 
-// row_grad += G @ cols and col_grad += G^T @ rows, G symmetric if col_lse is defined, else one-sided.
-void grad_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, const Tensor& weight, int64_t offset,
+// Backward epilogue of one block: G / weight (symmetric if col_lse is defined, else one-sided) in the
+// matmul operands' dtype, in place over dots where that is the accumulation dtype.
+Tensor grad_epilogue(const Tensor& dots, const Tensor& scale, int64_t first_positive, const Tensor& row_lse,
+                     const Tensor& col_lse, at::ScalarType operand_dtype) {
+#if defined(WITH_CUDA)
+  if (dots.is_cuda()) {
+    const Tensor coefficients = operand_dtype == dots.scalar_type() ? dots : at::empty_like(dots, operand_dtype);
+    grad_epilogue_cuda(dots, scale, first_positive, row_lse, col_lse, coefficients);
+    return coefficients;
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "grad_epilogue_cpu", [&] {
+    const bool with_cols = col_lse.defined();
+    tile_grad(dots.data_ptr<scalar_t>(), dots.size(0), dots.size(1), *scale.const_data_ptr<scalar_t>(), first_positive,
+              row_lse.const_data_ptr<scalar_t>(), second_row<scalar_t>(row_lse),
+              with_cols ? col_lse.const_data_ptr<scalar_t>() : nullptr,
+              with_cols ? second_row<scalar_t>(col_lse) : nullptr);
+  });
+  return dots;
+}
+
+// Fills row_lse (2, R), col_lse (2, C) unless undefined, and positives (R) for S = scale * rows @ cols^T,
+// in blocks of `block` x `block` (0: the device's default). The LSEs hold the running (max, excess)
+// during the pass and (max, log_sum) after it.
+void lse_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64_t offset, int64_t block,
+              const Tensor& row_lse, const Tensor& col_lse, const Tensor& positives) {
+  const bool with_cols = col_lse.defined();
+  for (const Tensor& lse : {row_lse, col_lse}) {
+    if (!lse.defined()) continue;
+    lse[0].fill_(-std::numeric_limits<double>::infinity());
+    lse[1].zero_();
+  }
+  const Tensor rows_op = matmul_operand(rows), cols_op = matmul_operand(cols);
+  const int64_t num_rows = rows.size(0), num_cols = cols.size(0), edge = block_edge(rows, block);
+  auto block_fn = [&](int64_t p, int64_t q) {
+    const int64_t row0 = p * edge, col0 = q * edge;
+    const int64_t block_rows = std::min(edge, num_rows - row0), block_cols = std::min(edge, num_cols - col0);
+    const Tensor dots = block_dots(rows_op.narrow(0, row0, block_rows), cols_op.narrow(0, col0, block_cols));
+    lse_epilogue(dots, scale, row0 + offset - col0, row_lse.narrow(1, row0, block_rows),
+                 with_cols ? col_lse.narrow(1, col0, block_cols) : Tensor(), positives.narrow(0, row0, block_rows));
+  };
+  for_each_block(ceil_div(num_rows, edge), ceil_div(num_cols, edge), !rows.is_cuda(), with_cols, block_fn);
+  for (const Tensor& lse : {row_lse, col_lse}) {
+    if (lse.defined()) lse[1].log1p_();  // excess -> log_sum (lse_log_sum)
+  }
+}
+
+// row_grad += (G / weight) @ cols and col_grad += (G / weight)^T @ rows, G symmetric if col_lse is
+// defined, else one-sided; row_grad and col_grad are in the accumulation dtype.
+void grad_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64_t offset, int64_t block,
                const Tensor& row_lse, const Tensor& col_lse, const Tensor& row_grad, const Tensor& col_grad) {
-#if defined(WITH_CUDA)
-  if (rows.is_cuda()) return grad_pass_cuda(rows, cols, scale, weight, offset, row_lse, col_lse, row_grad, col_grad);
-#endif
-  const auto acc = acc_dtype(rows.scalar_type());
-  const Tensor rows_acc = rows.to(acc).contiguous(), cols_acc = cols.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "grad_pass_cpu", [&] {
-    grad_pass_cpu_typed<scalar_t>(rows_acc, cols_acc, scale.item<scalar_t>(), weight.item<scalar_t>(), offset,
-                                  row_lse.data_ptr<scalar_t>(), data_or_null<scalar_t>(col_lse), row_grad, col_grad);
-  });
+  const Tensor rows_op = matmul_operand(rows), cols_op = matmul_operand(cols);
+  const int64_t num_rows = rows.size(0), num_cols = cols.size(0), edge = block_edge(rows, block);
+  auto block_fn = [&](int64_t p, int64_t q) {
+    const int64_t row0 = p * edge, col0 = q * edge;
+    const int64_t block_rows = std::min(edge, num_rows - row0), block_cols = std::min(edge, num_cols - col0);
+    const Tensor rows_block = rows_op.narrow(0, row0, block_rows);  // (block rows, D)
+    const Tensor cols_block = cols_op.narrow(0, col0, block_cols);  // (block cols, D)
+    const Tensor coefficients = grad_epilogue(block_dots(rows_block, cols_block), scale, row0 + offset - col0,
+                                              row_lse.narrow(1, row0, block_rows),
+                                              col_lse.defined() ? col_lse.narrow(1, col0, block_cols) : Tensor(),
+                                              rows_op.scalar_type());  // (block rows, block cols)
+    accumulate_product(row_grad.narrow(0, row0, block_rows), coefficients, cols_block);
+    accumulate_product(col_grad.narrow(0, col0, block_cols), coefficients.t(), rows_block);
+  };
+  for_each_block(ceil_div(num_rows, edge), ceil_div(num_cols, edge), !rows.is_cuda(), /*wavefront=*/true, block_fn);
 }
 
 void check_features(const Tensor& features, const Tensor& like, const char* name) {
@@ -262,16 +333,18 @@ Tensor scale_tensor(const Tensor& logit_scale, const Tensor& features) {
 }
 
 // sum_i (lse_i - positive_i), with lse_i - positive_i = (max_i - positive_i) + log_sum_i: exact
-// when the positive is the max, since both come from the same tile.
+// when the positive is the max, since both come from the same block.
 Tensor summed_cross_entropy(const Tensor& lse, const Tensor& positives) { return ((lse[0] - positives) + lse[1]).sum(); }
 
-// dL/dscale = sum_ij G_ij (rows_i . cols_j) = sum_i <rows_i, (G @ cols)_i>: no extra pass over tiles.
+// dL/dscale = sum_ij G_ij (rows_i . cols_j) = sum_i <rows_i, (G @ cols)_i>: no extra pass over blocks.
 Tensor scale_grad_term(const Tensor& row_grad, const Tensor& rows) {
   return (row_grad * rows.to(row_grad.scalar_type())).sum();
 }
 
-// scale * (G @ features) in the features' dtype.
-Tensor feature_grad(Tensor grad_acc, const Tensor& scale, at::ScalarType dtype) { return grad_acc.mul_(scale).to(dtype); }
+// factor * (G / weight) @ features in the features' dtype, factor = scale * weight.
+Tensor feature_grad(Tensor grad_acc, const Tensor& factor, at::ScalarType dtype) {
+  return grad_acc.mul_(factor).to(dtype);
+}
 
 Tensor scale_grad_like(const Tensor& scale_grad, const Tensor& logit_scale) {
   return scale_grad.to(logit_scale.scalar_type()).reshape(logit_scale.sizes());
@@ -281,8 +354,10 @@ Tensor scale_grad_like(const Tensor& scale_grad, const Tensor& logit_scale) {
 
 // Returns (loss, lse of each image over the texts, lse of each text over the images), each LSE as
 // (2, N) [max; log_sum] and saved for backward. Loss and LSEs are float32 (float64 for float64 features).
+// `block`: rows and columns of S per matmul (0: the device's default); the backward must get the same
+// value, so that its recomputed logits round exactly as the forward's.
 std::tuple<Tensor, Tensor, Tensor> contrastive_loss_forward(const Tensor& image, const Tensor& text,
-                                                            const Tensor& logit_scale) {
+                                                            const Tensor& logit_scale, int64_t block) {
   const InnerCallsGuard inner_calls;
   check_features(image, text, "image_features");
   check_features(text, image, "text_features");
@@ -292,23 +367,24 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_loss_forward(const Tensor& image,
   const int64_t n = image.size(0);
   Tensor lse_image = at::empty({2, n}, scale.options()), lse_text = at::empty({2, n}, scale.options());
   const Tensor positives = at::empty({n}, scale.options());  // S_ii, row i's and column i's positive
-  lse_pass(image_c, text_c, scale, 0, lse_image, lse_text, positives);
+  lse_pass(image_c, text_c, scale, 0, block, lse_image, lse_text, positives);
   const Tensor loss = (summed_cross_entropy(lse_image, positives) + summed_cross_entropy(lse_text, positives)) / (2.0 * n);
   return {loss, lse_image, lse_text};
 }
 
 std::tuple<Tensor, Tensor, Tensor> contrastive_loss_backward(const Tensor& grad, const Tensor& image, const Tensor& text,
                                                              const Tensor& logit_scale, const Tensor& lse_image,
-                                                             const Tensor& lse_text) {
+                                                             const Tensor& lse_text, int64_t block) {
   const InnerCallsGuard inner_calls;
   const Tensor image_c = image.contiguous(), text_c = text.contiguous();
   const Tensor scale = scale_tensor(logit_scale, image);
   const int64_t n = image.size(0);
   const Tensor weight = grad.to(scale.scalar_type()).reshape({}) / (2.0 * n);  // G = weight * (P + Q - 2 delta)
   Tensor image_grad = at::zeros(image.sizes(), scale.options()), text_grad = at::zeros(text.sizes(), scale.options());
-  grad_pass(image_c, text_c, scale, weight, 0, lse_image.contiguous(), lse_text.contiguous(), image_grad, text_grad);
-  const Tensor scale_grad = scale_grad_term(image_grad, image_c);
-  return {feature_grad(image_grad, scale, image.scalar_type()), feature_grad(text_grad, scale, text.scalar_type()),
+  grad_pass(image_c, text_c, scale, 0, block, lse_image.contiguous(), lse_text.contiguous(), image_grad, text_grad);
+  const Tensor scale_grad = scale_grad_term(image_grad, image_c) * weight;
+  const Tensor factor = scale * weight;
+  return {feature_grad(image_grad, factor, image.scalar_type()), feature_grad(text_grad, factor, text.scalar_type()),
           scale_grad_like(scale_grad, logit_scale)};
 }
 
@@ -317,7 +393,8 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_loss_backward(const Tensor& grad,
 // Returns (loss, lse of each local image over all texts, lse of each local text over all images).
 std::tuple<Tensor, Tensor, Tensor> contrastive_loss_local_forward(const Tensor& image_local, const Tensor& text_local,
                                                                   const Tensor& image_all, const Tensor& text_all,
-                                                                  const Tensor& logit_scale, int64_t offset) {
+                                                                  const Tensor& logit_scale, int64_t offset,
+                                                                  int64_t block) {
   const InnerCallsGuard inner_calls;
   check_features(image_local, image_all, "image_local");
   check_features(text_local, image_all, "text_local");
@@ -330,8 +407,8 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_loss_local_forward(const Tensor& 
   const Tensor scale = scale_tensor(logit_scale, image_local);
   Tensor lse_image = at::empty({2, b}, scale.options()), lse_text = at::empty({2, b}, scale.options());
   const Tensor image_positives = at::empty({b}, scale.options()), text_positives = at::empty({b}, scale.options());
-  lse_pass(image_local.contiguous(), text_all.contiguous(), scale, offset, lse_image, Tensor(), image_positives);
-  lse_pass(text_local.contiguous(), image_all.contiguous(), scale, offset, lse_text, Tensor(), text_positives);
+  lse_pass(image_local.contiguous(), text_all.contiguous(), scale, offset, block, lse_image, Tensor(), image_positives);
+  lse_pass(text_local.contiguous(), image_all.contiguous(), scale, offset, block, lse_text, Tensor(), text_positives);
   const Tensor loss =
       (summed_cross_entropy(lse_image, image_positives) + summed_cross_entropy(lse_text, text_positives)) / (2.0 * b);
   return {loss, lse_image, lse_text};
@@ -340,7 +417,8 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_loss_local_forward(const Tensor& 
 // Gradients for (image_local, text_local, image_all, text_all, logit_scale).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> contrastive_loss_local_backward(
     const Tensor& grad, const Tensor& image_local, const Tensor& text_local, const Tensor& image_all,
-    const Tensor& text_all, const Tensor& logit_scale, int64_t offset, const Tensor& lse_image, const Tensor& lse_text) {
+    const Tensor& text_all, const Tensor& logit_scale, int64_t offset, const Tensor& lse_image, const Tensor& lse_text,
+    int64_t block) {
   const InnerCallsGuard inner_calls;
   const Tensor image_local_c = image_local.contiguous(), text_local_c = text_local.contiguous();
   const Tensor scale = scale_tensor(logit_scale, image_local);
@@ -348,28 +426,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> contrastive_loss_local_backwa
   auto zeros_like_acc = [&](const Tensor& t) { return at::zeros(t.sizes(), scale.options()); };
   Tensor image_local_grad = zeros_like_acc(image_local), text_local_grad = zeros_like_acc(text_local);
   Tensor image_all_grad = zeros_like_acc(image_all), text_all_grad = zeros_like_acc(text_all);
-  grad_pass(image_local_c, text_all.contiguous(), scale, weight, offset, lse_image.contiguous(), Tensor(),
+  grad_pass(image_local_c, text_all.contiguous(), scale, offset, block, lse_image.contiguous(), Tensor(),
             image_local_grad, text_all_grad);
-  grad_pass(text_local_c, image_all.contiguous(), scale, weight, offset, lse_text.contiguous(), Tensor(),
+  grad_pass(text_local_c, image_all.contiguous(), scale, offset, block, lse_text.contiguous(), Tensor(),
             text_local_grad, image_all_grad);
-  const Tensor scale_grad = scale_grad_term(image_local_grad, image_local_c) + scale_grad_term(text_local_grad, text_local_c);
+  const Tensor scale_grad =
+      (scale_grad_term(image_local_grad, image_local_c) + scale_grad_term(text_local_grad, text_local_c)) * weight;
+  const Tensor factor = scale * weight;
   const auto dtype = image_local.scalar_type();
-  return {feature_grad(image_local_grad, scale, dtype), feature_grad(text_local_grad, scale, dtype),
-          feature_grad(image_all_grad, scale, dtype), feature_grad(text_all_grad, scale, dtype),
+  return {feature_grad(image_local_grad, factor, dtype), feature_grad(text_local_grad, factor, dtype),
+          feature_grad(image_all_grad, factor, dtype), feature_grad(text_all_grad, factor, dtype),
           scale_grad_like(scale_grad, logit_scale)};
 }
 
 TORCH_LIBRARY(crossmodal, m) {
-  m.def("contrastive_loss_forward(Tensor image, Tensor text, Tensor logit_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "contrastive_loss_forward(Tensor image, Tensor text, Tensor logit_scale, int block=0) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "contrastive_loss_backward(Tensor grad, Tensor image, Tensor text, Tensor logit_scale, Tensor lse_image, "
-      "Tensor lse_text) -> (Tensor, Tensor, Tensor)");
+      "Tensor lse_text, int block=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "contrastive_loss_local_forward(Tensor image_local, Tensor text_local, Tensor image_all, Tensor text_all, "
-      "Tensor logit_scale, int offset) -> (Tensor, Tensor, Tensor)");
+      "Tensor logit_scale, int offset, int block=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "contrastive_loss_local_backward(Tensor grad, Tensor image_local, Tensor text_local, Tensor image_all, "
-      "Tensor text_all, Tensor logit_scale, int offset, Tensor lse_image, Tensor lse_text) "
+      "Tensor text_all, Tensor logit_scale, int offset, Tensor lse_image, Tensor lse_text, int block=0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -1,9 +1,9 @@
-// Tile arithmetic of the fused contrastive (InfoNCE) loss, shared by the CPU kernel
-// (contrastive_loss.cpp) and the CUDA kernel (contrastive_loss_cuda.cu), so the CPU tests run the
+// Epilogue arithmetic of the fused contrastive (InfoNCE) loss, shared by the CPU loops
+// (contrastive_loss.cpp) and the CUDA kernels (contrastive_loss_cuda.cu), so the CPU tests run the
 // same formulas as the GPU. Plain C++ with no ATen types: nvcc compiles it for the device too.
 //
-// Notation: S = scale * rows @ cols^T is never stored; a tile of it is recomputed wherever needed.
-// Row i's positive column is i + offset (offset 0 for the single-process square problem).
+// Notation: S = scale * rows @ cols^T is never stored whole; a block of it is recomputed wherever
+// needed. Row i's positive column is i + offset (offset 0 for the single-process square problem).
 #pragma once
 
 #include <cmath>
@@ -113,7 +113,7 @@ CM_HOST_DEVICE acc_t log_softmax(acc_t score, Lse<acc_t> lse) {
 
 // dL/dS_ij of the symmetric loss L = 1/(2N) sum_i (lse_row_i - S_ii) + 1/(2N) sum_j (lse_col_j - S_jj):
 //   G_ij = g * ((P_ij + Q_ij) / (2N) - delta_ij / N),  P = exp(S - lse_row), Q = exp(S - lse_col),
-// with weight = g / (2N). On the positive, P - 1 and Q - 1 come from expm1, so a confident pair
+// with weight = g / (2N) (the op passes 1 and applies g / (2N) to the products). On the positive, P - 1 and Q - 1 come from expm1, so a confident pair
 // (P ~ 1) gets an accurate small gradient instead of a difference of rounded numbers near 1.
 template <typename acc_t>
 CM_HOST_DEVICE acc_t symmetric_grad(acc_t score, Lse<acc_t> row, Lse<acc_t> col, acc_t weight, bool positive) {
@@ -123,7 +123,7 @@ CM_HOST_DEVICE acc_t symmetric_grad(acc_t score, Lse<acc_t> row, Lse<acc_t> col,
 }
 
 // dL/dS_ij of one direction of the distributed (local) loss, 1/(2b) sum_i (lse_row_i - S_{i, i+offset}),
-// with weight = g / (2b).
+// with weight = g / (2b) (the op passes 1, as above).
 template <typename acc_t>
 CM_HOST_DEVICE acc_t one_sided_grad(acc_t score, Lse<acc_t> row, acc_t weight, bool positive) {
   const acc_t log_p = log_softmax(score, row);
@@ -132,7 +132,7 @@ CM_HOST_DEVICE acc_t one_sided_grad(acc_t score, Lse<acc_t> row, acc_t weight, b
 }
 
 // Block-diagonal schedule: in round k, row block p meets column block (p + k) mod rounds, where
-// rounds = max(row blocks, column blocks). Within a round no two tiles share a row block or a
+// rounds = max(row blocks, column blocks). Within a round no two blocks share a row block or a
 // column block, so per-row and per-column accumulators need neither locks nor atomics, and the
 // order of accumulation (hence the result) does not depend on the number of threads.
 CM_HOST_DEVICE int64_t wavefront_column(int64_t row_block, int64_t round, int64_t rounds) {

@@ -1,13 +1,15 @@
-// CUDA tile passes of the fused contrastive loss (see contrastive_loss.cpp for the op bodies).
+// CUDA epilogues of the fused contrastive loss (the block passes are in contrastive_loss.cpp).
 //
-// One thread block owns one 64 x 64 tile of S = scale * rows @ cols^T at a time: the score tile is
-// built in registers from 16-dim shared-memory stages of both feature blocks (inputs converted to
-// fp32 on load, fp32 accumulation), then staged in shared memory for the row/column reductions
-// (forward) or for G @ cols and G^T @ rows (backward). Blocks follow the block-diagonal schedule of
-// contrastive_loss.h: a launch per round, so each row and column accumulator in global memory has a
-// single writer per launch: no atomics, deterministic results.
-// A plain SIMT kernel (no tensor cores): the O(N^2) exps and O(N D) traffic per tile are the
-// same as a tensor-core version would need, the matmul throughput is not.
+// The matmuls of each block (dots = rows_p @ cols_q^T, G @ cols_q, G^T @ rows_p) are ATen calls
+// that run on cuBLAS; these kernels are only the O(block) elementwise and reduction work between
+// them, reading the fp32 dots block once or twice:
+//   forward:  row_lse_kernel (a warp per row) and col_lse_partial_kernel + col_lse_merge_kernel (a
+//             thread per column over chunks of rows, then an in-order merge of the chunks), both
+//             merging (max, excess) partials into the running state exactly as the CPU loops do;
+//   backward: grad_kernel writes G / weight in the features' dtype (bf16/fp16 values in [-2, 1],
+//             the weight g / (2N) is applied to the O(N D) products), the input of the next matmuls.
+// Blocks run one after another on the current stream, so each state entry has a single writer:
+// no atomics, deterministic results.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,53 +25,11 @@ using at::Tensor;
 
 namespace {
 
-constexpr int kTile = 64;     // rows and columns of a tile
-constexpr int kDepth = 16;    // feature dims per shared-memory stage of the score tile
-constexpr int kChunk = 64;    // feature dims per stage of the gradient products
-constexpr int kSide = 16;     // threads along each side of a tile: 16 x 16 = 256 threads
-constexpr int kMicro = 4;     // each thread owns rows ty + 16 m and columns tx + 16 n, m, n < 4
-constexpr int kThreads = kSide * kSide;
-constexpr int kPad = 4;       // shared-memory row padding against bank conflicts
-
-template <typename scalar_t>
-__device__ __forceinline__ float load_float(const scalar_t* data, int64_t row, int64_t num_rows, int64_t dim,
-                                            int64_t depth) {
-  return (row < num_rows && dim < depth) ? static_cast<float>(data[row * depth + dim]) : 0.0f;
-}
-
-// raw[m][n] = <rows[row0 + ty + 16 m], cols[col0 + tx + 16 n]>, zero outside the matrices.
-template <typename scalar_t>
-__device__ void score_tile(const scalar_t* __restrict__ rows, const scalar_t* __restrict__ cols, int64_t num_rows,
-                           int64_t num_cols, int64_t depth, int64_t row0, int64_t col0,
-                           float (&rows_stage)[kDepth][kTile + kPad], float (&cols_stage)[kDepth][kTile + kPad],
-                           float (&raw)[kMicro][kMicro]) {
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-#pragma unroll
-  for (int m = 0; m < kMicro; ++m)
-#pragma unroll
-    for (int n = 0; n < kMicro; ++n) raw[m][n] = 0.0f;
-  for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
-    for (int e = threadIdx.x; e < kTile * kDepth; e += kThreads) {  // consecutive threads: consecutive dims
-      const int r = e / kDepth, k = e % kDepth;
-      rows_stage[k][r] = load_float(rows, row0 + r, num_rows, k0 + k, depth);
-      cols_stage[k][r] = load_float(cols, col0 + r, num_cols, k0 + k, depth);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kDepth; ++k) {
-      float a[kMicro], b[kMicro];
-#pragma unroll
-      for (int m = 0; m < kMicro; ++m) a[m] = rows_stage[k][ty + kSide * m];
-#pragma unroll
-      for (int n = 0; n < kMicro; ++n) b[n] = cols_stage[k][tx + kSide * n];
-#pragma unroll
-      for (int m = 0; m < kMicro; ++m)
-#pragma unroll
-        for (int n = 0; n < kMicro; ++n) raw[m][n] = fmaf(a[m], b[n], raw[m][n]);
-    }
-    __syncthreads();
-  }
-}
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 8;  // row_lse_kernel: 8 warps, one row each
+constexpr int kThreads = 256;
+constexpr int64_t kColumnChunk = 128;  // rows per partial of col_lse_partial_kernel
+constexpr int64_t kMaxGridY = 65535;
 
 // scale * dot, rounded to fp32 on its own. A plain `s * raw` may be contracted by nvcc into an FMA with
 // whatever the caller subtracts next, so the forward (which stores the logit) and the backward (which
@@ -77,230 +37,171 @@ __device__ void score_tile(const scalar_t* __restrict__ rows, const scalar_t* __
 // gradient error of ~1e-6 * scale where the exact gradient is 0 (measured on an H100 before this).
 __device__ __forceinline__ float logit(float s, float dot) { return __fmul_rn(s, dot); }
 
-// Forward: merges each tile's row (and, if col_lse != nullptr, column) partial log-sum-exp into the
-// running (max, excess) state in global memory (row_lse[0], row_lse[num_rows]: see contrastive_loss.h)
-// and records each row's positive logit. Block p handles rounds [first_round, last_round).
-template <typename scalar_t>
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int delta = kWarp / 2; delta > 0; delta /= 2) x = max_of(x, __shfl_xor_sync(0xffffffffu, x, delta));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int delta = kWarp / 2; delta > 0; delta /= 2) x += __shfl_xor_sync(0xffffffffu, x, delta);
+  return x;
+}
+
+// Row partials of a (num_rows, num_cols) block of dots: warp w of block b owns row 8 b + w; a max
+// pass, then an excess pass (the row is back in L1/L2), merged into row_max/row_excess. Also records
+// row r's positive logit, block column first_positive + r, where it falls in the block.
 __global__ void __launch_bounds__(kThreads)
-    lse_tiles_kernel(const scalar_t* __restrict__ rows, const scalar_t* __restrict__ cols, int64_t num_rows,
-                     int64_t num_cols, int64_t depth, const float* __restrict__ scale, int64_t offset, float* row_lse,
-                     float* col_lse, float* positives, int64_t first_round, int64_t last_round, int64_t rounds) {
-  __shared__ float rows_stage[kDepth][kTile + kPad];
-  __shared__ float cols_stage[kDepth][kTile + kPad];
-  __shared__ float scores[kTile][kTile + 1];
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-  const int64_t p = blockIdx.x, col_blocks = ceil_div(num_cols, kTile);
-  const int64_t row0 = p * kTile;
+    row_lse_kernel(const float* __restrict__ dots, int64_t num_rows, int64_t num_cols, const float* __restrict__ scale,
+                   int64_t first_positive, float* row_max, float* row_excess, float* positives) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / kWarp;
+  if (row >= num_rows) return;  // the whole warp
   const float s = *scale;
-  for (int64_t k = first_round; k < last_round; ++k) {
-    const int64_t q = wavefront_column(p, k, rounds);
-    if (q >= col_blocks) continue;  // the same for the whole block
-    const int64_t col0 = q * kTile;
-    float raw[kMicro][kMicro];
-    score_tile(rows, cols, num_rows, num_cols, depth, row0, col0, rows_stage, cols_stage, raw);
-#pragma unroll
-    for (int m = 0; m < kMicro; ++m)
-#pragma unroll
-      for (int n = 0; n < kMicro; ++n) {
-        const int r = ty + kSide * m, c = tx + kSide * n;
-        const bool inside = row0 + r < num_rows && col0 + c < num_cols;
-        scores[r][c] = inside ? logit(s, raw[m][n]) : -INFINITY;  // exp(-inf - max) = 0 below
-      }
-    __syncthreads();
-    if (threadIdx.x < kTile) {  // one thread per row
-      const int r = threadIdx.x;
-      const int64_t row = row0 + r;
-      if (row < num_rows) {
-        float tile_max = -INFINITY, tile_excess = 0.0f, ties = 0.0f;
-        for (int c = 0; c < kTile; ++c) tile_max = max_of(tile_max, scores[r][c]);
-        for (int c = 0; c < kTile; ++c) {
-          tile_excess += excess_term(scores[r][c], tile_max);
-          ties += tie_term(scores[r][c], tile_max);
-        }
-        lse_merge(row_lse[row], row_lse[num_rows + row], tile_max, tile_excess + (ties - 1.0f));
-        const int64_t positive = row + offset - col0;
-        if (positive >= 0 && positive < kTile && col0 + positive < num_cols) positives[row] = scores[r][positive];
-      }
-    } else if (col_lse != nullptr && threadIdx.x < 2 * kTile) {  // one thread per column
-      const int c = threadIdx.x - kTile;
-      const int64_t col = col0 + c;
-      if (col < num_cols) {
-        float tile_max = -INFINITY, tile_excess = 0.0f, ties = 0.0f;
-        for (int r = 0; r < kTile; ++r) tile_max = max_of(tile_max, scores[r][c]);
-        for (int r = 0; r < kTile; ++r) {
-          tile_excess += excess_term(scores[r][c], tile_max);
-          ties += tie_term(scores[r][c], tile_max);
-        }
-        lse_merge(col_lse[col], col_lse[num_cols + col], tile_max, tile_excess + (ties - 1.0f));
-      }
-    }
-    __syncthreads();  // scores is rewritten by the next round
+  const float* row_dots = dots + row * num_cols;
+  float block_max = -INFINITY;
+  for (int64_t j = lane; j < num_cols; j += kWarp) block_max = max_of(block_max, logit(s, row_dots[j]));
+  block_max = warp_max(block_max);
+  float excess = 0.0f, ties = 0.0f;
+  for (int64_t j = lane; j < num_cols; j += kWarp) {
+    const float x = logit(s, row_dots[j]);
+    excess += excess_term(x, block_max);
+    ties += tie_term(x, block_max);
+  }
+  excess = warp_sum(excess);
+  ties = warp_sum(ties);
+  if (lane == 0) {
+    lse_merge(row_max[row], row_excess[row], block_max, excess + (ties - 1.0f));
+    const int64_t positive = first_positive + row;
+    if (positive >= 0 && positive < num_cols) positives[row] = logit(s, row_dots[positive]);
   }
 }
 
-// (max, excess) -> (max, log_sum) in place for the second half of a (2, n) state.
-__global__ void lse_finish_kernel(float* __restrict__ excess, int64_t n) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n) excess[i] = lse_log_sum(excess[i]);
-}
-
-// out[m][n] += sum_j lhs(ty + 16 m, j) * features[j][tx + 16 n], lhs read from the G tile either
-// as is (transposed = false, G @ features) or transposed (G^T @ features).
-template <bool transposed>
-__device__ __forceinline__ void chunk_product(const float (&g)[kTile][kTile + 1],
-                                              const float (&features)[kTile][kChunk + kPad],
-                                              float (&out)[kMicro][kMicro]) {
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-#pragma unroll 4
-  for (int j = 0; j < kTile; ++j) {
-    float a[kMicro], b[kMicro];
-#pragma unroll
-    for (int m = 0; m < kMicro; ++m) a[m] = transposed ? g[j][ty + kSide * m] : g[ty + kSide * m][j];
-#pragma unroll
-    for (int n = 0; n < kMicro; ++n) b[n] = features[j][tx + kSide * n];
-#pragma unroll
-    for (int m = 0; m < kMicro; ++m)
-#pragma unroll
-      for (int n = 0; n < kMicro; ++n) out[m][n] = fmaf(a[m], b[n], out[m][n]);
-  }
-}
-
-// grad[(block0 + ty + 16 m) * depth + dim0 + tx + 16 n] += (G or G^T) @ features[feature0 : feature0 + 64, dim0 : dim0 + 64]
-template <bool transposed, typename scalar_t>
-__device__ void accumulate_grad(const float (&g)[kTile][kTile + 1], float (&features_stage)[kTile][kChunk + kPad],
-                                const scalar_t* __restrict__ features, int64_t num_features, int64_t feature0,
-                                float* grad, int64_t num_grad_rows, int64_t block0, int64_t depth) {
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-  for (int64_t dim0 = 0; dim0 < depth; dim0 += kChunk) {
-    for (int e = threadIdx.x; e < kTile * kChunk; e += kThreads) {
-      const int j = e / kChunk, d = e % kChunk;
-      features_stage[j][d] = load_float(features, feature0 + j, num_features, dim0 + d, depth);
-    }
-    __syncthreads();
-    float out[kMicro][kMicro] = {};
-    chunk_product<transposed>(g, features_stage, out);
-#pragma unroll
-    for (int m = 0; m < kMicro; ++m)
-#pragma unroll
-      for (int n = 0; n < kMicro; ++n) {
-        const int64_t row = block0 + ty + kSide * m, dim = dim0 + tx + kSide * n;
-        if (row < num_grad_rows && dim < depth) grad[row * depth + dim] += out[m][n];
-      }
-    __syncthreads();  // features_stage is reloaded
-  }
-}
-
-// Backward, one round: block p recomputes tile (p, q), forms G (symmetric or one-sided), then
-// row_grad[p] += G @ cols[q] and col_grad[q] += G^T @ rows[p].
-template <typename scalar_t, bool symmetric>
+// Column partials over rows [chunk * 128, chunk * 128 + 128): thread (x, chunk) owns one column; a
+// max pass, then an excess pass. partial_max/partial_excess are (chunks, num_cols).
 __global__ void __launch_bounds__(kThreads)
-    grad_tiles_kernel(const scalar_t* __restrict__ rows, const scalar_t* __restrict__ cols, int64_t num_rows,
-                      int64_t num_cols, int64_t depth, const float* __restrict__ scale,
-                      const float* __restrict__ weight, int64_t offset, const float* __restrict__ row_lse,
-                      const float* __restrict__ col_lse, float* row_grad, float* col_grad, int64_t round,
-                      int64_t rounds) {  // row_lse (2, num_rows), col_lse (2, num_cols) [max; log_sum]
-  __shared__ float rows_stage[kDepth][kTile + kPad];
-  __shared__ float cols_stage[kDepth][kTile + kPad];
-  __shared__ float g[kTile][kTile + 1];
-  __shared__ float features_stage[kTile][kChunk + kPad];
-  const int tx = threadIdx.x % kSide, ty = threadIdx.x / kSide;
-  const int64_t p = blockIdx.x, q = wavefront_column(p, round, rounds);
-  if (q >= ceil_div(num_cols, kTile)) return;  // the same for the whole block
-  const int64_t row0 = p * kTile, col0 = q * kTile;
-  const float s = *scale, w = *weight;
-
-  float raw[kMicro][kMicro];
-  score_tile(rows, cols, num_rows, num_cols, depth, row0, col0, rows_stage, cols_stage, raw);
-#pragma unroll
-  for (int m = 0; m < kMicro; ++m)
-#pragma unroll
-    for (int n = 0; n < kMicro; ++n) {
-      const int64_t row = row0 + ty + kSide * m, col = col0 + tx + kSide * n;
-      float coefficient = 0.0f;
-      if (row < num_rows && col < num_cols) {
-        const bool positive = col == row + offset;
-        const Lse<float> row_stats{row_lse[row], row_lse[num_rows + row]};
-        const float score = logit(s, raw[m][n]);
-        coefficient = symmetric ? symmetric_grad(score, row_stats, Lse<float>{col_lse[col], col_lse[num_cols + col]},
-                                                 w, positive)
-                                : one_sided_grad(score, row_stats, w, positive);
-      }
-      g[ty + kSide * m][tx + kSide * n] = coefficient;
-    }
-  __syncthreads();
-  accumulate_grad<false>(g, features_stage, cols, num_cols, col0, row_grad, num_rows, row0, depth);
-  accumulate_grad<true>(g, features_stage, rows, num_rows, row0, col_grad, num_cols, col0, depth);
+    col_lse_partial_kernel(const float* __restrict__ dots, int64_t num_rows, int64_t num_cols,
+                           const float* __restrict__ scale, float* __restrict__ partial_max,
+                           float* __restrict__ partial_excess) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  const int64_t chunk = blockIdx.y, row0 = chunk * kColumnChunk;
+  if (col >= num_cols) return;
+  const int64_t row_end = num_rows < row0 + kColumnChunk ? num_rows : row0 + kColumnChunk;
+  const float s = *scale;
+  float chunk_max = -INFINITY;
+  for (int64_t r = row0; r < row_end; ++r) chunk_max = max_of(chunk_max, logit(s, dots[r * num_cols + col]));
+  float excess = 0.0f, ties = 0.0f;
+  for (int64_t r = row0; r < row_end; ++r) {
+    const float x = logit(s, dots[r * num_cols + col]);
+    excess += excess_term(x, chunk_max);
+    ties += tie_term(x, chunk_max);
+  }
+  partial_max[chunk * num_cols + col] = chunk_max;
+  partial_excess[chunk * num_cols + col] = excess + (ties - 1.0f);
 }
 
-// Calls fn(scalar_t{}) for the feature dtypes the kernels support.
-template <typename Fn>
-void dispatch_feature_dtype(at::ScalarType dtype, const Fn& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kHalf: return fn(at::Half{});
-    case at::kBFloat16: return fn(at::BFloat16{});
-    default: TORCH_CHECK(false, "the CUDA contrastive loss supports float32, float16 and bfloat16, got ", dtype,
-                         " (use backend='torch')");
+// Merges the chunks' partials, in chunk order, into col_max/col_excess.
+__global__ void col_lse_merge_kernel(const float* __restrict__ partial_max, const float* __restrict__ partial_excess,
+                                     int64_t chunks, int64_t num_cols, float* col_max, float* col_excess) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (col >= num_cols) return;
+  float max = col_max[col], excess = col_excess[col];
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    lse_merge(max, excess, partial_max[chunk * num_cols + col], partial_excess[chunk * num_cols + col]);
+  col_max[col] = max;
+  col_excess[col] = excess;
+}
+
+// G / weight for a block: symmetric_grad (P + Q - 2 delta) or one_sided_grad (P - delta), weight 1.
+// Row r's positive is block column first_positive + r. out may alias dots (each thread reads its
+// entry before writing it).
+template <typename out_t, bool symmetric>
+__global__ void __launch_bounds__(kThreads)
+    grad_kernel(const float* dots, int64_t num_rows, int64_t num_cols, const float* __restrict__ scale,
+                int64_t first_positive, const float* __restrict__ row_max, const float* __restrict__ row_log_sum,
+                const float* __restrict__ col_max, const float* __restrict__ col_log_sum, out_t* out) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (col >= num_cols) return;
+  const float s = *scale;
+  const Lse<float> col_stats = symmetric ? Lse<float>{col_max[col], col_log_sum[col]} : Lse<float>{0.0f, 0.0f};
+  for (int64_t row = blockIdx.y; row < num_rows; row += gridDim.y) {
+    const int64_t index = row * num_cols + col;
+    const float score = logit(s, dots[index]);
+    const Lse<float> row_stats{row_max[row], row_log_sum[row]};
+    const bool positive = col == first_positive + row;
+    const float coefficient = symmetric ? symmetric_grad(score, row_stats, col_stats, 1.0f, positive)
+                                        : one_sided_grad(score, row_stats, 1.0f, positive);
+    out[index] = static_cast<out_t>(coefficient);
   }
+}
+
+const float* second_row(const Tensor& state) { return state.const_data_ptr<float>() + state.stride(0); }
+float* second_row_mutable(const Tensor& state) { return state.data_ptr<float>() + state.stride(0); }
+
+void check_dots(const Tensor& dots) {
+  TORCH_CHECK(dots.is_cuda() && dots.scalar_type() == at::kFloat && dots.is_contiguous(),
+              "the CUDA epilogues take a contiguous fp32 block of dot products");
 }
 
 }  // namespace
 
-void lse_pass_cuda(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64_t offset, const Tensor& row_lse,
-                   const Tensor& col_lse, const Tensor& positives) {
-  const c10::cuda::OptionalCUDAGuard guard(rows.device());
-  const bool with_cols = col_lse.defined();
-  const int64_t num_rows = rows.size(0), num_cols = cols.size(0), depth = rows.size(1);
-  const int64_t row_blocks = ceil_div(num_rows, kTile), rounds = std::max(row_blocks, ceil_div(num_cols, kTile));
-  for (const Tensor& lse : {row_lse, col_lse}) {  // running state (-inf, 0)
-    if (!lse.defined()) continue;
-    lse[0].fill_(-INFINITY);
-    lse[1].zero_();
-  }
+// row_state (2, block rows) and col_state (2, block cols, or undefined) are strided views of the
+// running (max, excess) state; positives (block rows).
+void lse_epilogue_cuda(const Tensor& dots, const Tensor& scale, int64_t first_positive, const Tensor& row_state,
+                       const Tensor& col_state, const Tensor& positives) {
+  check_dots(dots);
+  const c10::cuda::OptionalCUDAGuard guard(dots.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_feature_dtype(rows.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    auto launch = [&](int64_t first_round, int64_t last_round) {
-      lse_tiles_kernel<scalar_t><<<row_blocks, kThreads, 0, stream>>>(
-          rows.const_data_ptr<scalar_t>(), cols.const_data_ptr<scalar_t>(), num_rows, num_cols, depth,
-          scale.const_data_ptr<float>(), offset, row_lse.data_ptr<float>(),
-          with_cols ? col_lse.data_ptr<float>() : nullptr, positives.data_ptr<float>(), first_round, last_round,
-          rounds);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (with_cols) {
-      for (int64_t k = 0; k < rounds; ++k) launch(k, k + 1);  // columns need one writer per launch
-    } else {
-      launch(0, rounds);
-    }
-  });
-  constexpr int kFinishThreads = 256;
-  for (const Tensor& lse : {row_lse, col_lse}) {
-    if (!lse.defined()) continue;
-    const int64_t n = lse.size(1);
-    lse_finish_kernel<<<ceil_div(n, kFinishThreads), kFinishThreads, 0, stream>>>(lse.data_ptr<float>() + n, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const int64_t num_rows = dots.size(0), num_cols = dots.size(1);
+  row_lse_kernel<<<ceil_div(num_rows, kRowsPerBlock), kThreads, 0, stream>>>(
+      dots.const_data_ptr<float>(), num_rows, num_cols, scale.const_data_ptr<float>(), first_positive,
+      row_state.data_ptr<float>(), second_row_mutable(row_state), positives.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!col_state.defined()) return;
+  const int64_t chunks = ceil_div(num_rows, kColumnChunk);
+  TORCH_CHECK(chunks <= kMaxGridY, "block of ", num_rows, " rows is too tall for the column epilogue");
+  const Tensor partials = at::empty({2, chunks, num_cols}, dots.options());  // [max; excess] per chunk
+  const dim3 grid(static_cast<unsigned>(ceil_div(num_cols, kThreads)), static_cast<unsigned>(chunks));
+  col_lse_partial_kernel<<<grid, kThreads, 0, stream>>>(dots.const_data_ptr<float>(), num_rows, num_cols,
+                                                        scale.const_data_ptr<float>(), partials[0].data_ptr<float>(),
+                                                        partials[1].data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  col_lse_merge_kernel<<<ceil_div(num_cols, kThreads), kThreads, 0, stream>>>(
+      partials[0].const_data_ptr<float>(), partials[1].const_data_ptr<float>(), chunks, num_cols,
+      col_state.data_ptr<float>(), second_row_mutable(col_state));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void grad_pass_cuda(const Tensor& rows, const Tensor& cols, const Tensor& scale, const Tensor& weight, int64_t offset,
-                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& row_grad, const Tensor& col_grad) {
-  const c10::cuda::OptionalCUDAGuard guard(rows.device());
-  const int64_t num_rows = rows.size(0), num_cols = cols.size(0), depth = rows.size(1);
-  const int64_t row_blocks = ceil_div(num_rows, kTile), rounds = std::max(row_blocks, ceil_div(num_cols, kTile));
+// row_lse (2, block rows) and col_lse (2, block cols, or undefined): [max; log_sum] views. Writes
+// G / weight into coefficients (same shape as dots; fp32 and then dots itself, or bf16/fp16).
+void grad_epilogue_cuda(const Tensor& dots, const Tensor& scale, int64_t first_positive, const Tensor& row_lse,
+                        const Tensor& col_lse, const Tensor& coefficients) {
+  check_dots(dots);
+  TORCH_CHECK(coefficients.sizes() == dots.sizes() && coefficients.is_contiguous(), "bad coefficient block");
+  const c10::cuda::OptionalCUDAGuard guard(dots.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_feature_dtype(rows.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    auto kernel = col_lse.defined() ? grad_tiles_kernel<scalar_t, true> : grad_tiles_kernel<scalar_t, false>;
-    for (int64_t k = 0; k < rounds; ++k) {
-      kernel<<<row_blocks, kThreads, 0, stream>>>(
-          rows.const_data_ptr<scalar_t>(), cols.const_data_ptr<scalar_t>(), num_rows, num_cols, depth,
-          scale.const_data_ptr<float>(), weight.const_data_ptr<float>(), offset, row_lse.const_data_ptr<float>(),
-          col_lse.defined() ? col_lse.const_data_ptr<float>() : nullptr, row_grad.data_ptr<float>(),
-          col_grad.data_ptr<float>(), k, rounds);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  const int64_t num_rows = dots.size(0), num_cols = dots.size(1);
+  const dim3 grid(static_cast<unsigned>(ceil_div(num_cols, kThreads)),
+                  static_cast<unsigned>(std::min(num_rows, kMaxGridY)));
+  const bool symmetric = col_lse.defined();
+  const float* col_max = symmetric ? col_lse.const_data_ptr<float>() : nullptr;
+  const float* col_log_sum = symmetric ? second_row(col_lse) : nullptr;
+  auto launch = [&](auto tag) {
+    using out_t = decltype(tag);
+    auto kernel = symmetric ? grad_kernel<out_t, true> : grad_kernel<out_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(dots.const_data_ptr<float>(), num_rows, num_cols,
+                                          scale.const_data_ptr<float>(), first_positive,
+                                          row_lse.const_data_ptr<float>(), second_row(row_lse), col_max, col_log_sum,
+                                          coefficients.data_ptr<out_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  switch (coefficients.scalar_type()) {
+    case at::kFloat: return launch(float{});
+    case at::kHalf: return launch(at::Half{});
+    case at::kBFloat16: return launch(at::BFloat16{});
+    default: TORCH_CHECK(false, "G blocks are float32, float16 or bfloat16, got ", coefficients.scalar_type());
+  }
 }
 
 }  // namespace crossmodal
