@@ -17,6 +17,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
     drop_path: float = 0.0
     sync_bn: bool = False  # BatchNorm statistics over all processes (the ResNet towers), so any world size trains one model
+    init_temperature: float = 0.0  # softmax temperature at init; 0: the loss's default (clip 0.07, siglip 0.1)
 
 
 @dataclass
@@ -26,8 +27,8 @@ class DataConfig:
     heldout: str = "shapes:heldout"  # evaluated zero-shot at the end; "" to skip
     image_size: int = 0  # 0: the model preset's (64 for the tiny presets, 224 for ViT-B-32, ...)
     workers: int = 2  # DataLoader worker processes per training process
-    tokenizer: str = "sentencepiece"  # sentencepiece | clip (CLIP's byte-level BPE, vocabulary 49408)
-    tokenizer_path: str = ""  # sentencepiece: a model, or "" to train one on data.train captions; clip: the .txt.gz
+    tokenizer: str = "sentencepiece"  # sentencepiece | clip (CLIP's byte-level BPE, vocabulary 49408) | bert (WordPiece)
+    tokenizer_path: str = ""  # sentencepiece: a model, or "" to train one on data.train captions; clip: the .txt.gz; bert: vocab.txt
     tokenizer_captions: int = 20000  # how many training captions the tokenizer is trained on
     vocab_size: int = 1024
     context_length: int = 0  # 0: the model preset's (32 for the tiny presets, 77 for the paper's)
@@ -59,6 +60,7 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    learn_temperature: bool = True  # false: the temperature (logit scale) stays at its initial value
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
     log_every: int = 10
     ckpt_every: int = 200

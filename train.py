@@ -28,7 +28,7 @@ import distributed
 from config import ConfigError, apply_overrides, config_from_dict, differences, load_config, save_config
 from data import build_dataset, captions, map_style_dataset, shutdown_workers, skipped_rows, train_loader, unreadable_start
 from data.bad_samples import BadSampleCount
-from data.tokenizer import (TOKENIZERS, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
+from data.tokenizer import (TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
                             train_sentencepiece)
 from losses import clip_loss, siglip_loss
 from models import MODELS, create_model
@@ -45,6 +45,8 @@ def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> Senten
         return tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
     if cfg.data.tokenizer == "clip":
         return ClipTokenizer(cfg.data.tokenizer_path, context_length=cfg.data.context_length)
+    if cfg.data.tokenizer == "bert":
+        return BertTokenizer(cfg.data.tokenizer_path, context_length=cfg.data.context_length)
     path = cfg.data.tokenizer_path or os.path.join(out_dir, "tokenizer.model")
     if not os.path.exists(path):
         if cfg.data.tokenizer_path:
@@ -68,6 +70,8 @@ def resolve_presets(cfg):
 
 def build_model(cfg, tokenizer) -> torch.nn.Module:
     extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
+    if cfg.model.init_temperature:
+        extra["init_logit_scale"] = math.log(1 / cfg.model.init_temperature)
     model = create_model(
         cfg.model.name,
         image_size=cfg.data.image_size,
@@ -165,7 +169,7 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Ten
 MINIMUMS = {
     "train.steps": 1, "train.batch_size": 1, "train.accum_steps": 1, "train.log_every": 1, "train.ckpt_every": 1,
     "train.eval_every": 0, "train.warmup_steps": 0, "train.lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
-    "train.grad_clip": 0.0, "data.workers": 0, "data.image_size": 1, "data.context_length": 2, "data.vocab_size": 8,
+    "train.grad_clip": 0.0, "model.init_temperature": 0.0, "data.workers": 0, "data.image_size": 1, "data.context_length": 2, "data.vocab_size": 8,
     "data.tokenizer_captions": 1, "data.shuffle_buffer": 1, "data.max_bad_fraction": 0.0, "model.drop_path": 0.0,
     "eval.batch_size": 1,
 }
@@ -197,6 +201,9 @@ def check_config(cfg, world_size: int = 1) -> str | None:
     if cfg.data.tokenizer == "clip" and not os.path.isfile(cfg.data.tokenizer_path):
         return (f"data.tokenizer=clip needs data.tokenizer_path, the CLIP vocabulary bpe_simple_vocab_16e6.txt.gz "
                 f"(openai/CLIP and open_clip ship it); no file at '{cfg.data.tokenizer_path}'")
+    if cfg.data.tokenizer == "bert" and not os.path.isfile(cfg.data.tokenizer_path):
+        return (f"data.tokenizer=bert needs data.tokenizer_path, a WordPiece vocab.txt (bert-base-uncased's for "
+                f"BLIP's weights); no file at '{cfg.data.tokenizer_path}'")
     if cfg.loss.name == "siglip" and cfg.loss.impl == "fused":
         return "loss.impl=fused implements the CLIP (softmax) loss only; use loss.impl=torch with siglip"
     for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
@@ -303,6 +310,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
     model = build_model(cfg, tokenizer).to(device)
+    model.logit_scale.requires_grad_(cfg.train.learn_temperature)  # before the optimizer, which skips frozen ones
     optimizer = build_optimizer(model, cfg.train)
     if cfg.train.precision == "fp16" and device.type != "cuda":
         sys.exit("config error: train.precision=fp16 needs a GPU (its grad scaler); use bf16 on CPU")

@@ -29,7 +29,8 @@ def test_dry_run_lists_the_cells_and_their_commands(tmp_path):
         assert sum(f"--seed={seed}" in command for command in commands) == 5
     assert all(c.startswith("torchrun --standalone --nproc_per_node 2 train.py --config configs/clip/tiny_shapes.yaml")
                and f"--out_dir={tmp_path / 'runs' / 'temperature'}" in c for c in commands)
-    assert sum("--train.learn_logit_scale=false" in c for c in commands) == 12
+    assert sum("--train.learn_temperature=false" in c for c in commands) == 12
+    assert "will fail" not in result.stdout  # every override is a valid config key
     assert "temperature: 15 cells (0 recorded)" in result.stdout
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "tables")
 

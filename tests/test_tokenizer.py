@@ -13,7 +13,7 @@ import torch
 
 import data.tokenizer as tokenizer_module
 from data.templates import load_classnames, load_templates
-from data.tokenizer import ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes, train_sentencepiece
+from data.tokenizer import BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes, train_sentencepiece
 
 CORPUS = {
     "plain": "a photo of a dog.",
@@ -225,7 +225,8 @@ def test_errors_name_the_file(tmp_path):
 
 
 def test_registry_rebuilds_either_kind(tokenizer, tmp_path):
-    assert tokenizer_module.TOKENIZERS == {"sentencepiece": SentencePieceTokenizer, "clip": ClipTokenizer}
+    assert tokenizer_module.TOKENIZERS == {"sentencepiece": SentencePieceTokenizer, "clip": ClipTokenizer,
+                                           "bert": BertTokenizer}
     clip = tokenizer_from_bytes("clip", tokenizer.model_bytes(), context_length=16)
     assert isinstance(clip, ClipTokenizer) and clip("a dog").shape == (1, 16)
     path = train_sentencepiece(["a red circle", "a blue square", "a small green star"] * 20, tmp_path / "tiny")

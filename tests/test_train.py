@@ -264,3 +264,14 @@ def test_sync_batchnorm_makes_the_resnet_world_size_invariant(tmp_path, tokenize
             assert torch.equal(two[name], weight), name
             continue
         torch.testing.assert_close(two[name], weight, rtol=1e-3, atol=1e-4, msg=f"2 processes: {name}")
+
+
+def test_fixed_temperature_stays_and_learned_one_moves(tmp_path, tokenizer_path):
+    import math
+
+    common = ["--train.steps=2", "--model.name=ViT-tiny", "--model.init_temperature=0.2"]
+    train.main(small_run(tmp_path / "fixed", tokenizer_path, *common, "--train.learn_temperature=false"))
+    train.main(small_run(tmp_path / "learned", tokenizer_path, *common))
+    fixed, learned = final_weights(tmp_path / "fixed"), final_weights(tmp_path / "learned")
+    assert fixed["logit_scale"].item() == pytest.approx(math.log(5.0), abs=1e-6)
+    assert abs(learned["logit_scale"].item() - math.log(5.0)) > 1e-5
