@@ -1,4 +1,6 @@
-"""CLIP's causal text transformer (Radford et al., 2021, section 2.4; GPT-2 style, Radford et al., 2019).
+"""Text towers: CLIP's causal text transformer and BLIP's BERT-style text encoder/decoder.
+
+`TextTransformer`: CLIP (Radford et al., 2021, section 2.4; GPT-2 style, Radford et al., 2019).
 
 Tokens are embedded, given learned absolute positions, run through pre-norm causal blocks and a final layer
 norm; the feature at the end-of-text token is projected by `proj` (width, output_dim) as `x @ proj`.
@@ -14,13 +16,27 @@ Deliberate differences from openai/CLIP `clip/model.py:CLIP.encode_text`:
   on typical captions).
 - timm names (`pos_embed`, `transformer.blocks`, `norm`, `proj`) for OpenAI's `positional_embedding`,
   `transformer.resblocks`, `ln_final`, `text_projection`; `models/convert.py` maps them.
+
+`BertTextEncoder`: BLIP's text side (Li et al., ICML 2022, section 3.1, "MED"), BERT-base (Devlin et al., 2019)
+with a cross-attention sub-layer to the image tokens in every block; one stack serves three modes: unimodal
+encoder (no context), image-grounded encoder (context) and image-grounded decoder (context, `is_causal`).
+`LMHead` is BERT's `cls.predictions`, its output matrix tied to the word embeddings.
+
+Deliberate differences from salesforce/BLIP `models/med.py` (a fork of HF BERT):
+- the blocks are this codebase's `Block` with `post_norm=True`, fused `qkv` (BERT's separate query/key/value
+  are concatenated by `models/convert.py`), cross-attention keys/values fused into `kv`;
+- BLIP's pretraining decoder shares all but self-attention with the encoder (`tie_encoder_decoder_weights`
+  with skip key '/attention'); here `share_all_but_self_attention` makes the decoder reuse the encoder's
+  embedding, cross-attention, MLP and their norms as the same module objects;
+- the hidden dropout also acts inside the MLP after GELU (timm's Mlp), where BERT has none.
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from models.layers import Transformer
+from models.layers import KVCache, Transformer
 
 
 class TextTransformer(nn.Module):
@@ -103,3 +119,126 @@ class TextTransformer(nn.Module):
         x = self.forward_features(tokens)  # (B, T', width)
         pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # (B, width)
         return pooled @ self.proj
+
+
+class TextEmbedding(nn.Module):
+    """BERT's embeddings without token types: word + learned absolute position, LayerNorm, dropout."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
+        self.norm = norm_layer(width)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, T) ids at positions start..start+T-1 -> (B, T, width)."""
+        num_tokens = tokens.shape[1]
+        if start + num_tokens > self.pos_embed.shape[0]:
+            raise ValueError(f"position {start + num_tokens - 1} is past the {self.pos_embed.shape[0]} positions learned")
+        x = self.token_embedding(tokens) + self.pos_embed[start : start + num_tokens]  # (B, T, width)
+        return self.drop(self.norm(x))
+
+
+class BertTextEncoder(nn.Module):
+    """BLIP's text transformer (BERT with cross-attention to image tokens of width `context_dim`)."""
+
+    def __init__(
+        self,
+        vocab_size: int = 30524,
+        context_length: int = 512,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        context_dim: int = 768,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ):
+        super().__init__()
+        self.width = width
+        self.embed = TextEmbedding(vocab_size, context_length, width, norm_layer=norm_layer, drop=drop)
+        self.transformer = Transformer(
+            width,
+            depth,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            act_layer=act_layer,
+            norm_layer=norm_layer,
+            cross_attention=True,
+            context_dim=context_dim,
+            post_norm=True,
+            drop=drop,
+            attn_drop=attn_drop,
+        )
+        self.initialize_parameters()
+
+    @torch.no_grad()
+    def initialize_parameters(self) -> None:
+        # BERT: weights ~ N(0, 0.02), biases 0, LayerNorm identity.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embed.pos_embed, std=0.02)
+
+    def share_all_but_self_attention(self, encoder: "BertTextEncoder") -> None:
+        """Reuse `encoder`'s modules except self-attention (`attn` and its post-norm `norm1`): BLIP's pretraining
+        decoder (paper section 3.2, Table 3: 252M parameters instead of 361M for ViT-B)."""
+        self.embed = encoder.embed
+        for mine, theirs in zip(self.transformer.blocks, encoder.transformer.blocks):
+            mine.norm_cross, mine.cross_attn, mine.norm2, mine.mlp = theirs.norm_cross, theirs.cross_attn, theirs.norm2, theirs.mlp
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> hidden states (B, T, width).
+
+        padding_mask: (B, T) bool, True = a real token (pads are never attended to); context: image tokens
+        (B, S, context_dim) for the image-grounded modes; is_causal: decoder mode; cache: keys/values of the
+        tokens before these (generation), whose count gives the positions.
+        """
+        x = self.embed(tokens, start=cache.length if cache is not None else 0)  # (B, T, width)
+        attn_mask = padding_mask[:, None, None, :] if padding_mask is not None else None  # (B, 1, 1, T)
+        return self.transformer(x, attn_mask=attn_mask, is_causal=is_causal, context=context, cache=cache)
+
+
+class LMHead(nn.Module):
+    """BERT's `cls.predictions`: dense, GELU, LayerNorm, then logits against the word embeddings plus a bias."""
+
+    def __init__(
+        self,
+        width: int,
+        vocab_size: int,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.act = act_layer()
+        self.norm = norm_layer(width)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        nn.init.normal_(self.dense.weight, std=0.02)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, x: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """(B, T, width) hidden states, (vocab, width) tied word embeddings -> (B, T, vocab) logits."""
+        return F.linear(self.norm(self.act(self.dense(x))), embedding_weight, self.bias)
