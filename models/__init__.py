@@ -9,6 +9,10 @@ names use nn.GELU (open_clip's convention).
 
 `create_model(name, pretrained=PATH)` loads OpenAI's `.pt` archives and open_clip checkpoints through the key
 maps of `models/convert.py`, into fp32 parameters.
+
+BLIP presets (`BLIP-base`, `BLIP-large`, `BLIP-tiny`; table in `models/blip.py`) build a `models.blip.BLIP`;
+`pretrained` takes salesforce/BLIP `.pth` files and HuggingFace BLIP folders or weight files, loading the parts
+the checkpoint has (see `load_pretrained_blip`).
 """
 import contextlib
 import dataclasses
@@ -21,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from models import convert
+from models.blip import BLIP, BLIP_MODELS, build_blip
 from models.clip import CLIP
 from models.layers import get_act_layer
 from models.resnet import ModifiedResNet
@@ -87,19 +92,26 @@ def infer_preset(state_dict: dict) -> Optional[str]:
     return None
 
 
-def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> CLIP:
-    """Build a CLIP preset; `overrides` may set any key of OVERRIDES.
+BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "grad_checkpointing", "tokenizer")
 
-    pretrained: an OpenAI CLIP `.pt` archive or an open_clip checkpoint, loaded as fp32 instead of the random init.
+
+def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> Union[CLIP, BLIP]:
+    """Build a CLIP or BLIP preset; `overrides` may set any key of OVERRIDES (CLIP) or BLIP_OVERRIDES (BLIP).
+
+    pretrained: an OpenAI CLIP `.pt` archive or an open_clip checkpoint, loaded as fp32 instead of the random init
+    (BLIP: see `load_pretrained_blip`).
     drop_path (stochastic depth, max rate over depth) applies to the transformer towers, not to the ResNet.
     """
-    if name not in MODELS:
-        closest = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.4)
+    if name not in MODELS and name not in BLIP_MODELS:
+        closest = difflib.get_close_matches(name, [*MODELS, *BLIP_MODELS], n=3, cutoff=0.4)
         raise ValueError(f"unknown model {name!r}; closest presets: {closest or sorted(MODELS)}")
+    valid = BLIP_OVERRIDES if name in BLIP_MODELS else OVERRIDES
     for key in overrides:
-        if key not in OVERRIDES:
-            closest = difflib.get_close_matches(key, OVERRIDES, n=3)
-            raise ValueError(f"unknown create_model override {key!r}; closest: {closest}; valid: {list(OVERRIDES)}")
+        if key not in valid:
+            closest = difflib.get_close_matches(key, valid, n=3)
+            raise ValueError(f"unknown create_model override {key!r}; closest: {closest}; valid: {list(valid)}")
+    if name in BLIP_MODELS:
+        return create_blip(name, pretrained, **overrides)
     grad_checkpointing = overrides.pop("grad_checkpointing", False)
     config = dataclasses.replace(MODELS[name], **overrides)
     # With weights to load, build on the meta device: no random initialisation to throw away.
@@ -172,3 +184,67 @@ def load_pretrained(model: CLIP, name: str, config: CLIPConfig, path: convert.Pa
         )
     model.load_state_dict(state_dict, assign=True)  # the meta tensors become the checkpoint's
     model.float()  # OpenAI's weights are mostly fp16; precision comes from autocast
+
+
+# ---------------------------------------------------------------- BLIP
+
+BLIP_PARTS = ("visual_encoder", "text_encoder", "text_decoder", "lm_head", "vision_proj", "text_proj", "itm_head", "temp")
+
+
+
+def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> BLIP:
+    """A BLIP preset. tokenizer: a BertTokenizer whose vocabulary and special ids the model takes, kept as
+    `model.tokenizer` for `generate`. With `pretrained`, the image size is the checkpoint's unless overridden."""
+    grad_checkpointing = overrides.pop("grad_checkpointing", False)
+    tokenizer = overrides.pop("tokenizer", None)
+    config = dataclasses.replace(BLIP_MODELS[name], **overrides)
+    if pretrained is None:
+        model = build_blip(config, tokenizer=tokenizer)
+    else:
+        checkpoint, hf_config = convert.load_blip_checkpoint(pretrained)
+        state_dict = convert.blip_to_ours(checkpoint)
+        if "visual_encoder.pos_embed" in state_dict and "image_size" not in overrides:
+            grid = math.isqrt(state_dict["visual_encoder.pos_embed"].shape[1] - 1)
+            config = dataclasses.replace(config, image_size=grid * config.patch_size)
+        vision_eps = hf_config.get("vision_config", {}).get("layer_norm_eps")  # HF's released configs say 1e-5
+        config = dataclasses.replace(
+            config, tie_text_decoder=_text_decoder_is_tied(state_dict), vision_eps=vision_eps or config.vision_eps
+        )
+        with torch.device("meta"):
+            model = build_blip(config, tokenizer=tokenizer)
+        load_pretrained_blip(model, name, state_dict, pretrained)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _text_decoder_is_tied(state_dict: dict) -> bool:
+    """Pretraining checkpoints repeat the shared encoder/decoder tensors under both prefixes."""
+    key = "embed.token_embedding.weight"
+    encoder, decoder = state_dict.get(f"text_encoder.{key}"), state_dict.get(f"text_decoder.{key}")
+    return encoder is not None and decoder is not None and torch.equal(encoder, decoder)
+
+
+def load_pretrained_blip(model: BLIP, name: str, state_dict: dict, path: convert.PathLike) -> None:
+    """Fill `model` (built on the meta device) with the parts a checkpoint (our layout) holds; the parts it lacks
+    become None, so that using them fails naming them (a retrieval checkpoint has no decoder, a captioning one no
+    text encoder). A checkpoint without `temp` (HuggingFace's) keeps the initial 0.07."""
+    def present(part: str) -> bool:
+        return any(key == part or key.startswith(part + ".") for key in state_dict)
+
+    if not present("visual_encoder"):
+        raise ValueError(f"checkpoint {str(path)!r} holds no BLIP image encoder (keys: {list(state_dict)[:5]}...)")
+    if not present("text_decoder"):
+        model.text_decoder = model.lm_head = None
+    for part in BLIP_PARTS[:-1]:  # all but temp
+        if not present(part):
+            setattr(model, part, None)
+    state_dict.setdefault("temp", torch.tensor(0.07))
+    expected = model.state_dict()
+    num_patches = expected["visual_encoder.pos_embed"].shape[1] - 1
+    state_dict["visual_encoder.pos_embed"] = convert.interpolate_pos_embed(state_dict["visual_encoder.pos_embed"], num_patches)
+    problems = convert.describe_mismatch(expected, state_dict)
+    if problems:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit model {name!r}:\n{problems}")
+    model.load_state_dict(state_dict, assign=True)
+    model.float()

@@ -1,4 +1,5 @@
-"""Checkpoint key maps: OpenAI's released CLIP archives and open_clip checkpoints <-> this codebase's modules.
+"""Checkpoint key maps: OpenAI's released CLIP archives and open_clip checkpoints <-> this codebase's modules;
+salesforce/BLIP and HuggingFace BLIP checkpoints -> `models.BLIP` (section "BLIP" below).
 
 References: openai/CLIP `clip/clip.py:load` and `clip/model.py:build_model` (the released `.pt` files),
 open_clip v3.3.0 `factory.py:load_checkpoint` and `model.py:build_model_from_openai_state_dict`.
@@ -17,6 +18,7 @@ Deliberate differences from the references:
 - A checkpoint that does not fit raises one error listing missing keys, unexpected keys and differing shapes
   (`describe_mismatch`), instead of `load_state_dict`'s first failure.
 """
+import json
 import math
 import os
 import pickle
@@ -285,3 +287,144 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> Optional[dict[str, A
     except KeyError:
         return None
     return config
+
+
+# ---------------------------------------------------------------- BLIP
+#
+# Two layouts hold released BLIP weights (reference note, section E.2):
+# - salesforce/BLIP `.pth` files: `torch.load(path)['model']`, prefixes `visual_encoder.` (timm ViT names),
+#   `text_encoder.` and `text_decoder.bert.` (HF BERT names, no token types), `text_decoder.cls.predictions.`,
+#   `vision_proj`, `text_proj`, `itm_head`, `temp`, plus momentum copies and queues (training state, ignored);
+# - HuggingFace `BlipForConditionalGeneration` / `BlipForImageTextRetrieval`: the same text keys, the ViT as
+#   `vision_model.` (huggingface/transformers `convert_blip_original_pytorch_to_hf.py` renames only that side).
+# `blip_to_ours` reads both into `models.BLIP`'s names, concatenating BERT's query/key/value into `qkv`/`kv`.
+
+# (HF, salesforce) key pieces of the ViT.
+BLIP_HF_VISION = (
+    ("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+    ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+    ("vision_model.embeddings.patch_embedding.", "visual_encoder.patch_embed.proj."),
+    ("vision_model.encoder.layers.", "visual_encoder.blocks."),
+    ("vision_model.post_layernorm.", "visual_encoder.norm."),
+    (".layer_norm1.", ".norm1."),
+    (".layer_norm2.", ".norm2."),
+    (".self_attn.qkv.", ".attn.qkv."),
+    (".self_attn.projection.", ".attn.proj."),
+)
+# (salesforce, ours) key pieces, applied in order to every key.
+BLIP_PARTS = (
+    ("visual_encoder.blocks.", "visual_encoder.transformer.blocks."),
+    ("text_decoder.bert.", "text_decoder."),
+    ("text_decoder.cls.predictions.transform.dense.", "lm_head.dense."),
+    ("text_decoder.cls.predictions.transform.LayerNorm.", "lm_head.norm."),
+    ("text_decoder.cls.predictions.bias", "lm_head.bias"),
+    (".embeddings.word_embeddings.", ".embed.token_embedding."),
+    (".embeddings.position_embeddings.weight", ".embed.pos_embed"),
+    (".embeddings.LayerNorm.", ".embed.norm."),
+    (".encoder.layer.", ".transformer.blocks."),
+    (".attention.self.query.", ".attn.q."),
+    (".attention.self.key.", ".attn.k."),
+    (".attention.self.value.", ".attn.v."),
+    (".attention.output.dense.", ".attn.proj."),
+    (".attention.output.LayerNorm.", ".norm1."),
+    (".crossattention.self.query.", ".cross_attn.q."),
+    (".crossattention.self.key.", ".cross_attn.k."),
+    (".crossattention.self.value.", ".cross_attn.v."),
+    (".crossattention.output.dense.", ".cross_attn.proj."),
+    (".crossattention.output.LayerNorm.", ".norm_cross."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
+    (".output.LayerNorm.", ".norm2."),
+)
+# Training state and duplicates that inference does not load: momentum encoders and projections, ITC queues,
+# BERT's position_ids buffer and unused pooler, the LM head's decoder (tied to the word embeddings).
+BLIP_IGNORED = (
+    "visual_encoder_m.", "text_encoder_m.", "vision_proj_m.", "text_proj_m.", "image_queue", "text_queue",
+    "queue_ptr", "idx_queue", "ptr_queue", "embeddings.position_ids", ".pooler.", "text_decoder.cls.predictions.decoder.",
+)  # fmt: skip
+
+
+def blip_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """salesforce/BLIP or HuggingFace BLIP keys -> `models.BLIP` keys; unknown keys pass through."""
+    renamed: StateDict = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if any(part in key for part in BLIP_IGNORED):
+            continue
+        if key.startswith("vision_model."):
+            for hf, salesforce in BLIP_HF_VISION:
+                key = key.replace(hf, salesforce)
+        for salesforce, ours in BLIP_PARTS:
+            key = key.replace(salesforce, ours)
+        renamed[key] = value
+    # BERT's separate projections -> our fused ones: attn.{q,k,v} -> attn.qkv, cross_attn.{k,v} -> cross_attn.kv.
+    for key in [key for key in renamed if ".attn.q." in key and ".cross_attn." not in key]:
+        parts = [renamed.pop(key.replace(".attn.q.", f".attn.{name}.")) for name in "qkv"]
+        renamed[key.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts)  # (3 * width, width) or (3 * width,)
+    for key in [key for key in renamed if ".cross_attn.k." in key]:
+        parts = [renamed.pop(key.replace(".cross_attn.k.", f".cross_attn.{name}.")) for name in "kv"]
+        renamed[key.replace(".cross_attn.k.", ".cross_attn.kv.")] = torch.cat(parts)  # (2 * width, context_dim)
+    return renamed
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(1, 1 + N, width) -> (1, 1 + num_patches, width), the patch grid resized bicubically (BLIP's
+    `models/vit.py::interpolate_pos_embed`); the CLS position stays."""
+    old_grid, new_grid = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(num_patches)
+    if old_grid == new_grid:
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_pos = patch_pos.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()  # (1, width, g, g)
+    patch_pos = torch.nn.functional.interpolate(patch_pos, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)  # (1, new_grid^2, width)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+# safetensors element types -> torch dtypes (the format: 8-byte little-endian header size, a JSON header
+# {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_safetensors(path: PathLike) -> StateDict:
+    """Every tensor of a `.safetensors` file, read without the safetensors package."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_size))
+        data = bytearray(file.read())
+    state_dict: StateDict = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this reader does not know")
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        flat = torch.frombuffer(data, dtype=dtype, offset=begin, count=(end - begin) // dtype.itemsize) if end > begin else torch.empty(0, dtype=dtype)
+        state_dict[name] = flat.reshape(entry["shape"])
+    return state_dict
+
+
+def load_blip_checkpoint(path: PathLike) -> tuple[StateDict, dict]:
+    """(raw state_dict, HF config dict or {}) from a salesforce `.pth`, a HuggingFace weights file, or a HuggingFace
+    folder (config.json + model.safetensors or pytorch_model.bin)."""
+    config: dict = {}
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as file:
+                config = json.load(file)
+        names = [name for name in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, name))]
+        if not names:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in the folder")
+        path = os.path.join(path, names[0])
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path), config
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):  # salesforce training checkpoints hold the weights under "model"
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a state_dict or a dict with 'model', got {type(checkpoint).__name__}")
+    return checkpoint, config
