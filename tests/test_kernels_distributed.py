@@ -11,7 +11,8 @@ from losses.contrastive import all_gather_with_grad, clip_loss
 from tests.multiprocess import run_on_processes
 
 WORLD_SIZE = 2
-N, D = 600, 33  # 300 local rows per rank: several CPU tiles (256) per rank, a ragged last one
+N, D = 600, 33  # 300 local rows per rank: several CPU blocks (256) per rank, a ragged last one
+BLOCK = 64  # "op_blocks": the op with 64-row blocks, as a GPU runs its 4096-row ones (ragged: 300 = 4 x 64 + 44)
 LOGIT_SCALE = 30.0
 
 
@@ -26,10 +27,11 @@ def make_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def loss_and_grads(impl: str, image_local, text_local, logit_scale, offset: int) -> list[torch.Tensor]:
     image_local, text_local = image_local.clone().requires_grad_(), text_local.clone().requires_grad_()
     logit_scale = logit_scale.clone().requires_grad_()
-    if impl == "op":  # the op itself, gathering as the caller must
+    if impl in ("op", "op_blocks"):  # the op itself, gathering as the caller must
         image_all, text_all = all_gather_with_grad(image_local), all_gather_with_grad(text_local)
         loss = kernels.contrastive_loss_local(
-            image_local, text_local, image_all, text_all, logit_scale, offset, backend="cpu"
+            image_local, text_local, image_all, text_all, logit_scale, offset, backend="cpu",
+            block_size=BLOCK if impl == "op_blocks" else 0,
         )
     else:  # "torch" (pure PyTorch) or "fused" (the loss module calling the op)
         loss = clip_loss(image_local, text_local, logit_scale, impl=impl)
@@ -42,7 +44,8 @@ def _rank_results(rank: int, world_size: int, dtype: torch.dtype) -> dict[str, l
     b = N // world_size
     rows = slice(rank * b, (rank + 1) * b)
     return {
-        impl: loss_and_grads(impl, image[rows], text[rows], logit_scale, rank * b) for impl in ("torch", "op", "fused")
+        impl: loss_and_grads(impl, image[rows], text[rows], logit_scale, rank * b)
+        for impl in ("torch", "op", "op_blocks", "fused")
     }
 
 
@@ -56,7 +59,7 @@ def test_distributed_form_matches_torch_and_full_batch(dtype, rtol):
 
     # Rank by rank, the op's loss and gradients equal the pure-PyTorch distributed loss's.
     for results in per_rank:
-        for impl in ("op", "fused"):
+        for impl in ("op", "op_blocks", "fused"):
             for actual, expected in zip(results[impl], results["torch"]):
                 assert_close(actual, expected)
 
