@@ -141,6 +141,27 @@ def test_incremental_update_embeds_only_new_files_and_keeps_old_scores(tmp_path)
     assert model.images_encoded == 6 and summary["rows"] == 4
 
 
+def test_an_interrupted_index_keeps_what_it_saved(tmp_path, monkeypatch):
+    folder, index = tmp_path / "pictures", tmp_path / "index.pt"
+    for i, colour in enumerate(("red", "green", "blue", "yellow", "magenta", "cyan")):
+        write_picture(folder / f"{i}_{colour}.png", colour)
+    monkeypatch.setattr(search, "SAVE_EVERY_ROWS", 2)
+
+    class Crash(ColourModel):
+        def encode_image(self, images, normalize=True):
+            if self.images_encoded >= 4:
+                raise KeyboardInterrupt
+            return super().encode_image(images, normalize)
+
+    with pytest.raises(KeyboardInterrupt):
+        build(Crash(), folder, index)  # units of 2 images: saved after 2 and after 4, stopped at 5
+    assert len(search.load_index(str(index))["paths"]) == 4
+    model = ColourModel()
+    summary, _ = build(model, folder, index)
+    assert model.images_encoded == 2 and summary["rows"] == 6
+    assert ask(model, index, text="cyan")[0]["path"].endswith("5_cyan.png")
+
+
 def test_unreadable_files_are_skipped_and_listed(tmp_path):
     folder, index = tmp_path / "pictures", tmp_path / "index.pt"
     red = write_picture(folder / "red.png", "red")
