@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -193,10 +194,15 @@ BLIP_PARTS = ("visual_encoder", "text_encoder", "text_decoder", "lm_head", "visi
 
 
 def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> BLIP:
-    """A BLIP preset. tokenizer: a BertTokenizer whose vocabulary and special ids the model takes, kept as
-    `model.tokenizer` for `generate`. With `pretrained`, the image size is the checkpoint's unless overridden."""
+    """A BLIP preset. tokenizer: a `data.tokenizer` tokenizer whose vocabulary and special ids the model takes,
+    kept as `model.tokenizer` for `generate`; by default the BertTokenizer of a HuggingFace folder's vocab.txt.
+    With `pretrained`, the image size is the checkpoint's unless overridden."""
     grad_checkpointing = overrides.pop("grad_checkpointing", False)
     tokenizer = overrides.pop("tokenizer", None)
+    if tokenizer is None and pretrained is not None and os.path.isfile(os.path.join(pretrained, "vocab.txt")):
+        from data.tokenizer import BertTokenizer  # here: models does not depend on data otherwise
+
+        tokenizer = BertTokenizer(os.path.join(pretrained, "vocab.txt"))
     config = dataclasses.replace(BLIP_MODELS[name], **overrides)
     if pretrained is None:
         model = build_blip(config, tokenizer=tokenizer)

@@ -48,8 +48,8 @@ class BLIPConfig:
     context_length: int = 512  # BERT's learned positions
     vocab_size: int = 30524  # bert-base-uncased + [DEC] + [ENC]
     pad_id: int = 0
-    sep_id: int = 102  # [SEP], the end of a caption
-    bos_id: int = 30522  # [DEC]
+    eos_id: int = 102  # [SEP], the end of a caption
+    dec_id: int = 30522  # [DEC], the decoder's first token (HF's bos)
     enc_id: int = 30523  # [ENC]
     drop_path: float = 0.0  # ViT stochastic depth
     vision_eps: float = 1e-6  # ViT LayerNorm eps (timm's; HuggingFace's BLIP configs say 1e-5)
@@ -77,8 +77,8 @@ class BLIP(nn.Module):
         text_decoder: BertTextEncoder,
         embed_dim: int = 256,
         pad_id: int = 0,
-        sep_id: int = 102,
-        bos_id: int = 30522,
+        eos_id: int = 102,
+        dec_id: int = 30522,
         enc_id: int = 30523,
         tie_text_decoder: bool = True,
         init_temp: float = 0.07,
@@ -88,8 +88,8 @@ class BLIP(nn.Module):
         vision_width = visual_encoder.pos_embed.shape[-1]
         text_width = text_encoder.width
         vocab_size = text_encoder.embed.token_embedding.num_embeddings
-        self.pad_id, self.sep_id, self.bos_id, self.enc_id = pad_id, sep_id, bos_id, enc_id
-        self.tokenizer = tokenizer  # encode(text) -> ids without specials, decode(ids) -> text; for `generate`
+        self.pad_id, self.eos_id, self.dec_id, self.enc_id = pad_id, eos_id, dec_id, enc_id
+        self.tokenizer = tokenizer  # for `generate`: tokenizer(text) -> (1, T) ids, decode(ids) -> text
         self.visual_encoder = visual_encoder
         self.visual_encoder.proj = None  # CLIP's bias-free projection; BLIP projects with `vision_proj`
         self.text_encoder = text_encoder
@@ -133,7 +133,7 @@ class BLIP(nn.Module):
     def decoder_logits(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Image-grounded decoder: the first token becomes [DEC]; logits (B, T, vocab) predict the next tokens."""
         padding_mask = tokens != self.pad_id
-        tokens = torch.cat([torch.full_like(tokens[:, :1], self.bos_id), tokens[:, 1:]], dim=1)
+        tokens = torch.cat([torch.full_like(tokens[:, :1], self.dec_id), tokens[:, 1:]], dim=1)
         return self.decode(tokens, image_tokens, padding_mask=padding_mask)
 
     def decode(
@@ -187,7 +187,7 @@ class BLIP(nn.Module):
             prompt,
             image_tokens,
             num_layers=self.part("text_decoder").transformer.depth,
-            eos_id=self.sep_id,
+            eos_id=self.eos_id,
             pad_id=self.pad_id,
             max_length=max_length,
             min_length=min_length,
@@ -213,7 +213,8 @@ class BLIP(nn.Module):
         Lengths count the prompt's tokens ([DEC] included), as in BLIP and HF."""
         if self.tokenizer is None:
             raise RuntimeError("generate needs model.tokenizer (a BertTokenizer); set it or use generate_ids")
-        prompt_ids = [self.bos_id] + list(self.tokenizer.encode(prompt))
+        row = self.tokenizer(prompt)[0].tolist()  # [CLS] prompt [SEP] [PAD]...
+        prompt_ids = [self.dec_id, *row[1 : row.index(self.eos_id)]]  # BLIP: [CLS] -> [DEC], no [SEP]
         if top_p is not None:
             options.update(top_p=top_p, top_k=top_k)
         ids = self.generate_ids(
@@ -227,17 +228,18 @@ class BLIP(nn.Module):
         )
         captions = []
         for row in ids[:, len(prompt_ids) :].tolist():
-            row = row[: row.index(self.sep_id)] if self.sep_id in row else row
+            row = row[: row.index(self.eos_id)] if self.eos_id in row else row
             captions.append(self.tokenizer.decode([token for token in row if token != self.pad_id]))
         return captions
 
 
 def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
-    """A `BLIP` from a config; a tokenizer (with vocab_size, pad_id, sep_id, bos_id, enc_id) sets the vocabulary."""
+    """A `BLIP` from a config; a tokenizer of `data.tokenizer` (BertTokenizer, or SentencePieceTokenizer trained
+    with BLIP's tokens) sets the vocabulary size and the pad, eos, [DEC] and [ENC] ids."""
     if tokenizer is not None:
-        ids = {name: getattr(tokenizer, name) for name in ("vocab_size", "pad_id", "sep_id", "bos_id", "enc_id")}
-        if max(ids["bos_id"], ids["enc_id"]) >= ids["vocab_size"]:
-            raise ValueError(f"tokenizer ids {ids}: [DEC] and [ENC] must lie inside the vocabulary")
+        ids = {name: getattr(tokenizer, name) for name in ("vocab_size", "pad_id", "eos_id", "dec_id", "enc_id")}
+        if ids["dec_id"] is None or ids["enc_id"] is None:
+            raise ValueError("the tokenizer has no [DEC]/[ENC] tokens (a sentencepiece model needs blip_tokens)")
         config = dataclasses.replace(config, **ids)
     text_norm = functools.partial(nn.LayerNorm, eps=1e-12)
 
@@ -271,8 +273,8 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         text_transformer(),
         embed_dim=config.embed_dim,
         pad_id=config.pad_id,
-        sep_id=config.sep_id,
-        bos_id=config.bos_id,
+        eos_id=config.eos_id,
+        dec_id=config.dec_id,
         enc_id=config.enc_id,
         tie_text_decoder=config.tie_text_decoder,
         tokenizer=tokenizer,

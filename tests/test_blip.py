@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from data.tokenizer import BertTokenizer
 from models import convert, create_model
 from models.blip import BLIP_MODELS, build_blip
 from models.generation import beam_search, generate, nucleus_filter
@@ -37,21 +38,6 @@ def write_vocab(path: str) -> str:
     with open(path, "w") as file:
         file.write("\n".join(words) + "\n")
     return path
-
-
-class Tokenizer:
-    """The interface of data.tokenizer.BertTokenizer that BLIP uses, over HF's BertTokenizer."""
-
-    vocab_size, pad_id, sep_id, bos_id, enc_id = 30524, PAD, SEP, DEC, ENC
-
-    def __init__(self, vocab_file: str):
-        self.hf = transformers.BertTokenizer(vocab_file)
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
 
 
 def hf_config() -> "transformers.BlipConfig":
@@ -96,8 +82,9 @@ def reference(tmp_path_factory):
     retriever.vision_model.load_state_dict(captioner.vision_model.state_dict())
     captioner.save_pretrained(folder / "captioner")
     retriever.save_pretrained(folder / "retriever")
-    vocab = write_vocab(str(folder / "vocab.txt"))
-    ours_captioner = create_model("BLIP-base", pretrained=folder / "captioner", tokenizer=Tokenizer(vocab)).eval()
+    vocab = write_vocab(str(folder / "captioner" / "vocab.txt"))  # as in HF's released folders
+    ours_captioner = create_model("BLIP-base", pretrained=folder / "captioner").eval()
+    assert isinstance(ours_captioner.tokenizer, BertTokenizer)
     ours_retriever = create_model("BLIP-base", pretrained=folder / "retriever").eval()
     images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     tokens = torch.tensor([[101, 104, 105, 106, 107, 102, 0, 0], [101, 108, 2000, 3000, 4000, 5000, 6000, 102], [101, 104, 102, 0, 0, 0, 0, 0]])
@@ -162,9 +149,9 @@ def test_generation_equals_huggingface(reference, num_beams):
     expected_rows = [until_eos(row) for row in expected.tolist()]
     assert [until_eos(row) for row in got.tolist()] == expected_rows
     assert any(len(row) < 20 for row in expected_rows), "no caption ended early: the test does not exercise eos"
-    tokenizer = Tokenizer(reference["vocab"])
+    hf_tokenizer = transformers.BertTokenizer(reference["vocab"])
     captions = ours.generate(images, prompt="a picture of ", num_beams=num_beams, max_length=20, min_length=5)
-    assert captions == [tokenizer.decode(row[len(PROMPT) + 1 :]) for row in expected_rows]
+    assert captions == [hf_tokenizer.decode(row[len(PROMPT) + 1 :], skip_special_tokens=True) for row in expected_rows]
 
 
 def test_nucleus_sampling_equals_huggingface(reference):
@@ -221,7 +208,7 @@ def test_salesforce_checkpoint_loads(reference, tmp_path):
 
 def test_missing_decoder_fails_naming_it(reference):
     model = reference["ours_retriever"]
-    model.tokenizer = Tokenizer(reference["vocab"])
+    model.tokenizer = BertTokenizer(reference["vocab"])
     with pytest.raises(RuntimeError, match="text_decoder"):
         model.generate(reference["images"][:1])
 
@@ -234,7 +221,7 @@ TINY_EOS = 54  # a token the random tiny decoder below often picks: captions end
 
 def tiny_blip() -> nn.Module:
     torch.manual_seed(0)
-    config = dataclasses.replace(BLIP_MODELS["BLIP-tiny"], vocab_size=64, bos_id=62, enc_id=63, sep_id=TINY_EOS)
+    config = dataclasses.replace(BLIP_MODELS["BLIP-tiny"], vocab_size=64, dec_id=62, enc_id=63, eos_id=TINY_EOS)
     model = build_blip(config).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -355,3 +342,15 @@ def test_safetensors_reader_equals_the_package(tmp_path):
     assert read.keys() == tensors.keys()
     for key, value in tensors.items():
         assert read[key].dtype == value.dtype and torch.equal(read[key], value), key
+
+
+def test_tiny_model_takes_a_tokenizer(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "picture", "of", "dog"]) + "\n")
+    tokenizer = BertTokenizer(tmp_path / "vocab.txt")
+    model = create_model("BLIP-tiny", tokenizer=tokenizer).eval()
+    assert model.text_encoder.embed.token_embedding.num_embeddings == tokenizer.vocab_size == 11
+    assert (model.dec_id, model.enc_id, model.eos_id) == (9, 10, 3)
+    captions = model.generate(torch.randn(2, 3, 64, 64), num_beams=2, max_length=10, min_length=5)
+    assert len(captions) == 2 and all(isinstance(caption, str) for caption in captions)
+    logits = model.decoder_logits(tokenizer(["a dog", "a picture of a dog"]), model.forward_image(torch.randn(2, 3, 64, 64)))
+    assert logits.shape == (2, tokenizer.context_length, 11)
