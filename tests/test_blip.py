@@ -354,3 +354,10 @@ def test_tiny_model_takes_a_tokenizer(tmp_path):
     assert len(captions) == 2 and all(isinstance(caption, str) for caption in captions)
     logits = model.decoder_logits(tokenizer(["a dog", "a picture of a dog"]), model.forward_image(torch.randn(2, 3, 64, 64)))
     assert logits.shape == (2, tokenizer.context_length, 11)
+
+
+def test_parameter_counts_match_the_paper():
+    """BLIP paper Table 3 (ViT-B/16): sharing all but self-attention 252M parameters, sharing nothing 361M."""
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in create_model("BLIP-base", tie_text_decoder=tie).parameters()) for tie in (True, False)]
+    assert [round(count / 1e6) for count in counts] == [252, 361]
