@@ -46,29 +46,55 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 BLIP_TOKENS = ("[DEC]", "[ENC]")  # BLIP's decoder and image-grounded encoder first tokens, after the vocabulary
 
 
-class SentencePieceTokenizer:
-    def __init__(self, model_path: str, context_length: int = 32):
-        if context_length < 2:
-            raise ValueError(f"context_length={context_length} leaves no room for bos and eos")
-        self.model_path = str(model_path)
-        self.context_length = context_length
-        with open(model_path, "rb") as f:
-            self._model_proto = f.read()  # kept so a pickled copy needs no access to the file
-        self._load()
+class _VocabularyFile:
+    """What every tokenizer here shares: it is defined by one file's bytes (a sentencepiece model, CLIP's
+    .txt.gz, BERT's vocab.txt), which it keeps, so that a checkpoint carries them (`model_bytes`,
+    `from_bytes`) and a pickled copy (a DataLoader worker's) rebuilds its tables from them alone; each
+    subclass's `_load` builds its tables from `self._blob`."""
+
+    DEFAULT_CONTEXT_LENGTH = 77
+    WHAT = "vocabulary"  # named when the file is missing
+
+    def __init__(self, path: str | os.PathLike, context_length: int | None = None):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{self.WHAT} '{path}' not found")
+        with open(path, "rb") as f:
+            blob = f.read()
+        self._setup(path, blob, context_length or self.DEFAULT_CONTEXT_LENGTH)
 
     @classmethod
-    def from_bytes(cls, model_proto: bytes, context_length: int = 32) -> "SentencePieceTokenizer":
+    def from_bytes(cls, blob: bytes, context_length: int | None = None):
         """Rebuild from `model_bytes()`, e.g. the copy a train.py checkpoint carries."""
         tokenizer = cls.__new__(cls)
-        tokenizer.model_path, tokenizer.context_length, tokenizer._model_proto = "<bytes>", context_length, model_proto
-        tokenizer._load()
+        tokenizer._setup("<bytes>", blob, context_length or cls.DEFAULT_CONTEXT_LENGTH)
         return tokenizer
 
     def model_bytes(self) -> bytes:
-        return self._model_proto
+        return self._blob
+
+    def _setup(self, model_path: str, blob: bytes, context_length: int) -> None:
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length} leaves no room for the start and end tokens")
+        self.model_path, self._blob, self.context_length = model_path, blob, context_length
+        self._load()
+
+    def __getstate__(self) -> dict:
+        # Only the file's bytes: dumping costs nothing in the main process and each worker rebuilds the tables
+        # in parallel (CLIP's: 1.4 MB and 0.18 s, against 3.3 MB and 60 + 70 ms to pickle the tables).
+        return {"model_path": self.model_path, "_blob": self._blob, "context_length": self.context_length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._load()
+
+
+class SentencePieceTokenizer(_VocabularyFile):
+    DEFAULT_CONTEXT_LENGTH = 32
+    WHAT = "sentencepiece model"
 
     def _load(self) -> None:
-        self._processor = spm.SentencePieceProcessor(model_proto=self._model_proto)
+        self._processor = spm.SentencePieceProcessor(model_proto=self._blob)
         if self._processor.pad_id() != PAD_ID or self._processor.bos_id() < 0 or self._processor.eos_id() < 0:
             raise ValueError(f"{self.model_path} needs pad_id=0 and bos/eos pieces (see train_sentencepiece)")
         self.vocab_size = self._processor.get_piece_size()
@@ -79,15 +105,6 @@ class SentencePieceTokenizer:
         last = self.vocab_size - 2
         blip = last >= 0 and [self._processor.id_to_piece(i) for i in (last, last + 1)] == list(BLIP_TOKENS)
         self.dec_id, self.enc_id = (last, last + 1) if blip and self._processor.is_control(last) else (None, None)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_processor"]  # a SWIG object; rebuilt from the model bytes
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._load()
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """texts -> LongTensor (N, context_length); long texts are cut so that eos is always kept."""
@@ -171,7 +188,7 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)  # ftfy's last step; decomposed accents then match the vocabulary
 
 
-class ClipTokenizer:
+class ClipTokenizer(_VocabularyFile):
     """CLIP's byte-level BPE: text -> LongTensor (N, context_length) of [49406] + pieces + [49407] + zeros.
 
     Text is cleaned as in CLIP (ftfy.fix_text, html.unescape twice, whitespace collapsed, lowercased), split into
@@ -193,34 +210,12 @@ class ClipTokenizer:
       Pure-ASCII text never reaches either pattern (see `_ASCII_SPLIT`).
     """
 
-    def __init__(self, bpe_path: str | os.PathLike, context_length: int = 77):
-        path = os.fspath(bpe_path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"CLIP BPE vocabulary '{path}' not found; open_clip ships it: open_clip.tokenizer.default_bpe()")
-        with open(path, "rb") as f:
-            bpe_gz = f.read()
-        self._setup(path, bpe_gz, context_length)
-
-    @classmethod
-    def from_bytes(cls, bpe_gz: bytes, context_length: int = 77) -> "ClipTokenizer":
-        """Rebuild from `model_bytes()`, e.g. the copy a train.py checkpoint carries."""
-        tokenizer = cls.__new__(cls)
-        tokenizer._setup("<bytes>", bpe_gz, context_length)
-        return tokenizer
-
-    def model_bytes(self) -> bytes:
-        return self._bpe_gz
-
-    def _setup(self, model_path: str, bpe_gz: bytes, context_length: int) -> None:
-        if context_length < 2:
-            raise ValueError(f"context_length={context_length} leaves no room for bos and eos")
-        self.model_path, self._bpe_gz, self.context_length = model_path, bpe_gz, context_length
-        self._load()
+    DEFAULT_CONTEXT_LENGTH = 77
+    WHAT = "CLIP BPE vocabulary (open_clip ships it: open_clip.tokenizer.default_bpe())"
 
     def _load(self) -> None:
         try:
-            lines = gzip.decompress(self._bpe_gz).decode("utf-8").split("\n")
+            lines = gzip.decompress(self._blob).decode("utf-8").split("\n")
         except (OSError, EOFError, UnicodeDecodeError) as error:
             raise ValueError(
                 f"{self.model_path} is not a gzipped BPE merges file like bpe_simple_vocab_16e6.txt.gz") from error
@@ -241,15 +236,6 @@ class ClipTokenizer:
         self._fix_text = ftfy.fix_text if ftfy is not None else _nfc
         self._split = _split_pattern()
         self.backends = {"clean": "ftfy" if ftfy else "nfc", "split": "regex" if regex else "re"}
-
-    def __getstate__(self) -> dict:
-        # Only the 1.4 MB .gz: dumping costs nothing in the main process and each worker rebuilds the tables in
-        # 0.18 s, in parallel. Pickling the tables instead is 3.3 MB, 60 ms per worker to dump, 70 ms to load.
-        return {"model_path": self.model_path, "_bpe_gz": self._bpe_gz, "context_length": self.context_length}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._load()
 
     def _clean(self, text: str) -> str:
         # ftfy (~50 us a call) and html.unescape leave printable ASCII without "&" as it is: skip them there
@@ -384,7 +370,7 @@ _BERT_CLEANUP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"
                  (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]  # HF's clean_up_tokenization, in its order
 
 
-class BertTokenizer:
+class BertTokenizer(_VocabularyFile):
     """BERT's uncased WordPiece (Devlin et al., 2019; Wu et al., 2016) with BLIP's two added tokens.
 
     Gives the ids of HuggingFace `transformers.BertTokenizer(vocab_file, do_lower_case=True)` (tokenizers'
@@ -412,34 +398,12 @@ class BertTokenizer:
     unassigned code points, reads Python's Unicode tables, and puts its CJK range at 2B820.
     """
 
-    def __init__(self, vocab_file: str | os.PathLike, context_length: int = 35):
-        path = os.fspath(vocab_file)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"BERT vocabulary '{path}' not found (bert-base-uncased's vocab.txt, one piece a line)")
-        with open(path, "rb") as f:
-            vocab_txt = f.read()
-        self._setup(path, vocab_txt, context_length)
-
-    @classmethod
-    def from_bytes(cls, vocab_txt: bytes, context_length: int = 35) -> "BertTokenizer":
-        """Rebuild from `model_bytes()`, e.g. the copy a train.py checkpoint carries."""
-        tokenizer = cls.__new__(cls)
-        tokenizer._setup("<bytes>", vocab_txt, context_length)
-        return tokenizer
-
-    def model_bytes(self) -> bytes:
-        return self._vocab_txt
-
-    def _setup(self, model_path: str, vocab_txt: bytes, context_length: int) -> None:
-        if context_length < 2:
-            raise ValueError(f"context_length={context_length} leaves no room for [CLS] and [SEP]")
-        self.model_path, self._vocab_txt, self.context_length = model_path, vocab_txt, context_length
-        self._load()
+    DEFAULT_CONTEXT_LENGTH = 35  # BLIP's text length for retrieval (30 for pretraining captions)
+    WHAT = "BERT vocabulary (bert-base-uncased's vocab.txt, one piece a line)"
 
     def _load(self) -> None:
         try:
-            lines = self._vocab_txt.decode("utf-8").split("\n")
+            lines = self._blob.decode("utf-8").split("\n")
         except UnicodeDecodeError as error:
             raise ValueError(f"{self.model_path} is not a UTF-8 vocab.txt") from error
         if lines and lines[-1] == "":
@@ -461,13 +425,6 @@ class BertTokenizer:
         # a piece is tried from the longest a vocabulary entry can match, not from the word's full length
         self._longest = max((len(p) - 2 if p.startswith("##") else len(p) for p in lines), default=1)
         self._cache: dict[str, tuple[int, ...]] = {}
-
-    def __getstate__(self) -> dict:
-        return {"model_path": self.model_path, "_vocab_txt": self._vocab_txt, "context_length": self.context_length}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._load()
 
     @staticmethod
     def words(text: str) -> list[str]:
