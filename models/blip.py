@@ -6,19 +6,28 @@ image-grounded encoder ([ENC] first, cross-attending the image tokens) feeds the
 the image-grounded decoder ([DEC] first, causal) is the captioner. With `tie_text_decoder` the decoder shares all
 but its self-attention with the encoder, as in BLIP's pretraining (paper Table 3).
 
-The building blocks (`forward_image`, `forward_text`, `forward_multimodal`, `decoder_logits`, the heads and
-`temp`) are what the training objectives of `losses/blip.py` compose; the training `forward` that returns
-their named losses is wired with them.
+`forward(images, tokens, image_ids, alpha)` is one pretraining / finetuning step's objectives, composed from the
+building blocks (`forward_image`, `forward_text`, `forward_multimodal`, `decoder_logits`) and the pure functions
+of `losses/blip.py` in the order its docstring gives: {"itc", "itm", "lm"} (paper section 3.2, loss = sum).
+ITC and ITM need the momentum encoders and the feature queue (`momentum_encoders=True`, or
+`add_momentum_encoders()` after loading released weights, which hold none); they are parameters without
+gradient (`requires_grad=False`, so optimizers and DDP skip them) updated by EMA inside `forward`, and buffers,
+all in the state dict so that a resumed run continues exactly.
 
 Deliberate differences from salesforce/BLIP `models/blip*.py`:
 - one `BLIP` module serves pretraining, retrieval and captioning: a checkpoint without a part (a retrieval
   checkpoint has no decoder) loads what it has, and using the missing part fails naming it;
-- no momentum encoders or queues here (training state, with the losses); checkpoints' copies are ignored;
+- released checkpoints' momentum copies and queues are not loaded (`models/convert.py` drops them):
+  `add_momentum_encoders()` copies the online weights and starts a fresh queue;
+- ITC's columns are the momentum features of the global batch gathered over ranks, not only this GPU's
+  (`losses/blip.py`): DDP's averaged gradient then equals one process holding the whole batch;
+- the ITM positives and both kinds of negatives go through the image-grounded encoder in one (3B) batch.
 - the ViT is `models.vit.VisionTransformer` without CLIP's `norm_pre`, with a biased patch convolution and
   LayerNorm eps 1e-6, initialised as CLIP's (BLIP starts from DeiT/timm weights instead);
 - generation goes through `models/generation.py`, with HuggingFace transformers 5.x's conventions (BLIP's own
   code ran transformers 4.15, whose beam search normalised scores by the length including the prompt).
 """
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -28,6 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distributed
+from losses.blip import (
+    FeatureQueue,
+    all_gather_no_grad,
+    copy_params,
+    diagonal_positives,
+    itc_loss,
+    itm_loss,
+    lm_labels,
+    lm_loss,
+    momentum_update,
+    positives_from_ids,
+    sample_hard_negatives,
+)
 from models import generation
 from models.layers import KVCache
 from models.text import BertTextEncoder, LMHead
@@ -55,6 +78,11 @@ class BLIPConfig:
     vision_eps: float = 1e-6  # ViT LayerNorm eps (timm's; HuggingFace's BLIP configs say 1e-5)
     text_drop: float = 0.1  # BERT's hidden and attention dropout (BLIP's configs/med_config.json)
     tie_text_decoder: bool = True
+    # ITC/ITM training state (BLIP's configs/pretrain.yaml): momentum encoders with EMA `momentum` and a queue of
+    # `queue_size` momentum features, a multiple of the global batch. Off for inference and released weights.
+    momentum_encoders: bool = False
+    momentum: float = 0.995
+    queue_size: int = 57600
 
 
 # Paper section 4.1 and salesforce/BLIP `models/blip.py::create_vit`: ViT-B/16 or ViT-L/16 (drop-path 0.1) with
@@ -63,13 +91,16 @@ class BLIPConfig:
 BLIP_MODELS = {
     "BLIP-base":  BLIPConfig(vision_width=768,  vision_layers=12, vision_heads=12),
     "BLIP-large": BLIPConfig(vision_width=1024, vision_layers=24, vision_heads=16, drop_path=0.1),
-    # CPU demos and tests (not from the paper); a small tokenizer's vocabulary and ids replace the BERT ones.
-    "BLIP-tiny":  BLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4, text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=64),
+    # CPU demos and tests (not from the paper); a small tokenizer's vocabulary and ids replace the BERT ones. The
+    # queue of 1024 divides every power-of-two global batch up to 1024.
+    "BLIP-tiny":  BLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4, text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=64, queue_size=1024),
 }
 # fmt: on
 
 
 class BLIP(nn.Module):
+    MOMENTUM_PARTS = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")  # copied as <name>_m
+
     def __init__(
         self,
         visual_encoder: VisionTransformer,
@@ -83,6 +114,9 @@ class BLIP(nn.Module):
         tie_text_decoder: bool = True,
         init_temp: float = 0.07,
         tokenizer: Optional[Any] = None,
+        momentum_encoders: bool = False,
+        momentum: float = 0.995,
+        queue_size: int = 57600,
     ):
         super().__init__()
         vision_width = visual_encoder.pos_embed.shape[-1]
@@ -100,7 +134,21 @@ class BLIP(nn.Module):
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
-        self.temp = nn.Parameter(torch.tensor(init_temp))  # ITC temperature; the losses clamp it to [0.001, 0.5]
+        self.temp = nn.Parameter(torch.tensor(init_temp))  # ITC temperature; `forward` clamps it to [0.001, 0.5]
+        self.momentum = momentum
+        self.visual_encoder_m = self.text_encoder_m = self.vision_proj_m = self.text_proj_m = self.queue = None
+        if momentum_encoders:
+            self.add_momentum_encoders(momentum, queue_size)
+
+    def add_momentum_encoders(self, momentum: float = 0.995, queue_size: int = 57600) -> None:
+        """The ITC training state: EMA copies of both encoders and projections (never trained by gradient) and a
+        queue of `queue_size` momentum features (0: none), after the online weights are final (built or loaded)."""
+        self.momentum = momentum
+        for name in self.MOMENTUM_PARTS:
+            online = self.part(name)
+            setattr(self, f"{name}_m", copy.deepcopy(online))
+            copy_params(online.parameters(), getattr(self, f"{name}_m").parameters())
+        self.queue = FeatureQueue(self.vision_proj.out_features, queue_size).to(self.temp.device)
 
     def part(self, name: str) -> nn.Module:
         """The submodule `name`, or an error saying that the checkpoint loaded into this model had none."""
@@ -147,6 +195,88 @@ class BLIP(nn.Module):
         decoder = self.part("text_decoder")
         x = decoder(tokens, padding_mask=padding_mask, context=image_tokens, is_causal=True, cache=cache)
         return self.part("lm_head")(x, decoder.embed.token_embedding.weight)  # (B, T, vocab)
+
+    # ---------------------------------------------------------------- training objectives
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        image_ids: Optional[torch.Tensor] = None,
+        alpha: float = 0.4,
+        prompt_length: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """BLIP's training losses {"itc", "itm", "lm"} (scalars, to be summed) of this rank's batch.
+
+        images (B, 3, H, W); tokens (B, T) tokenizer ids ([CLS] first, pad_id after the text), the same captions
+        for all three objectives as in BLIP's pretraining. image_ids (B,) >= 0: captions of one image are all
+        ITC positives and never ITM negatives (retrieval finetuning); None: the pairs themselves (pretraining).
+        alpha: momentum-distillation weight, ramped by the caller (`losses.alpha_ramp`). prompt_length: leading
+        decoder tokens ([DEC] included) the LM loss skips, 4 for caption finetuning on "a picture of " (BLIP).
+        A model without a text encoder (a captioning checkpoint) gives only "lm"; one without a decoder (a
+        retrieval checkpoint) only "itc" and "itm".
+        """
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_tokens = self.forward_image(images)  # (B, 1 + HW, vision_width)
+        losses = {}
+        if self.text_encoder is not None:
+            losses.update(self.itc_itm_losses(image_tokens, images, tokens, image_ids, alpha))
+        if self.text_decoder is not None:
+            logits = self.decoder_logits(tokens, image_tokens)  # (B, T, vocab), [DEC] first
+            losses["lm"] = lm_loss(logits, lm_labels(tokens, self.pad_id, prompt_length))  # label smoothing 0.1
+        return losses
+
+    def itc_itm_losses(
+        self,
+        image_tokens: torch.Tensor,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        image_ids: Optional[torch.Tensor],
+        alpha: float,
+    ) -> dict[str, torch.Tensor]:
+        """ITC with momentum distillation and the queue, then ITM on hard negatives (losses/blip.py's order)."""
+        if self.queue is None:
+            raise RuntimeError("ITC/ITM need the momentum encoders: build with momentum_encoders=True, or call "
+                               "model.add_momentum_encoders() after loading released weights")
+        batch_size = tokens.shape[0]
+        image_feat = F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)  # (B, D)
+        text_feat = F.normalize(self.text_proj(self.forward_text(tokens)[:, 0]), dim=-1)  # (B, D)
+        with torch.no_grad():
+            momentum_update(self.momentum_pairs(online=True), self.momentum_pairs(online=False), self.momentum)
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m.forward_features(images)[:, 0]), dim=-1)
+            text_states_m = self.text_encoder_m(tokens, padding_mask=tokens != self.pad_id)  # (B, T, text_width)
+            text_feat_m = F.normalize(self.text_proj_m(text_states_m[:, 0]), dim=-1)  # (B, D)
+            image_feat_m_all, text_feat_m_all = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
+        positives = None  # the diagonal at this rank's offset
+        if image_ids is not None:
+            positives = positives_from_ids(image_ids, torch.cat([all_gather_no_grad(image_ids), self.queue.idx_queue[0]]))
+        loss_itc = itc_loss(
+            image_feat, text_feat, image_feat_m_all, text_feat_m_all, self.queue.image_queue, self.queue.text_queue,
+            self.temp, alpha, offset=distributed.rank() * batch_size, positives=positives,
+        )  # fmt: skip
+        self.queue.enqueue(image_feat_m, text_feat_m, image_ids)
+
+        # ITM: one hard negative text per image and one image per text, from this rank's batch, drawn with the
+        # global RNG (reproducible from the seed the loop sets), never a caption of the same image
+        with torch.no_grad():
+            sim_i2t = image_feat @ text_feat_m.T / self.temp  # (B, B)
+            sim_t2i = text_feat @ image_feat_m.T / self.temp  # (B, B)
+        if image_ids is None:
+            local_positives = diagonal_positives(batch_size, batch_size, device=tokens.device)
+        else:
+            local_positives = positives_from_ids(image_ids, image_ids)
+        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, local_positives)  # (B,), (B,)
+        # rows: B positives, B (text_i, negative image), B (negative text, image_i), as BLIP
+        itm_tokens = torch.cat([tokens, tokens, tokens[neg_text]])  # (3B, T)
+        itm_images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])  # (3B, 1 + HW, vision_width)
+        logits = self.itm_head(self.forward_multimodal(itm_tokens, itm_images)[:, 0])  # (3B, 2)
+        return {"itc": loss_itc, "itm": itm_loss(logits[:batch_size], logits[batch_size:])}
+
+    def momentum_pairs(self, online: bool) -> list[torch.Tensor]:
+        """The online parameters of MOMENTUM_PARTS, or their momentum copies in the same order."""
+        suffix = "" if online else "_m"
+        return [param for name in self.MOMENTUM_PARTS for param in getattr(self, name + suffix).parameters()]
 
     # ---------------------------------------------------------------- inference
 
@@ -278,4 +408,7 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         enc_id=config.enc_id,
         tie_text_decoder=config.tie_text_decoder,
         tokenizer=tokenizer,
+        momentum_encoders=config.momentum_encoders,
+        momentum=config.momentum,
+        queue_size=config.queue_size,
     )

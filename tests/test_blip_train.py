@@ -1,0 +1,218 @@
+"""BLIP's training forward (models/blip.py): the three losses and their gradients, the momentum encoders' EMA
+and the feature queue, ITC against a hand-written InfoNCE, two DDP processes against one holding the whole
+batch, a short overfit on shapes images, and a state-dict round trip of the training state. BLIP-tiny."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from data.shapes import ShapesDataset
+from data.tokenizer import BertTokenizer
+from models import create_model
+from models.blip import BLIP, BLIP_MODELS, build_blip
+from tests.multiprocess import run_on_processes
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "an", "and", "on", "of", "the", "with", "in"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny ops: on a shared 2-core machine one thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shapes_batch(tmp_path, size: int) -> tuple[torch.Tensor, torch.Tensor, BertTokenizer]:
+    """`size` shapes images (B, 3, 64, 64) and their captions, tokenized with a vocabulary of their words."""
+    items = [ShapesDataset("train", image_size=64, length=size)[i] for i in range(size)]
+    words = sorted({word for item in items for word in item["caption"].lower().replace(".", " ").replace(",", " ").split()})
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB + [word for word in words if word not in VOCAB]) + "\n")
+    tokenizer = BertTokenizer(vocab, context_length=24)
+    images = torch.stack([torch.from_numpy(np.array(item["image"])).permute(2, 0, 1) for item in items])
+    images = (images.float() / 255 - 0.5) / 0.25  # (B, 3, 64, 64)
+    return images, tokenizer([item["caption"] for item in items]), tokenizer
+
+
+def tiny(tokenizer, queue_size: int = 16, seed: int = 0, **overrides) -> BLIP:
+    torch.manual_seed(seed)
+    config = dataclasses.replace(BLIP_MODELS["BLIP-tiny"], momentum_encoders=True, queue_size=queue_size, **overrides)
+    return build_blip(config, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    return shapes_batch(tmp_path_factory.mktemp("shapes"), 8)
+
+
+def test_losses_are_finite_and_only_online_parameters_get_gradients(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer)
+    losses = model(images, tokens, alpha=0.4)
+    assert sorted(losses) == ["itc", "itm", "lm"]
+    assert all(loss.ndim == 0 and loss.isfinite() for loss in losses.values())
+    sum(losses.values()).backward()
+    momentum = {name for name, _ in model.named_parameters() if name.split(".")[0].endswith("_m")}
+    assert momentum and all(name.split(".")[0] in ("visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m") for name in momentum)
+    for name, param in model.named_parameters():
+        if name in momentum:
+            assert not param.requires_grad and param.grad is None, name
+        else:
+            assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name  # DDP: all used
+
+
+def test_momentum_encoders_follow_the_ema_and_the_queue_holds_their_features(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, queue_size=16).eval()  # no dropout: the momentum features can be recomputed
+    with torch.no_grad():  # move the online weights away from the copies
+        for param in model.momentum_pairs(online=True):
+            param.add_(0.01 * torch.randn_like(param))
+    online = [p.clone() for p in model.momentum_pairs(online=True)]
+    before = [p.clone() for p in model.momentum_pairs(online=False)]
+    model(images[:4], tokens[:4])
+    for param, old, param_m in zip(online, before, model.momentum_pairs(online=False)):
+        torch.testing.assert_close(param_m, 0.995 * old + 0.005 * param)
+    model(images[4:], tokens[4:])
+    with torch.no_grad():
+        image_feat_m = F.normalize(model.vision_proj_m(model.visual_encoder_m.forward_features(images[4:])[:, 0]), dim=-1)
+        text_states_m = model.text_encoder_m(tokens[4:], padding_mask=tokens[4:] != model.pad_id)
+        text_feat_m = F.normalize(model.text_proj_m(text_states_m[:, 0]), dim=-1)
+    assert int(model.queue.ptr) == 8
+    torch.testing.assert_close(model.queue.image_queue[:, 4:8], image_feat_m.T)
+    torch.testing.assert_close(model.queue.text_queue[:, 4:8], text_feat_m.T)
+
+
+def test_itc_without_distillation_or_queue_is_infonce(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, queue_size=0).eval()  # momentum copies equal the online encoders at the first step
+    loss = model(images, tokens, alpha=0.0)["itc"]
+    with torch.no_grad():
+        image_feat, text_feat = model.encode_image(images), model.encode_text(tokens)
+        logits = image_feat @ text_feat.T / model.temp  # (B, B)
+        labels = torch.arange(len(images))
+        expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_image_ids_make_all_captions_of_an_image_positives(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, queue_size=0).eval()
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    images = images[ids]  # two captions per image
+    loss = model(images, tokens, image_ids=ids, alpha=0.0)["itc"]
+    with torch.no_grad():
+        logits = model.encode_image(images) @ model.encode_text(tokens).T / model.temp  # (B, B)
+        targets = (ids[:, None] == ids[None, :]).float() / 2
+        expected = (-(logits.log_softmax(1) * targets).sum(1).mean() - (logits.T.log_softmax(1) * targets).sum(1).mean()) / 2
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hard_negatives_follow_the_global_rng(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer).eval()
+    state = model.state_dict()
+    torch.manual_seed(5)
+    first = model(images, tokens)["itm"]
+    model.load_state_dict(state)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(images, tokens)["itm"], first, rtol=0, atol=0)
+
+
+def _ddp_step(rank, world_size, images, tokens, tokenizer):
+    model = tiny(tokenizer, queue_size=8).eval()  # same seed on every rank: the same weights and queue
+    ddp = DistributedDataParallel(model)  # find_unused_parameters=False: every trainable parameter is used
+    local = slice(rank * 2, (rank + 1) * 2)
+    losses = ddp(images[local], tokens[local])
+    sum(losses.values()).backward()
+    grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+    ddp(images[local], tokens[local])  # DDP raises here if the last backward left a parameter without gradient
+    return {name: loss.detach() for name, loss in losses.items()}, grads
+
+
+def test_two_ddp_processes_equal_one_with_the_whole_batch(batch):
+    """ITC's columns are the gathered global batch, so its loss and gradient equal one process's; ITM is
+    deterministic with two pairs per rank (each has one negative candidate) and is compared per half."""
+    images, tokens, tokenizer = batch
+    images, tokens = images[:4], tokens[:4]
+    per_rank = run_on_processes(_ddp_step, 2, images, tokens, tokenizer)
+    model = tiny(tokenizer, queue_size=8).eval()
+    itc = model(images, tokens)["itc"]
+    itc.backward()  # before the next forward, which clamps `temp` in place
+    for half in (slice(0, 2), slice(2, 4)):
+        losses = model(images[half], tokens[half])
+        ((losses["itm"] + losses["lm"]) / 2).backward()
+    torch.testing.assert_close(sum(losses["itc"] for losses, _ in per_rank) / 2, itc.detach())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            for _, grads in per_rank:  # DDP's all-reduced average, the same on both ranks
+                torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_overfit_lowers_every_loss(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, queue_size=16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.05)
+    history = []
+    for step in range(30):
+        losses = model(images, tokens, alpha=0.4 * min(1, step / 10))
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append({name: loss.item() for name, loss in losses.items()})
+    for name in ("itc", "itm", "lm"):
+        first, last = np.mean([h[name] for h in history[:3]]), np.mean([h[name] for h in history[-3:]])
+        assert last < first, f"{name}: {first:.3f} -> {last:.3f}"
+
+
+def test_state_dict_round_trip_resumes_exactly(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, queue_size=16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(model(images, tokens).values()).backward()
+        optimizer.step()
+    state = model.state_dict()
+    assert {"queue.image_queue", "queue.text_queue", "queue.idx_queue", "queue.ptr"} <= set(state)
+    assert any(key.startswith("visual_encoder_m.") for key in state) and any(key.startswith("text_proj_m.") for key in state)
+    resumed = tiny(tokenizer, queue_size=16, seed=1)
+    resumed.load_state_dict(state)  # strict
+    for key, value in state.items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    losses = []
+    for net in (model, resumed):
+        torch.manual_seed(7)  # dropout and hard negatives
+        losses.append({name: loss.detach() for name, loss in net(images, tokens).items()})
+        assert int(net.queue.ptr) == 8
+    for name in losses[0]:
+        torch.testing.assert_close(losses[1][name], losses[0][name], rtol=0, atol=0)
+
+
+def test_released_weights_get_momentum_encoders_after_loading(batch, tmp_path):
+    images, tokens, tokenizer = batch
+    torch.save({"model": create_model("BLIP-tiny", tokenizer=tokenizer).state_dict()}, tmp_path / "tiny.pth")
+    model = create_model("BLIP-tiny", pretrained=tmp_path / "tiny.pth", tokenizer=tokenizer)
+    with pytest.raises(RuntimeError, match="add_momentum_encoders"):
+        model(images, tokens)
+    model.add_momentum_encoders(queue_size=8)
+    for param, param_m in zip(model.momentum_pairs(online=True), model.momentum_pairs(online=False)):
+        assert torch.equal(param, param_m) and not param_m.requires_grad
+    assert sorted(model(images, tokens)) == ["itc", "itm", "lm"]
+
+
+def test_captioner_without_text_encoder_trains_lm_with_the_prompt_masked(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, tie_text_decoder=False).eval()
+    model.text_encoder = model.text_encoder_m = model.queue = None  # as a captioning checkpoint
+    losses = model(images, tokens, prompt_length=3)
+    assert list(losses) == ["lm"]
+    logits = model.decoder_logits(tokens, model.forward_image(images))  # (B, T, vocab)
+    labels = tokens.masked_fill(tokens == model.pad_id, -100)
+    labels[:, :3] = -100
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=0.1)
+    torch.testing.assert_close(losses["lm"], expected)
