@@ -148,6 +148,8 @@ class BLIP(nn.Module):
             online = self.part(name)
             setattr(self, f"{name}_m", copy.deepcopy(online))
             copy_params(online.parameters(), getattr(self, f"{name}_m").parameters())
+            if hasattr(online, "set_grad_checkpointing"):  # the copies run without gradient
+                getattr(self, f"{name}_m").set_grad_checkpointing(False)
         self.queue = FeatureQueue(self.vision_proj.out_features, queue_size).to(self.temp.device)
 
     def part(self, name: str) -> nn.Module:
@@ -214,7 +216,8 @@ class BLIP(nn.Module):
         alpha: momentum-distillation weight, ramped by the caller (`losses.alpha_ramp`). prompt_length: leading
         decoder tokens ([DEC] included) the LM loss skips, 4 for caption finetuning on "a picture of " (BLIP).
         A model without a text encoder (a captioning checkpoint) gives only "lm"; one without a decoder (a
-        retrieval checkpoint) only "itc" and "itm".
+        retrieval checkpoint) only "itc" and "itm". Each call updates the momentum encoders and the queue, and
+        clamps `temp` in place (as BLIP): run backward before the next call.
         """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -259,9 +262,9 @@ class BLIP(nn.Module):
 
         # ITM: one hard negative text per image and one image per text, from this rank's batch, drawn with the
         # global RNG (reproducible from the seed the loop sets), never a caption of the same image
-        with torch.no_grad():
-            sim_i2t = image_feat @ text_feat_m.T / self.temp  # (B, B)
-            sim_t2i = text_feat @ image_feat_m.T / self.temp  # (B, B)
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):  # logits up to 1000: float32
+            sim_i2t = image_feat.float() @ text_feat_m.float().T / self.temp  # (B, B)
+            sim_t2i = text_feat.float() @ image_feat_m.float().T / self.temp  # (B, B)
         if image_ids is None:
             local_positives = diagonal_positives(batch_size, batch_size, device=tokens.device)
         else:

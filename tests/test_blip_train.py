@@ -196,13 +196,26 @@ def test_state_dict_round_trip_resumes_exactly(batch):
 def test_released_weights_get_momentum_encoders_after_loading(batch, tmp_path):
     images, tokens, tokenizer = batch
     torch.save({"model": create_model("BLIP-tiny", tokenizer=tokenizer).state_dict()}, tmp_path / "tiny.pth")
-    model = create_model("BLIP-tiny", pretrained=tmp_path / "tiny.pth", tokenizer=tokenizer)
+    model = create_model("BLIP-tiny", pretrained=tmp_path / "tiny.pth", tokenizer=tokenizer, grad_checkpointing=True)
     with pytest.raises(RuntimeError, match="add_momentum_encoders"):
         model(images, tokens)
     model.add_momentum_encoders(queue_size=8)
     for param, param_m in zip(model.momentum_pairs(online=True), model.momentum_pairs(online=False)):
         assert torch.equal(param, param_m) and not param_m.requires_grad
-    assert sorted(model(images, tokens)) == ["itc", "itm", "lm"]
+    assert model.visual_encoder.transformer.grad_checkpointing and not model.visual_encoder_m.transformer.grad_checkpointing
+    assert not model.text_encoder_m.transformer.grad_checkpointing
+    losses = model(images, tokens)
+    assert sorted(losses) == ["itc", "itm", "lm"]
+    sum(losses.values()).backward()
+
+
+def test_bfloat16_autocast_gives_finite_losses(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images[:4], tokens[:4])
+    assert all(loss.dtype == torch.float32 and loss.isfinite() for name, loss in losses.items() if name != "lm")
+    assert losses["lm"].isfinite()
 
 
 def test_captioner_without_text_encoder_trains_lm_with_the_prompt_masked(batch):
@@ -216,3 +229,13 @@ def test_captioner_without_text_encoder_trains_lm_with_the_prompt_masked(batch):
     labels[:, :3] = -100
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=0.1)
     torch.testing.assert_close(losses["lm"], expected)
+
+
+def test_retriever_without_decoder_trains_itc_and_itm(batch):
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer)
+    model.text_decoder = model.lm_head = None  # as a retrieval checkpoint
+    losses = model(images[:4], tokens[:4])
+    assert sorted(losses) == ["itc", "itm"]
+    sum(losses.values()).backward()
+    assert all(param.grad is not None for param in model.parameters() if param.requires_grad)
