@@ -7,13 +7,15 @@ Features: eval.encode_images over data.eval_loader (evaluation preprocessing, L2
 once per split; every fit below reuses them).
 
 Classifier: L2-regularised multinomial logistic regression with a bias, minimising
-    J(W, b) = (1/n) sum_i cross_entropy(W x_i + b, y_i) + (lambda / 2) ||W||^2     (b not penalised)
+    J(W, b) = sum_i cross_entropy(W x_i + b, y_i) + (lambda / 2) ||W||^2     (b not penalised)
+(computed as J / n, the same minimiser on a scale that does not grow with n)
 with torch's L-BFGS (strong Wolfe line search) in float64, from W = 0 or a warm start, until the largest
 gradient entry is below GRAD_TOLERANCE (1e-8) or MAX_ITER iterations (W is optimised as
-W / sqrt(max(lambda, 1)), which keeps strongly regularised problems well conditioned). The tests find
+W / sqrt(max(lambda / n, 1)), which keeps strongly regularised problems well conditioned). The tests find
 coefficients and probabilities within 1e-5 and 1e-6 of sklearn's at tol=1e-12. This is scikit-learn's
-LogisticRegression(C, solver="lbfgs") (multinomial for 3+ classes) with C = 1 / (lambda * n): sklearn
-minimises C * sum_i loss_i + ||W||^2 / 2, the same function times C * n. The bias is reported centred
+LogisticRegression(C, solver="lbfgs") (multinomial for 3+ classes) with C = 1 / lambda: sklearn
+minimises C * sum_i loss_i + ||W||^2 / 2, the same function times C; so lambda is on the scale of the
+paper's sweep, whose released example uses sklearn with C = 0.316. The bias is reported centred
 (mean 0 over classes), which changes no probability.
 
 Regularisation: lambda is chosen by validation accuracy with the paper's parametric binary search over
@@ -28,8 +30,9 @@ drawn with seeds[0]. Results are reported on `test_spec`, or on `val_spec` when 
 val_spec is never used to choose lambda, which comes from the held-out part of train).
 
 k-shot probes: for each k in `shots` and each seed, exactly k training images of every class (drawn
-by a generator seeded with the seed; classes without training images are left out), lambda chosen as above on the validation features, no refit
-(the validation images would add shots); mean and standard deviation (ddof 0) over seeds.
+by a generator seeded with the seed; classes without training images are left out), lambda chosen as
+above on the validation features, no refit (the validation images would add shots); mean and standard
+deviation (ddof 0) over seeds.
 
 Metrics, all in percent: top-1 accuracy, macro F1 (the mean of per-class F1 over the classes present
 in the labels or the predictions, as sklearn.metrics.f1_score(average="macro")), per-class precision
@@ -53,12 +56,13 @@ LOG_RANGE = (-6, 6)  # decades
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lam: float,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iter: int = MAX_ITER,
                  tolerance: float = GRAD_TOLERANCE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (C, D), b (C,)) minimising the mean cross-entropy + lam / 2 * ||W||^2, in float64."""
+    """(W (C, D), b (C,)) minimising the summed cross-entropy + lam / 2 * ||W||^2, in float64."""
     x = features.double()
     dim = x.shape[1]
     # W = scale * V: the same minimiser, but with lambda up to 1e6 the penalty's curvature on W would be
     # ~1e6 times the bias's, and L-BFGS would crawl on the bias; in V both are O(1)
-    scale = 1.0 / math.sqrt(max(lam, 1.0))
+    penalty = lam / len(labels)  # of J / n
+    scale = 1.0 / math.sqrt(max(penalty, 1.0))
     params = torch.zeros(num_classes * (dim + 1), dtype=torch.float64, device=x.device)
     if init is not None:
         params[: num_classes * dim] = init[0].reshape(-1).to(params) / scale
@@ -70,7 +74,8 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     def closure():
         optimizer.zero_grad()
         weight = scale * params[: num_classes * dim].view(num_classes, dim)
-        loss = F.cross_entropy(x @ weight.T + params[num_classes * dim:], labels) + 0.5 * lam * weight.pow(2).sum()
+        logits = x @ weight.T + params[num_classes * dim:]  # (N, C)
+        loss = F.cross_entropy(logits, labels) + 0.5 * penalty * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -186,7 +191,7 @@ def probe_features(train: tuple, val: tuple, test: tuple, num_classes: int, shot
         final_x, final_y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
     weight, bias = fit_logistic(final_x, final_y, num_classes, lam)
     results = classification_report(predict(weight, bias, test[0]).argmax(-1), test[1], num_classes)
-    results.update(**{"lambda": lam, "sklearn_C": 1 / (lam * len(final_y)), "sweep": sweep,
+    results.update(**{"lambda": lam, "sklearn_C": 1 / lam, "sweep": sweep,
                       "num_train": len(final_y), "num_val": len(val[1]), "num_test": len(test[1])})
     if shots:
         results["shots"] = {}

@@ -108,7 +108,8 @@ def read_ppm_stream(data: bytes) -> list[Image.Image]:
     return frames
 
 
-def run_ffmpeg(path: str, input_args: list[str], filters: str, max_frames: int | None = None) -> list[tuple[float, Image.Image]]:
+def run_ffmpeg(path: str, input_args: list[str], filters: str,
+               max_frames: int | None = None) -> list[tuple[float, Image.Image]]:
     """(time in seconds from the seek point, frame) for each frame the filter chain lets through."""
     # -vsync vfr: pass the selected frames on as they are (the pipe muxer would otherwise repeat frames to
     # a constant rate); spelled the old way, which ffmpeg 4 to 7 all accept

@@ -170,7 +170,8 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path):
     (folder / "empty.webp").write_bytes(b"")
     summary, lines = build(ColourModel(), folder, index)
     assert summary["rows"] == 1
-    assert set(summary["skipped"]) == {str(folder / name) for name in ("not_an_image.jpg", "truncated.png", "empty.webp")}
+    unreadable = ("not_an_image.jpg", "truncated.png", "empty.webp")
+    assert set(summary["skipped"]) == {str(folder / name) for name in unreadable}
     assert all(any(path in line for line in lines) for path in summary["skipped"])
     assert search.load_index(str(index))["skipped"] == summary["skipped"]
 
