@@ -18,6 +18,10 @@ class ModelConfig:
     drop_path: float = 0.0
     sync_bn: bool = False  # BatchNorm statistics over all processes (the ResNet towers), so any world size trains one model
     init_temperature: float = 0.0  # softmax temperature at init; 0: the loss's default (clip 0.07, siglip 0.1)
+    blip_momentum: float = 0.995  # BLIP: EMA rate of the momentum encoders
+    blip_queue_size: int = -1  # BLIP: momentum features kept for ITC (a multiple of the global batch); -1: the preset's
+    blip_alpha: float = 0.4  # BLIP: momentum-distillation weight, ramped from 0 over blip_alpha_steps
+    blip_alpha_steps: int = 0  # 0: two epochs of data.train (BLIP's ramp), or train.steps // 10 for a stream
 
 
 @dataclass

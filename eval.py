@@ -28,11 +28,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import probe
 from config import Config, ConfigError, config_from_dict, load_config, parse_overrides
 from data import build_dataset, eval_loader, retrieval_loader
 from data.templates import load_classnames, load_templates
 from data.tokenizer import ClipTokenizer, tokenizer_from_bytes
-from models import MODELS, create_model
+from models import MODELS, create_model, model_from_config
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
@@ -137,14 +138,12 @@ def evaluate_all(cfg, model, tokenizer, device) -> dict:
 
 def load_checkpoint(path: str, device="cpu"):
     """(config, model, tokenizer) from a train.py checkpoint; needs no other file."""
-    import train
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint: no file at '{path}'")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     cfg = config_from_dict(checkpoint["config"])
     tokenizer = tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
-    model = train.build_model(cfg, tokenizer)
+    model = model_from_config(cfg, tokenizer)
     model.load_state_dict(checkpoint["model"])
     return cfg, model.to(device).eval(), tokenizer
 
@@ -179,6 +178,16 @@ def load_pretrained(name: str, pretrained: str, bpe: str | None, device="cpu"):
     return cfg, model.to(device).eval(), tokenizer
 
 
+def linear_probe_task(args, model, tokenizer, spec: str, cfg) -> dict:
+    """eval.py --task linear_probe: probe.py's CLIP-paper probe; a confusion-matrix PNG beside --out."""
+    plot_path = os.path.splitext(args.out)[0] + "_confusion.png" if args.out else None
+    if not args.data or (args.val is None and args.test is None):
+        raise ValueError("--task linear_probe needs --data (the training split) and --val or --test (labelled splits)")
+    return probe.linear_probe(model, tokenizer, spec, args.val, cfg.data.image_size, args.device, cfg.data,
+                              test_spec=args.test, shots=args.shots, seeds=tuple(args.seeds),
+                              batch_size=args.batch_size, workers=args.workers, plot_path=plot_path)
+
+
 def print_table(title: str, results: dict) -> None:
     print(title)
     width = max(len(name) for name in results)
@@ -193,8 +202,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint")
     parser.add_argument("--bpe", help=f"with --model: the CLIP vocabulary {BPE_FILE} "
                                       "(default: next to --pretrained, else open_clip's copy when installed)")
-    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval"))
-    parser.add_argument("--data", help="dataset spec (default: the run's data.val)")
+    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", "linear_probe"))
+    parser.add_argument("--data", help="dataset spec (default: the run's data.val); linear_probe: the training split")
+    parser.add_argument("--val", help="linear_probe: the split that chooses the L2 strength (default: 20%% of --data)")
+    parser.add_argument("--test", help="linear_probe: the split reported on (default: --val)")
+    parser.add_argument("--shots", type=int, nargs="*", default=None,
+                        help="linear_probe: also k-shot probes with k images per class, e.g. --shots 1 2 4 8 16")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="linear_probe: k-shot draws")
     parser.add_argument("--templates", help="zero-shot prompts: imagenet, shapes, or a file with one per line")
     parser.add_argument("--classnames", help="zero-shot class names: imagenet, or a file with one per line "
                                              "in class-index order (default: the dataset's own)")
@@ -225,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
         autocast = torch.autocast(torch.device(args.device).type, dtype) if dtype else contextlib.nullcontext()
         with autocast:
-            if args.task == "zeroshot":
+            if args.task == "linear_probe":
+                results = linear_probe_task(args, model, tokenizer, spec, cfg)
+            elif args.task == "zeroshot":
                 results = zeroshot(model, tokenizer, spec, cfg.data.image_size, args.device,
                                    args.templates or cfg.eval.templates, args.batch_size, args.classnames,
                                    args.workers, cfg.data)
@@ -236,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"eval.py: {error}")
     source = {"checkpoint": args.checkpoint} if args.checkpoint else {"model": args.model,
                                                                       "pretrained": args.pretrained}
-    print_table(f"{args.task} on {spec} ({', '.join(f'{k} {v}' for k, v in source.items())})", results)
+    table = probe.scalar_metrics(results) if args.task == "linear_probe" else results
+    print_table(f"{args.task} on {spec} ({', '.join(f'{k} {v}' for k, v in source.items())})", table)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"task": args.task, "data": spec, **source, **results}, f, indent=2)

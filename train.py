@@ -31,8 +31,9 @@ from data.bad_samples import BadSampleCount
 from data.tokenizer import (TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
                             train_sentencepiece)
 from losses import clip_loss, siglip_loss
-from models import MODELS, create_model
-from models.batchnorm import convert_sync_batchnorm
+from models import BLIP_MODELS, MODELS, model_from_config, model_inputs
+
+ALL_MODELS = {**MODELS, **BLIP_MODELS}
 
 MAX_LOGIT_SCALE = math.log(100)  # OpenAI clamps the learned log-temperature to [0, ln 100] after each step
 
@@ -61,28 +62,11 @@ def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> Senten
 def resolve_presets(cfg):
     """data.image_size and data.context_length left at 0 take the model preset's (ViT-B-32: 224 and 77), so
     the saved config says what was used."""
-    preset = MODELS.get(cfg.model.name)
-    if preset is not None:
-        cfg.data.image_size = cfg.data.image_size or preset.image_size
-        cfg.data.context_length = cfg.data.context_length or preset.context_length
+    if cfg.model.name in ALL_MODELS:
+        image_size, context_length = model_inputs(cfg.model.name)
+        cfg.data.image_size = cfg.data.image_size or image_size
+        cfg.data.context_length = cfg.data.context_length or context_length
     return cfg
-
-
-def build_model(cfg, tokenizer) -> torch.nn.Module:
-    extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
-    if cfg.model.init_temperature:
-        extra["init_logit_scale"] = math.log(1 / cfg.model.init_temperature)
-    model = create_model(
-        cfg.model.name,
-        image_size=cfg.data.image_size,
-        vocab_size=tokenizer.vocab_size,
-        context_length=tokenizer.context_length,
-        pad_id=tokenizer.pad_id,
-        grad_checkpointing=cfg.model.grad_checkpointing,
-        drop_path=cfg.model.drop_path,
-        **extra,
-    )
-    return convert_sync_batchnorm(model) if cfg.model.sync_bn else model
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -134,8 +118,14 @@ def compute_loss(cfg, image_features, text_features, logit_scale, logit_bias) ->
     return clip_loss(image_features, text_features, logit_scale, impl=cfg.loss.impl)
 
 
-def train_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Tensor:
-    """Forward and backward over one global batch (this process's share); returns the local loss."""
+def train_step(cfg, model, micro_batches, device, autocast, scaler) -> dict[str, torch.Tensor]:
+    """Forward and backward over one global batch (this process's share); returns its named losses (local,
+    detached; train.py logs each and their sum). CLIP: one contrastive loss, `clip` or `siglip`."""
+    return {cfg.loss.name: contrastive_step(cfg, model, micro_batches, device, autocast, scaler)}
+
+
+def contrastive_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Tensor:
+    """The contrastive loss over the global batch, exactly also under accumulation (see below)."""
     def forward(batch):
         return model(batch["image"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True))
 
@@ -177,9 +167,9 @@ MINIMUMS = {
 
 def check_config(cfg, world_size: int = 1) -> str | None:
     """What is wrong with the values of a config (its keys and types are checked on loading), or None."""
-    if cfg.model.name not in MODELS:
-        close = difflib.get_close_matches(cfg.model.name, MODELS, n=3, cutoff=0.4)
-        return f"model.name: unknown model '{cfg.model.name}'; closest presets: {', '.join(close or sorted(MODELS))}"
+    if cfg.model.name not in ALL_MODELS:
+        close = difflib.get_close_matches(cfg.model.name, ALL_MODELS, n=3, cutoff=0.4)
+        return f"model.name: unknown model '{cfg.model.name}'; closest presets: {', '.join(close or sorted(ALL_MODELS))}"
     for key, minimum in MINIMUMS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -239,19 +229,20 @@ def load_run_config(args, overrides: list[str]):
     line's dotted overrides on top, e.g. `--resume --train.steps=2000` to train longer; the keys that changed
     are printed. `--resume auto` starts fresh when out_dir holds no checkpoint yet (a scheduler's restart)."""
     cfg = load_config(args.config, overrides)  # also names out_dir, where the checkpoint is
+    main_process = os.environ.get("RANK", "0") == "0"  # the process group does not exist yet
     if not args.resume:
         return cfg, None
     path = args.resume if args.resume not in ("auto", RESUME_OUT_DIR) else os.path.join(cfg.out_dir, "checkpoint.pt")
     if not os.path.exists(path):
         if args.resume == "auto":
-            if distributed.is_main():
+            if main_process:
                 print(f"--resume auto: no checkpoint at '{path}' yet; starting a new run", flush=True)
             return cfg, None
         raise FileNotFoundError(f"--resume: no checkpoint at '{path}'")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved = resolve_presets(config_from_dict(checkpoint["config"]))
     resumed = apply_overrides(saved, overrides)
-    if distributed.is_main():
+    if main_process:
         changed = differences(saved, resumed)
         print(f"resuming {path} with its own config" + ("; changed: " if changed else "") +
               ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed), flush=True)
@@ -292,10 +283,12 @@ def main(argv: list[str] | None = None) -> dict:
     problem = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if problem:
         sys.exit(f"config error: {problem}")
+    sigterm_handler = signal.getsignal(signal.SIGTERM)  # train() answers SIGTERM with a checkpoint meanwhile
     try:
         return train(cfg, checkpoint)
     finally:  # every way out (the end, an error, sys.exit, SIGTERM) stops the data workers
         shutdown_workers()
+        signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 def train(cfg, checkpoint: dict | None) -> dict:
@@ -309,7 +302,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
-    model = build_model(cfg, tokenizer).to(device)
+    model = model_from_config(cfg, tokenizer).to(device)
     model.logit_scale.requires_grad_(cfg.train.learn_temperature)  # before the optimizer, which skips frozen ones
     optimizer = build_optimizer(model, cfg.train)
     if cfg.train.precision == "fp16" and device.type != "cuda":
@@ -373,7 +366,8 @@ def train(cfg, checkpoint: dict | None) -> dict:
         for batch in micro_batches:
             bad_samples.add_batch(batch)
         scale = raw_model.logit_scale.detach().exp()  # the temperature multiplier this step's loss uses
-        loss = train_step(cfg, model, micro_batches, device, autocast, scaler)
+        losses = train_step(cfg, model, micro_batches, device, autocast, scaler)
+        loss = sum(losses.values())
         if not torch.isfinite(loss):
             sys.exit(f"non-finite loss {loss.item()} at step {step} (lr {lr:.3g}) on rank {rank}; "
                      f"try a lower train.lr or train.precision=bf16")
@@ -388,21 +382,24 @@ def train(cfg, checkpoint: dict | None) -> dict:
         step += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            mean_loss = distributed.all_reduce_mean(loss.float()).item()
+            named = distributed.all_reduce_mean(torch.stack([value.float() for value in losses.values()])).tolist()
+            named, mean_loss = dict(zip(losses, named)), sum(named)
             bad = bad_samples.summed_over_ranks()  # since the start of this run, over all ranks
             if main_process:
                 elapsed, steps_done = time.time() - interval_start, step - interval_start_step
                 samples_per_s = steps_done * cfg.train.batch_size / elapsed
                 eta = (cfg.train.steps - step) * elapsed / steps_done
                 bad_text = f" bad {bad.bad}/{bad.seen} ({100 * bad.fraction:.2f}%)" if bad.bad else ""
-                print(f"step {step}/{cfg.train.steps} loss {mean_loss:.4f} lr {lr:.3g} scale {scale.item():.1f} "
+                parts = "".join(f" {name} {value:.4f}" for name, value in named.items()) if len(named) > 1 else ""
+                print(f"step {step}/{cfg.train.steps} loss {mean_loss:.4f}{parts} lr {lr:.3g} scale {scale.item():.1f} "
                       f"grad_norm {grad_norm.item():.2f} {samples_per_s:.0f} samples/s eta {eta / 60:.1f} min"
                       f"{bad_text}", flush=True)
                 for example in [e for e in bad.examples if e not in bad_reported]:
                     print(f"bad sample skipped: {example}", flush=True)
                     bad_reported.add(example)
                 for name, value in (("loss", mean_loss), ("lr", lr), ("logit_scale", scale.item()),
-                                    ("grad_norm", grad_norm.item()), ("samples_per_s", samples_per_s)):
+                                    ("grad_norm", grad_norm.item()), ("samples_per_s", samples_per_s),
+                                    *((f"loss_{name}", value) for name, value in named.items() if len(named) > 1)):
                     writer.add_scalar(f"train/{name}", value, step)
                 writer.add_scalar("data/bad_samples", bad.bad, step)
                 writer.add_scalar("data/bad_fraction", bad.fraction, step)

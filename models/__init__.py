@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from models import convert
+from models.batchnorm import convert_sync_batchnorm
 from models.blip import BLIP, BLIP_MODELS, build_blip
 from models.clip import CLIP
 from models.layers import get_act_layer
@@ -93,7 +94,8 @@ def infer_preset(state_dict: dict) -> Optional[str]:
     return None
 
 
-BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "grad_checkpointing", "tokenizer")
+BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "grad_checkpointing", "tokenizer",
+                  "momentum_encoders", "momentum", "queue_size")
 
 
 def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> Union[CLIP, BLIP]:
@@ -123,6 +125,39 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def model_inputs(name: str) -> tuple[int, int]:
+    """(image size, text context length) a preset was built for: what a run uses unless its config says."""
+    if name in BLIP_MODELS:
+        return BLIP_MODELS[name].image_size, BLIP_TEXT_LENGTH
+    return MODELS[name].image_size, MODELS[name].context_length
+
+
+BLIP_TEXT_LENGTH = 35  # BLIP's text max_length for retrieval (30 in pretraining); BERT's positions allow 512
+
+
+def model_from_config(cfg, tokenizer) -> torch.nn.Module:
+    """The model a run config (config.Config) describes, for a tokenizer: train.py and eval.py build through here."""
+    if cfg.model.name in BLIP_MODELS:  # with its momentum encoders and queue: training runs ITC and ITM
+        queue_size = cfg.model.blip_queue_size if cfg.model.blip_queue_size >= 0 else BLIP_MODELS[cfg.model.name].queue_size
+        return create_model(cfg.model.name, image_size=cfg.data.image_size, drop_path=cfg.model.drop_path,
+                            grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
+                            momentum_encoders=True, momentum=cfg.model.blip_momentum, queue_size=queue_size)
+    extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
+    if cfg.model.init_temperature:
+        extra["init_logit_scale"] = math.log(1 / cfg.model.init_temperature)
+    model = create_model(
+        cfg.model.name,
+        image_size=cfg.data.image_size,
+        vocab_size=tokenizer.vocab_size,
+        context_length=tokenizer.context_length,
+        pad_id=tokenizer.pad_id,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+        drop_path=cfg.model.drop_path,
+        **extra,
+    )
+    return convert_sync_batchnorm(model) if cfg.model.sync_bn else model
 
 
 def build_model(config: CLIPConfig) -> CLIP:
@@ -216,9 +251,11 @@ def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **over
         config = dataclasses.replace(
             config, tie_text_decoder=_text_decoder_is_tied(state_dict), vision_eps=vision_eps or config.vision_eps
         )
-        with torch.device("meta"):
-            model = build_blip(config, tokenizer=tokenizer)
+        with torch.device("meta"):  # released weights hold no momentum copies: those start from the loaded ones
+            model = build_blip(dataclasses.replace(config, momentum_encoders=False), tokenizer=tokenizer)
         load_pretrained_blip(model, name, state_dict, pretrained)
+        if config.momentum_encoders:
+            model.add_momentum_encoders(config.momentum, config.queue_size)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

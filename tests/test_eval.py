@@ -225,3 +225,17 @@ def test_eval_preprocessing_equals_open_clips(mode):
     image = Image.fromarray(pixels.numpy()).convert(mode)
     ours = image_transform(224, train=False)(image)
     assert torch.equal(ours, open_clip.image_transform(224, is_train=False)(image))
+
+
+def test_linear_probe_command_line(tmp_path, tokenizer_path):  # noqa: F811
+    train.main(small_run(tmp_path / "run", tokenizer_path, "--train.steps=2"))
+    checkpoint, out = str(tmp_path / "run" / "checkpoint.pt"), tmp_path / "probe.json"
+    # the probe itself is tested against scikit-learn in tests/test_probe.py; here the command line around it
+    results = evaluation.main(["--checkpoint", checkpoint, "--task", "linear_probe", "--data", "shapes:train:144",
+                               "--val", "shapes:val:72", "--shots", "1", "--seeds", "3", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["top1"] == results["top1"] and written["num_classes"] == 36 and written["num_test"] == 72
+    assert len(written["confusion_matrix"]) == 36 and sum(map(sum, written["confusion_matrix"])) == 72
+    assert [run["seed"] for run in written["shots"]["1"]["runs"]] == [3]
+    with pytest.raises(SystemExit, match="needs --data"):
+        evaluation.main(["--checkpoint", checkpoint, "--task", "linear_probe", "--data", "shapes:train:36"])

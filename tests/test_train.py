@@ -196,7 +196,7 @@ def test_a_preset_brings_its_input_size_and_context_length():
 
     cfg = train.resolve_presets(load_config(None, ["--model.name=ViT-B-32"]))
     with torch.device("meta"):
-        model = train.build_model(cfg, Tokenizer())
+        model = train.model_from_config(cfg, Tokenizer())
     assert model.visual.image_size == 224 and model.text.context_length == 77
 
 
@@ -228,7 +228,7 @@ def test_logit_scale_is_clamped_after_the_step_and_logged_as_used(tmp_path, toke
 
     run = small_run(tmp_path, tokenizer_path, "--train.steps=2", "--model.name=ViT-tiny", "--train.lr=0.5",
                     "--train.warmup_steps=1")
-    real_build = train.build_model
+    real_build = train.model_from_config
 
     def build_with_a_large_scale(cfg, tokenizer):
         model = real_build(cfg, tokenizer)
@@ -236,11 +236,11 @@ def test_logit_scale_is_clamped_after_the_step_and_logged_as_used(tmp_path, toke
             model.logit_scale.fill_(math.log(150.0))  # above the clamp: the first step must still use it
         return model
 
-    train.build_model = build_with_a_large_scale
+    train.model_from_config = build_with_a_large_scale
     try:
         train.main(run)
     finally:
-        train.build_model = real_build
+        train.model_from_config = real_build
     scales = [float(s) for s in re.findall(r"^step \d+/2 .* scale ([\d.]+)", capsys.readouterr().out, re.M)]
     assert scales[0] == pytest.approx(150.0, abs=0.05) and scales[1] <= 100.0 + 1e-3
     assert final_weights(tmp_path)["logit_scale"].item() <= math.log(100) + 1e-6
@@ -275,3 +275,10 @@ def test_fixed_temperature_stays_and_learned_one_moves(tmp_path, tokenizer_path)
     fixed, learned = final_weights(tmp_path / "fixed"), final_weights(tmp_path / "learned")
     assert fixed["logit_scale"].item() == pytest.approx(math.log(5.0), abs=1e-6)
     assert abs(learned["logit_scale"].item() - math.log(5.0)) > 1e-5
+
+
+def test_sigterm_handler_is_restored_after_a_run(tmp_path, tokenizer_path):
+    # a library user's (or pytest's) process must still die on SIGTERM after train.main returns
+    before = signal.getsignal(signal.SIGTERM)
+    train.main(small_run(tmp_path, tokenizer_path, "--train.steps=1", "--model.name=ViT-tiny", "--data.heldout="))
+    assert signal.getsignal(signal.SIGTERM) is before
