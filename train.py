@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -54,9 +55,13 @@ def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> Senten
             raise FileNotFoundError(f"data.tokenizer_path: no sentencepiece model at '{path}'")
         if distributed.is_main():
             texts = captions(cfg.data.train, cfg.data.tokenizer_captions, cfg.data, cfg.seed)
-            train_sentencepiece(texts, path, cfg.data.vocab_size)
+            train_sentencepiece(texts, path, cfg.data.vocab_size, blip_tokens=is_blip(cfg))  # BLIP: [DEC], [ENC]
         distributed.barrier()
     return SentencePieceTokenizer(path, context_length=cfg.data.context_length)
+
+
+def is_blip(cfg) -> bool:
+    return cfg.model.name in BLIP_MODELS
 
 
 def resolve_presets(cfg):
@@ -112,16 +117,44 @@ def running_stats_kept(model: torch.nn.Module):
                 getattr(module, name).copy_(buffer)
 
 
+def temperature_parameter(model: torch.nn.Module) -> torch.nn.Parameter:
+    """CLIP's log-scale `logit_scale`, or BLIP's `temp` (the temperature itself)."""
+    return model.temp if hasattr(model, "temp") else model.logit_scale
+
+
+def logit_multiplier(model: torch.nn.Module) -> torch.Tensor:
+    """1 / temperature: what the contrastive loss multiplies cosine similarities by."""
+    return 1 / model.temp.detach().clamp(0.001, 0.5) if hasattr(model, "temp") else model.logit_scale.detach().exp()
+
+
 def compute_loss(cfg, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
     if cfg.loss.name == "siglip":
         return siglip_loss(image_features, text_features, logit_scale, logit_bias)
     return clip_loss(image_features, text_features, logit_scale, impl=cfg.loss.impl)
 
 
-def train_step(cfg, model, micro_batches, device, autocast, scaler) -> dict[str, torch.Tensor]:
+def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 0) -> dict[str, torch.Tensor]:
     """Forward and backward over one global batch (this process's share); returns its named losses (local,
-    detached; train.py logs each and their sum). CLIP: one contrastive loss, `clip` or `siglip`."""
-    return {cfg.loss.name: contrastive_step(cfg, model, micro_batches, device, autocast, scaler)}
+    detached; train.py logs each and their sum). A model family turns a batch into its losses: CLIP one
+    contrastive loss (`clip` or `siglip`), BLIP `itc`, `itm` and `lm`."""
+    if not is_blip(cfg):
+        return {cfg.loss.name: contrastive_step(cfg, model, micro_batches, device, autocast, scaler)}
+    (batch,) = micro_batches  # check_config: BLIP trains without accumulation
+    with autocast:
+        losses = model(batch["image"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True),
+                       image_ids=image_ids(batch["key"]).to(device), alpha=blip_alpha(cfg, step))
+    scaler.scale(sum(losses.values())).backward()
+    return {name: value.detach() for name, value in losses.items()}
+
+
+def image_ids(keys: list[str]) -> torch.Tensor:
+    """An id per sample's image (its path; a shapes index): BLIP counts every caption of an image as a positive."""
+    return torch.tensor([zlib.crc32(key.encode()) & 0x7FFFFFFF for key in keys])
+
+
+def blip_alpha(cfg, step: int) -> float:
+    """BLIP's momentum-distillation weight, ramped linearly from 0 over model.blip_alpha_steps."""
+    return cfg.model.blip_alpha * min(1.0, step / max(1, cfg.model.blip_alpha_steps))
 
 
 def contrastive_step(cfg, model, micro_batches, device, autocast, scaler) -> torch.Tensor:
@@ -181,6 +214,12 @@ def check_config(cfg, world_size: int = 1) -> str | None:
     if cfg.train.batch_size % per_step:
         return (f"train.batch_size={cfg.train.batch_size} must divide evenly into {world_size} processes x "
                 f"{cfg.train.accum_steps} accumulation steps (train.accum_steps); e.g. {per_step * max(1, round(cfg.train.batch_size / per_step))}")
+    if is_blip(cfg):
+        if cfg.train.accum_steps != 1:
+            return ("train.accum_steps must be 1 for BLIP: every forward updates the momentum encoders and the "
+                    "feature queue, so micro-batches cannot be cached and re-run as CLIP's exact accumulation does")
+        if cfg.data.tokenizer == "clip":
+            return "data.tokenizer=clip has no [DEC] and [ENC] tokens for BLIP; use bert or sentencepiece"
     choices = {"train.precision": ("fp32", "bf16", "fp16"), "loss.name": ("clip", "siglip"),
                "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
@@ -283,6 +322,12 @@ def main(argv: list[str] | None = None) -> dict:
     problem = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if problem:
         sys.exit(f"config error: {problem}")
+    if is_blip(cfg) and not cfg.model.blip_alpha_steps:  # BLIP ramps alpha over its first two epochs
+        if cfg.data.train.startswith("wds:"):
+            cfg.model.blip_alpha_steps = max(1, cfg.train.steps // 10)  # a stream has no epoch length
+        else:
+            size = len(build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed, cfg.data))
+            cfg.model.blip_alpha_steps = max(1, 2 * size // cfg.train.batch_size)
     sigterm_handler = signal.getsignal(signal.SIGTERM)  # train() answers SIGTERM with a checkpoint meanwhile
     try:
         return train(cfg, checkpoint)
@@ -303,7 +348,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
     model = model_from_config(cfg, tokenizer).to(device)
-    model.logit_scale.requires_grad_(cfg.train.learn_temperature)  # before the optimizer, which skips frozen ones
+    temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)  # before the optimizer: it skips frozen ones
     optimizer = build_optimizer(model, cfg.train)
     if cfg.train.precision == "fp16" and device.type != "cuda":
         sys.exit("config error: train.precision=fp16 needs a GPU (its grad scaler); use bf16 on CPU")
@@ -321,8 +366,9 @@ def train(cfg, checkpoint: dict | None) -> dict:
         if main_process:
             print(f"resumed from step {step}", flush=True)
     raw_model = model
-    if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world_size > 1:  # BLIP's feature queue is the same on every rank by construction: no need to broadcast it
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=not is_blip(cfg))
 
     stop_requested = False
 
@@ -365,8 +411,8 @@ def train(cfg, checkpoint: dict | None) -> dict:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
         for batch in micro_batches:
             bad_samples.add_batch(batch)
-        scale = raw_model.logit_scale.detach().exp()  # the temperature multiplier this step's loss uses
-        losses = train_step(cfg, model, micro_batches, device, autocast, scaler)
+        scale = logit_multiplier(raw_model)  # what this step's loss multiplies similarities by
+        losses = train_step(cfg, model, micro_batches, device, autocast, scaler, step)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             sys.exit(f"non-finite loss {loss.item()} at step {step} (lr {lr:.3g}) on rank {rank}; "
@@ -377,8 +423,9 @@ def train(cfg, checkpoint: dict | None) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # after the step, as OpenAI does: a clamp inside forward would stop its gradient
-            raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        if not is_blip(cfg):  # after the step, as OpenAI does: a clamp inside forward would stop its gradient
+            with torch.no_grad():  # (BLIP clamps its temperature at the start of each forward, as BLIP does)
+                raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         step += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:

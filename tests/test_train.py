@@ -282,3 +282,22 @@ def test_sigterm_handler_is_restored_after_a_run(tmp_path, tokenizer_path):
     before = signal.getsignal(signal.SIGTERM)
     train.main(small_run(tmp_path, tokenizer_path, "--train.steps=1", "--model.name=ViT-tiny", "--data.heldout="))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_blip_trains_through_the_same_loop(tmp_path, capsys):
+    # BLIP-tiny with a sentencepiece tokenizer trained here with [DEC] and [ENC]: three named losses, logged
+    run = ["--config", CONFIG, f"--out_dir={tmp_path}", "--model.name=BLIP-tiny", "--data.workers=0",
+           "--data.val=shapes:val:32", "--data.heldout=", "--train.batch_size=16", "--train.steps=3",
+           "--train.log_every=1", "--train.warmup_steps=1", "--data.tokenizer_captions=2000", "--data.vocab_size=256",
+           "--model.blip_queue_size=64"]
+    train.main(run)
+    out = capsys.readouterr().out
+    lines = re.findall(r"^step \d+/3 loss ([\d.]+) itc ([\d.]+) itm ([\d.]+) lm ([\d.]+)", out, re.M)
+    assert len(lines) == 3
+    for total, *parts in lines:
+        assert float(total) == pytest.approx(sum(map(float, parts)), abs=2e-4)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["config"]["model"]["blip_alpha_steps"] == 2 * 100_000 // 16  # two epochs of shapes:train
+    assert any(key.startswith("queue.") for key in checkpoint["model"])  # momentum state travels for resume
+    with pytest.raises(SystemExit, match="train.accum_steps must be 1 for BLIP"):
+        train.main([*run, "--train.accum_steps=2"])
