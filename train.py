@@ -368,7 +368,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
     raw_model = model
     if world_size > 1:  # BLIP's feature queue is the same on every rank by construction: no need to broadcast it
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=not is_blip(cfg))
+                                        forward_sync_buffers=not is_blip(cfg))
 
     stop_requested = False
 
