@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -149,10 +148,8 @@ def test_a_live_worker_iterator_does_not_hold_up_interpreter_exit(tmp_path):
         "next(batches)\n"
         "raise RuntimeError('stopped mid-epoch')\n"
     )
-    start = time.time()
-    result = run([sys.executable, "-c", script], timeout=120)
+    result = run([sys.executable, "-c", script], timeout=120)  # a hang fails here
     assert result.returncode != 0 and "stopped mid-epoch" in result.stderr
-    assert time.time() - start < 120
 
 
 def test_unreadable_evaluation_set_fails_at_start_up(tmp_path, tokenizer_path):  # noqa: F811
