@@ -7,6 +7,7 @@ Spec strings (config keys `data.train`, `data.val`, `data.heldout`, and `eval.py
     csv:PATH                  one image path and caption per row (data/csv_pairs.py)
     imagefolder:PATH          one folder of images per class, for zero-shot classification (data/imagefolder.py)
     wds:PATTERN               WebDataset tar shards, streamed; training only (data/webdataset.py)
+    vqa:QUESTIONS[#ANNOTATIONS]  VQAv2 questions (and answers) over COCO images; evaluation only (data/vqa.py)
 
 Determinism (map-style specs, all but wds): the global batch at step s is a fixed slice of a per-epoch
 permutation seeded by (seed, epoch), and each sample's augmentation is seeded by (seed, epoch, index).
@@ -37,6 +38,7 @@ from data.image_files import ImageFiles
 from data.imagefolder import ImageFolder
 from data.shapes import ShapesDataset
 from data.transforms import image_transform
+from data.vqa import VQADataset, load_vqa
 from data.webdataset import WebDataset, check_record, expand_shards, shard_records
 
 MAX_CONSECUTIVE_BAD = 100  # a map-style item gives up (and the run stops) after this many unreadable neighbours
@@ -75,7 +77,18 @@ def _wds(argument: str, image_size: int, seed: int, options: DataConfig) -> WebD
                       draft_size=_draft_size(options, image_size))
 
 
-DATASETS = {"shapes": _shapes, "coco": _coco, "csv": _csv, "imagefolder": _imagefolder, "wds": _wds}
+def _vqa(argument: str, image_size: int, seed: int, options: DataConfig) -> VQADataset:
+    return load_vqa(argument, options.image_root, _draft_size(options, image_size))
+
+
+DATASETS = {"shapes": _shapes, "coco": _coco, "csv": _csv, "imagefolder": _imagefolder, "wds": _wds, "vqa": _vqa}
+QUESTION_ONLY = ("vqa",)  # specs without captions: neither training nor caption/retrieval evaluation
+
+
+def _check_captions(spec: str, what: str) -> None:
+    if spec.partition(":")[0] in QUESTION_ONLY:
+        raise ValueError(f"{what} '{spec}': vqa specs hold questions and answers, not captions, and serve only "
+                         f"eval.py --task vqa (training on VQA is not built)")
 
 
 def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataConfig | None = None) -> Dataset:
@@ -94,6 +107,7 @@ def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataC
 
 def captions(spec: str, limit: int | None = None, options: DataConfig | None = None, seed: int = 0) -> Iterator[str]:
     """The dataset's captions in order, without decoding any image (to train a tokenizer on)."""
+    _check_captions(spec, "captions of")
     base = build_dataset(spec, seed=seed, options=options)
     if isinstance(base, WebDataset):
         texts = _stream_captions(base.shards)
@@ -299,6 +313,7 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
     data, train = cfg.data, cfg.train
     transform = image_transform(data.image_size, train=True)
     micro = micro_batch_size(train.batch_size, world_size, train.accum_steps)
+    _check_captions(data.train, "data.train")
     kind, _, argument = data.train.partition(":")
     if kind == "wds":
         shards = expand_shards(argument)
@@ -362,20 +377,79 @@ class UniqueImages(Dataset):
                 **bad_fields}
 
 
-def retrieval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, workers: int = 0, seed: int = 0,
-                     options: DataConfig | None = None) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
-    """(loader over the unique images in order, text tokens (T, L), text_to_image (T,)).
-
-    Captions that share an image file (COCO's five per image, repeated CSV paths) map to one image;
-    datasets without files (shapes) have one caption per image.
-    """
+def _unique_images(spec: str, image_size: int, seed: int, options: DataConfig | None):
+    """(dataset of the unique images in order, all captions, text_to_image): captions that share an image file
+    (COCO's five per image, repeated CSV paths) map to one image; datasets without files (shapes) have one
+    caption per image."""
+    _check_captions(spec, "captions of")
     base = map_style_dataset(spec, image_size, seed, options)
     transform = image_transform(image_size, train=False)
     if isinstance(base, ImageFiles):
-        images, texts, text_to_image = UniqueImages(base, transform), base.texts, base.image_of
-    else:
-        images = ImageTextDataset(base, transform, seed)
-        texts = [base[i]["caption"] for i in range(len(base))]
-        text_to_image = range(len(base))
+        return UniqueImages(base, transform), list(base.texts), list(base.image_of)
+    texts = [base[i]["caption"] for i in range(len(base))]
+    return ImageTextDataset(base, transform, seed), texts, list(range(len(base)))
+
+
+def retrieval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, workers: int = 0, seed: int = 0,
+                     options: DataConfig | None = None) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
+    """(loader over the unique images in order, text tokens (T, L), text_to_image (T,)); see _unique_images."""
+    images, texts, text_to_image = _unique_images(spec, image_size, seed, options)
     loader = _loader(images, tokenizer, workers, batch_size=batch_size)
-    return loader, tokenizer(list(texts)), torch.tensor(list(text_to_image), dtype=torch.long)
+    return loader, tokenizer(texts), torch.tensor(text_to_image, dtype=torch.long)
+
+
+def caption_loader(spec: str, image_size: int, batch_size: int = 256, workers: int = 0, seed: int = 0,
+                   options: DataConfig | None = None) -> tuple[DataLoader, list[list[str]]]:
+    """(loader over the unique images in order, references): references[i] are all captions of image i (a batch's
+    `index`), the ground truth of captioning."""
+    images, texts, text_to_image = _unique_images(spec, image_size, seed, options)
+    references = [[] for _ in range(len(images))]
+    for text, image in zip(texts, text_to_image):
+        references[image].append(text)
+    return _loader(images, _no_tokens, workers, batch_size=batch_size), references
+
+
+def _no_tokens(texts: list[str]) -> None:  # Collate's tokenizer where the captions are not needed as tokens
+    return None
+
+
+def has_questions(dataset: Dataset) -> bool:
+    """Whether a dataset's items carry a question and its answer(s): shapes and vqa."""
+    return isinstance(dataset, (ShapesDataset, VQADataset))
+
+
+class Questions(Dataset):
+    """Unaugmented items (image, question, answers, question_id) of shapes or vqa; one answer is a list of one."""
+
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item, bad_fields = _read_or_next(self.base.__getitem__, index, len(self.base))
+        answers = item.get("answers", [item["answer"]] if "answer" in item else None)
+        return {"image": self.transform(item["image"]), "question": item["question"], "answers": answers,
+                "question_id": item.get("question_id", index), "key": item["key"], "index": index, **bad_fields}
+
+
+def _collate_questions(items: list[dict]) -> dict:
+    batch = {key: [item[key] for item in items] for key in ("question", "answers", "question_id", "key")}
+    batch["image"] = torch.stack([item["image"] for item in items])
+    batch["bad"] = torch.tensor([item["bad"] for item in items])
+    batch["bad_examples"] = [example for item in items for example in item["bad_examples"]][:MAX_EXAMPLES]
+    return batch
+
+
+def question_loader(spec: str, image_size: int, batch_size: int = 256, workers: int = 0, seed: int = 0,
+                    options: DataConfig | None = None) -> tuple[Dataset, DataLoader]:
+    """(dataset, in-order batches of image, question, answers (None without annotations), question_id, key) of a
+    shapes or vqa spec, for VQA evaluation."""
+    base = map_style_dataset(spec, image_size, seed, options)
+    if not has_questions(base):
+        raise ValueError(f"{spec}: no questions; VQA evaluation needs a shapes or vqa:QUESTIONS#ANNOTATIONS spec")
+    loader = _TrackedLoader(Questions(base, image_transform(image_size, train=False)), batch_size=batch_size,
+                            num_workers=workers, collate_fn=_collate_questions, worker_init_fn=_ignore_sigterm,
+                            prefetch_factor=4 if workers else None)
+    return base, loader
