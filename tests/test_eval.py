@@ -227,7 +227,13 @@ def test_eval_preprocessing_equals_open_clips(mode):
     assert torch.equal(ours, open_clip.image_transform(224, is_train=False)(image))
 
 
-def test_linear_probe_command_line(tmp_path, tokenizer_path):  # noqa: F811
+def test_linear_probe_command_line(tmp_path, tokenizer_path, monkeypatch):  # noqa: F811
+    import functools
+
+    import probe
+
+    # the command line around the probe, not the solver's convergence (tests/test_probe.py checks that)
+    monkeypatch.setattr(probe, "fit_logistic", functools.partial(probe.fit_logistic, max_iter=30))
     train.main(small_run(tmp_path / "run", tokenizer_path, "--train.steps=2"))
     checkpoint, out = str(tmp_path / "run" / "checkpoint.pt"), tmp_path / "probe.json"
     # the probe itself is tested against scikit-learn in tests/test_probe.py; here the command line around it
