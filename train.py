@@ -239,6 +239,8 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         spec = getattr(cfg.data, key)
         if not spec:
             continue
+        if key == "train" and spec.startswith("vqa:"):
+            return "data.train: vqa specs are for evaluation (eval.py --task vqa); training on VQA is not built"
         try:
             if key == "train":
                 build_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data)

@@ -116,6 +116,8 @@ def test_bad_dataset_spec_fails_before_training(tmp_path):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.val=shape:val"])
     with pytest.raises(SystemExit, match=r"data\.train: shapes dataset has splits train, val, heldout; got 'tran'"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=shapes:tran"])
+    with pytest.raises(SystemExit, match=r"data\.train: vqa specs are for evaluation"):
+        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=vqa:questions.json"])
 
 
 @pytest.mark.parametrize("extra", [["--loss.name=siglip"], ["--train.precision=bf16"], ["--model.name=ViT-tiny", "--model.grad_checkpointing=true"], ["--loss.impl=fused", "--train.precision=bf16"]])
