@@ -66,7 +66,7 @@ RECORD = "cell.json"
 
 
 class SpecError(ValueError):
-    pass
+    """An ablation file that cannot be run (unknown key, bad value), named with its path."""
 
 
 def _check_keys(tree: dict, allowed: tuple, where: str) -> None:
@@ -215,7 +215,7 @@ def _final_metrics(run_dir: str) -> tuple[dict | None, str | None]:
 
 
 class Stopped(Exception):
-    pass
+    """The runner was asked to stop (SIGTERM, Ctrl-C): the running cell is not recorded."""
 
 
 def run_cell(cell: dict, stop: dict) -> dict:
