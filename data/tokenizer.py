@@ -79,6 +79,18 @@ class _VocabularyFile:
         self.model_path, self._blob, self.context_length = model_path, blob, context_length
         self._load()
 
+    def _rows(self, texts: str | Sequence[str], start_id: int, encode, end_id: int) -> torch.Tensor:
+        """(N, context_length): start, the text's ids cut to fit (encode(text, limit)), end, then padding."""
+        if isinstance(texts, str):
+            texts = [texts]
+        keep = self.context_length - 2
+        rows = []
+        for text in texts:
+            row = [start_id, *encode(text, keep), end_id]
+            rows.append(row + [self.pad_id] * (self.context_length - len(row)))
+        # via numpy: 6x faster than torch.tensor on a list of lists (0.2 s for 80k rows)
+        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), self.context_length))
+
     def __getstate__(self) -> dict:
         # Only the file's bytes: dumping costs nothing in the main process and each worker rebuilds the tables
         # in parallel (CLIP's: 1.4 MB and 0.18 s, against 3.3 MB and 60 + 70 ms to pickle the tables).
@@ -280,15 +292,7 @@ class ClipTokenizer(_VocabularyFile):
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         """texts -> LongTensor (N, context_length); long texts are cut so that eos is always kept."""
-        if isinstance(texts, str):
-            texts = [texts]
-        keep = self.context_length - 2
-        rows = []
-        for text in texts:
-            row = [self.bos_id, *self._encode(text, keep), self.eos_id]
-            rows.append(row + [self.pad_id] * (self.context_length - len(row)))
-        # via numpy: 6x faster than torch.tensor on a list of lists (0.2 s for 80k rows)
-        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), self.context_length))
+        return self._rows(texts, self.bos_id, self._encode, self.eos_id)
 
     def decode(self, tokens: Sequence[int] | torch.Tensor) -> str:
         """One row of token ids -> text, stopping at the first eos and skipping bos and padding."""
@@ -469,14 +473,7 @@ class BertTokenizer(_VocabularyFile):
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         """texts -> LongTensor (N, context_length) of [CLS] + pieces + [SEP] + [PAD]s, [SEP] always kept."""
-        if isinstance(texts, str):
-            texts = [texts]
-        keep = self.context_length - 2
-        rows = []
-        for text in texts:
-            row = [self.cls_id, *self.encode(text, keep), self.sep_id]
-            rows.append(row + [self.pad_id] * (self.context_length - len(row)))
-        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(len(rows), self.context_length))
+        return self._rows(texts, self.cls_id, self.encode, self.sep_id)
 
     def decode(self, tokens: Sequence[int] | torch.Tensor) -> str:
         """One row of ids -> text, up to the first [SEP] and without special ids (as HF's decode with
