@@ -18,6 +18,9 @@ Deliberate differences from the reference implementations:
   the caller's business (`cache.length` tokens came before).
 - Attention widths default to `dim` (`head_dim = dim // num_heads`); `head_dim` can be set explicitly for
   Flamingo-style attention whose inner width (heads x 64) differs from the model width.
+- `proj_bias=False` drops the biases of the output projections and the MLP (timm's name; MPT and Flamingo have
+  none). `qk_norm=True` is MosaicML's QK LayerNorm (MPT-1B): queries and keys are normalised over all heads
+  together, not per head as timm's `qk_norm` does.
 """
 from typing import Callable, Optional
 
@@ -116,14 +119,19 @@ class Attention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         head_dim: Optional[int] = None,
+        proj_bias: bool = True,
+        qk_norm: bool = False,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ):
         super().__init__()
         self.num_heads = num_heads
         head_dim = head_dim or dim // num_heads
         inner_dim = num_heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner_dim, bias=qkv_bias)
+        self.q_norm = norm_layer(inner_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(inner_dim) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(inner_dim, dim)
+        self.proj = nn.Linear(inner_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
@@ -133,8 +141,9 @@ class Attention(nn.Module):
         is_causal: bool = False,
         cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
-        qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
-        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, T, inner_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in (q, k, v))  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.append(k, v)  # each (B, heads, T_past + T, head_dim)
         if is_causal and (attn_mask is not None or k.shape[2] != q.shape[2]):
@@ -165,6 +174,7 @@ class CrossAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         head_dim: Optional[int] = None,
+        proj_bias: bool = True,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -173,7 +183,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, inner_dim, bias=qkv_bias)
         self.kv = nn.Linear(context_dim or dim, 2 * inner_dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(inner_dim, dim)
+        self.proj = nn.Linear(inner_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
@@ -288,6 +298,8 @@ class Block(nn.Module):
         post_norm: bool = False,
         drop: float = 0.0,
         attn_drop: float = 0.0,
+        proj_bias: bool = True,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.post_norm = post_norm
@@ -299,14 +311,18 @@ class Block(nn.Module):
             return DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, proj_bias=proj_bias,
+            qk_norm=qk_norm, norm_layer=norm_layer,
+        )  # fmt: skip
         self.ls1 = layer_scale()
         self.drop_path1 = drop_path_layer()
 
         self.norm_cross = norm_layer(dim) if cross_attention else nn.Identity()
         self.cross_attn = (
             CrossAttention(
-                dim, context_dim=context_dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop
+                dim, context_dim=context_dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                proj_bias=proj_bias,
             )
             if cross_attention
             else nn.Identity()
@@ -315,7 +331,7 @@ class Block(nn.Module):
         self.drop_path_cross = drop_path_layer() if cross_attention else nn.Identity()
 
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, bias=proj_bias)
         self.ls2 = layer_scale()
         self.drop_path2 = drop_path_layer()
 
@@ -365,6 +381,8 @@ class Transformer(nn.Module):
         post_norm: bool = False,
         drop: float = 0.0,
         attn_drop: float = 0.0,
+        proj_bias: bool = True,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.width = width
@@ -386,6 +404,8 @@ class Transformer(nn.Module):
                 post_norm=post_norm,
                 drop=drop,
                 attn_drop=attn_drop,
+                proj_bias=proj_bias,
+                qk_norm=qk_norm,
             )
             for rate in drop_path_rates
         )
