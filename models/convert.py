@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Union
@@ -428,3 +429,129 @@ def load_blip_checkpoint(path: PathLike) -> tuple[StateDict, dict]:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a state_dict or a dict with 'model', got {type(checkpoint).__name__}")
     return checkpoint, config
+
+
+# ---------------------------------------------------------------- MPT and OpenFlamingo
+#
+# MPT (models/lm.py) comes in two HuggingFace layouts: transformers' `MptForCausalLM` ("mpt": norm_1, ffn.up_proj,
+# norm_f, plus a tied lm_head) and MosaicML's remote-code `MosaicGPT` ("mosaic_gpt", the layout of
+# mpt-1b-redpajama-200b: ln_1, mlp.mlp_up, ln_f, and attn.q_ln/k_ln for its QK LayerNorm). Both fuse the
+# attention input projection as `Wqkv` in q, k, v order, which is our `qkv`.
+
+# (HF or MosaicGPT, ours) key pieces, applied in order to every key.
+MPT_PARTS = (
+    ("transformer.wte.", "token_embedding."),
+    ("transformer.norm_f.", "norm."),
+    ("transformer.ln_f.", "norm."),
+    (".norm_1.", ".norm1."),
+    (".ln_1.", ".norm1."),
+    (".norm_2.", ".norm2."),
+    (".ln_2.", ".norm2."),
+    (".attn.Wqkv.", ".attn.qkv."),
+    (".attn.q_ln.", ".attn.q_norm."),
+    (".attn.k_ln.", ".attn.k_norm."),
+    (".attn.out_proj.", ".attn.proj."),
+    (".ffn.up_proj.", ".mlp.fc1."),
+    (".ffn.down_proj.", ".mlp.fc2."),
+    (".mlp.mlp_up.", ".mlp.fc1."),
+    (".mlp.mlp_down.", ".mlp.fc2."),
+)
+MPT_TIED = "lm_head.weight"  # the output matrix is the token embedding
+
+
+def _mpt_key(key: str) -> str:
+    for theirs, ours in MPT_PARTS:
+        key = key.replace(theirs, ours)
+    return key
+
+
+def mpt_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """HF `MptForCausalLM` or MosaicGPT keys -> `models.lm.DecoderLM` keys; unknown keys pass through."""
+    return {_mpt_key(key): value for key, value in state_dict.items() if key != MPT_TIED}
+
+
+def read_hf_weights(path: PathLike) -> StateDict:
+    """Every tensor of a HuggingFace folder's weights: `model.safetensors` or `pytorch_model.bin`, or their shards
+    listed in `*.index.json`. `.bin` files are memory-mapped and read with `weights_only=True`."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(path, f"{name}.index.json")
+        if os.path.exists(index):
+            with open(index) as file:
+                files = sorted(set(json.load(file)["weight_map"].values()))
+            break
+        if os.path.exists(os.path.join(path, name)):
+            files = [name]
+            break
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin (or their index) in the folder")
+    state_dict: StateDict = {}
+    for name in files:
+        file_path = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            state_dict.update(read_safetensors(file_path))
+        else:
+            state_dict.update(torch.load(file_path, map_location="cpu", weights_only=True, mmap=True))
+    return state_dict
+
+
+# OpenFlamingo (mlfoundations/open_flamingo `src/helpers.py`) -> `models.flamingo`: (pattern, replacement) for the
+# keys inside one PerceiverResampler (`layers.i.0` is PerceiverAttention, `layers.i.1` the FeedForward
+# Sequential(LayerNorm, Linear, GELU, Linear)) and inside one GatedCrossAttentionBlock.
+OPEN_FLAMINGO_RESAMPLER_PARTS = (
+    (r"^layers\.(\d+)\.0\.norm_media\.", r"blocks.\1.norm_media."),
+    (r"^layers\.(\d+)\.0\.norm_latents\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.0\.to_q\.", r"blocks.\1.attn.q."),
+    (r"^layers\.(\d+)\.0\.to_kv\.", r"blocks.\1.attn.kv."),
+    (r"^layers\.(\d+)\.0\.to_out\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.1\.0\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.1\.1\.", r"blocks.\1.mlp.fc1."),
+    (r"^layers\.(\d+)\.1\.3\.", r"blocks.\1.mlp.fc2."),
+)
+OPEN_FLAMINGO_BLOCK_PARTS = (
+    (r"^attn\.norm\.", "norm1."),
+    (r"^attn\.to_q\.", "attn.q."),
+    (r"^attn\.to_kv\.", "attn.kv."),
+    (r"^attn\.to_out\.", "attn.proj."),
+    (r"^ff\.0\.", "norm2."),
+    (r"^ff\.1\.", "mlp.fc1."),
+    (r"^ff\.3\.", "mlp.fc2."),
+)
+# Where a whole Flamingo checkpoint's parts go: `perceiver.` stays; gated block N (placed before LM layer N) goes
+# to `gated_cross_attn_layers.N.`; the rest of `lang_encoder.` (an MPT) to `lang_model.`. OpenFlamingo keeps every
+# gated block and decoder layer twice (`lang_encoder.gated_cross_attn_layers.N` and `old_decoder_blocks.N` besides
+# the `FlamingoLayer` wrappers in `transformer.blocks.N`); the copies in the wrappers are read.
+OPEN_FLAMINGO_BLOCK_PREFIX = re.compile(r"^lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.")
+OPEN_FLAMINGO_DECODER_LAYER = re.compile(r"^lang_encoder\.transformer\.blocks\.(\d+)\.decoder_layer\.")
+OPEN_FLAMINGO_COPIES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
+
+
+def _substitute(key: str, parts: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in parts:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def open_flamingo_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """OpenFlamingo parameter names -> this codebase's: a whole `checkpoint.pt` (keys `perceiver.`, `lang_encoder.`,
+    `vision_encoder.`; DDP's `module.` and FSDP's `_checkpoint_wrapped_module.` removed) or the state dict of one
+    `PerceiverResampler` or `GatedCrossAttentionBlock`. Vision-encoder and unknown keys pass through."""
+    converted: StateDict = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.").replace("._checkpoint_wrapped_module", "")
+        if key.startswith(OPEN_FLAMINGO_COPIES):
+            continue
+        if key.startswith("perceiver."):
+            key = "perceiver." + _substitute(key.removeprefix("perceiver."), OPEN_FLAMINGO_RESAMPLER_PARTS)
+        elif block := OPEN_FLAMINGO_BLOCK_PREFIX.match(key):
+            inner = _substitute(key[block.end() :], OPEN_FLAMINGO_BLOCK_PARTS)
+            key = f"gated_cross_attn_layers.{block.group(1)}.{inner}"
+        elif key.startswith("lang_encoder."):
+            key = OPEN_FLAMINGO_DECODER_LAYER.sub(r"lang_encoder.transformer.blocks.\1.", key)
+            mpt_key = key.removeprefix("lang_encoder.")
+            if mpt_key == MPT_TIED:
+                continue
+            key = "lang_model." + _mpt_key(mpt_key)
+        else:
+            key = _substitute(_substitute(key, OPEN_FLAMINGO_RESAMPLER_PARTS), OPEN_FLAMINGO_BLOCK_PARTS)
+        converted[key] = value
+    return converted

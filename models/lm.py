@@ -1,0 +1,205 @@
+"""Decoder-only language model: MPT (MosaicML, 2023), the language side of OpenFlamingo-3B and -9B, on this
+codebase's `Transformer`.
+
+Pre-norm causal blocks without any bias (Linear or LayerNorm) and without position embeddings: ALiBi (Press et
+al., ICLR 2022) adds `-slope_h * (i - j)` to the score of query i on key j in head h. The output matrix is the
+token embedding (tied). `qk_norm` is MosaicML's QK LayerNorm over all heads (MPT-1B has it, MPT-7B not).
+`load_mpt` reads a HuggingFace folder (`config.json` and `pytorch_model.bin` or `model.safetensors`, sharded or
+not) of either layout: transformers' `MptForCausalLM` ("mpt") or MosaicML's remote-code `MosaicGPT`
+("mosaic_gpt", the layout of mpt-1b-redpajama-200b); the key maps live in `models/convert.py`.
+
+Deliberate differences from transformers' `MptForCausalLM` and MosaicML's `MosaicGPT`:
+- the ALiBi bias is relative to the query (`-slope * (i - j)`) where MPT adds `slope * (j - (S - 1))`: the two
+  differ by a constant per query row, which the softmax cancels. Bias and causal mask are one additive float
+  mask for `F.scaled_dot_product_attention`, built for the new tokens' rows only when decoding with a cache;
+- with a padding mask, a padded query attends to itself (no row is empty, so no NaN); transformers fills such
+  rows with the dtype's minimum. Outputs at real tokens agree;
+- LayerNorm follows autocast (fp32), where MosaicML's `low_precision_layernorm` runs it in bf16/fp16; under
+  autocast SDPA casts the additive mask, ALiBi included, to the compute dtype (transformers adds it in fp32);
+- options the released models leave off (clip_qkv, softmax_scale, logit_scale, biases, prefix LM, learned
+  positions) are not offered, and `mpt_config_to_kwargs` refuses a config that sets one;
+- initialisation is GPT-2's (normal 0.02, residual output projections scaled by 1/sqrt(2 * depth)); MPT-1B
+  was trained from kaiming_normal_.
+"""
+import json
+import math
+import os
+from functools import partial
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import convert
+from models.layers import KVCache, Transformer
+
+# MosaicML's model cards and config.json files; OpenFlamingo-3B uses mpt-1b-redpajama-200b, OpenFlamingo-9B mpt-7b.
+LM_MODELS: dict[str, dict[str, Any]] = {
+    "mpt-1b-redpajama-200b": dict(
+        vocab_size=50432, context_length=2048, width=2048, depth=24, num_heads=16, mlp_ratio=4.0, qk_norm=True
+    ),
+    "mpt-7b": dict(vocab_size=50432, context_length=2048, width=4096, depth=32, num_heads=32, mlp_ratio=4.0),
+}
+
+
+def alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> torch.Tensor:
+    """(num_heads,) ALiBi slopes as MPT computes them: 2^(-alibi_bias_max * h / n) for h = 1..n, n the next power
+    of two; for other head counts the odd-numbered slopes of that series first, then the even ones."""
+    power_of_2 = 2 ** math.ceil(math.log2(num_heads))
+    slopes = 2.0 ** (-alibi_bias_max * torch.arange(1, power_of_2 + 1, dtype=torch.float64) / power_of_2)
+    if power_of_2 != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes.float()
+
+
+def alibi_attention_bias(
+    slopes: torch.Tensor, num_queries: int, num_keys: int, padding_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Additive attention mask (1 or B, heads, num_queries, num_keys): ALiBi's `-slope * (i - j)` on allowed keys,
+    -inf on future keys and on padding (a query always sees itself). The queries are the last `num_queries`
+    positions; padding_mask (B, num_keys) is True at real tokens."""
+    keys = torch.arange(num_keys, device=slopes.device)
+    distance = keys[num_keys - num_queries :, None] - keys  # (T, S): i - j
+    allowed = distance >= 0
+    if padding_mask is not None:
+        allowed = allowed & (padding_mask[:, None, :] | (distance == 0))  # (B, T, S)
+    bias = -slopes[:, None, None] * distance  # (heads, T, S)
+    return torch.where(allowed.view(-1, 1, num_queries, num_keys), bias, -float("inf"))  # (1 or B, heads, T, S)
+
+
+class DecoderLM(nn.Module):
+    """MPT: token embedding, bias-free pre-norm causal blocks with ALiBi, final norm, tied output matrix."""
+
+    def __init__(
+        self,
+        vocab_size: int = 50432,
+        context_length: int = 2048,
+        width: int = 2048,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        alibi_bias_max: float = 8.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.context_length = context_length
+        self.num_heads = num_heads
+        self.alibi_bias_max = alibi_bias_max
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps, bias=False)
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.transformer = Transformer(
+            width,
+            depth,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=False,
+            proj_bias=False,
+            qk_norm=qk_norm,
+            norm_layer=norm_layer,
+        )
+        self.norm = norm_layer(width)
+        self.initialize_parameters()
+
+    @property
+    def depth(self) -> int:
+        return self.transformer.depth
+
+    @torch.no_grad()
+    def initialize_parameters(self) -> None:
+        # GPT-2 / nanoGPT: N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 * depth).
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        for block in self.transformer.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.depth))
+            nn.init.normal_(block.mlp.fc2.weight, std=0.02 / math.sqrt(2 * self.depth))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def attention_bias(
+        self, num_tokens: int, num_past: int = 0, padding_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The additive mask of `num_tokens` new tokens after `num_past` cached ones (see `alibi_attention_bias`)."""
+        num_keys = num_past + num_tokens
+        if num_keys > self.context_length:
+            raise ValueError(f"{num_keys} tokens; the model was built for at most {self.context_length}")
+        device = self.token_embedding.weight.device
+        slopes = alibi_slopes(self.num_heads, self.alibi_bias_max).to(device)
+        return alibi_attention_bias(slopes, num_tokens, num_keys, padding_mask)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and the tied output matrix: (B, T, width) -> (B, T, vocab)."""
+        return F.linear(self.norm(x), self.token_embedding.weight)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: Optional[KVCache] = None, padding_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, T) token ids -> logits (B, T, vocab).
+
+        cache: keys/values of the tokens before these (generation); padding_mask: (B, T_past + T) bool, True at
+        real tokens (left padding for batched prompts)."""
+        num_past = cache.length if cache is not None else 0
+        x = self.token_embedding(tokens)  # (B, T, width)
+        attn_bias = self.attention_bias(tokens.shape[1], num_past, padding_mask)  # (1 or B, heads, T, T_past + T)
+        x = self.transformer(x, attn_mask=attn_bias.to(x.dtype), cache=cache)
+        return self.logits(x)
+
+
+def build_lm(name: str, **overrides: Any) -> DecoderLM:
+    if name not in LM_MODELS:
+        raise ValueError(f"unknown language model {name!r}; choose one of {sorted(LM_MODELS)}")
+    return DecoderLM(**{**LM_MODELS[name], **overrides})
+
+
+def mpt_config_to_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """`DecoderLM` keyword arguments from a HuggingFace MPT `config.json` ("mpt" nests the attention options under
+    `attn_config`; MosaicGPT's "mosaic_gpt" keeps them flat, some with an `attn_` prefix)."""
+    attn = config.get("attn_config") or {}
+
+    def option(name: str, flat_name: str) -> Any:
+        return attn.get(name, config.get(flat_name))
+
+    refused = {
+        "clip_qkv": option("clip_qkv", "attn_clip_qkv"),
+        "softmax_scale": option("softmax_scale", "softmax_scale"),
+        "logit_scale": config.get("logit_scale"),
+        "prefix_lm": option("prefix_lm", "prefix_lm"),
+    }
+    refused = {name: value for name, value in refused.items() if value}
+    if refused:
+        raise ValueError(f"MPT options this model does not implement: {refused}")
+    if not option("alibi", "alibi"):
+        raise ValueError("only ALiBi MPT models are supported (the config has alibi off)")
+    if not config.get("no_bias", True):
+        raise ValueError("only bias-free MPT models are supported (the config has no_bias false)")
+    return dict(
+        vocab_size=config["vocab_size"],
+        context_length=config["max_seq_len"],
+        width=config["d_model"],
+        depth=config["n_layers"],
+        num_heads=config["n_heads"],
+        mlp_ratio=float(config.get("expansion_ratio", config.get("mlp_ratio", 4))),
+        qk_norm=bool(option("qk_ln", "attn_qk_ln")),
+        alibi_bias_max=float(option("alibi_bias_max", "alibi_bias_max") or 8),
+        norm_eps=config.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def load_mpt(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> DecoderLM:
+    """A `DecoderLM` with the weights of a local HuggingFace MPT folder, without the network. The model is built
+    on the meta device and takes the file's tensors (in `dtype` if given), so no random copy is allocated."""
+    with open(os.path.join(path, "config.json")) as file:
+        config = json.load(file)
+    with torch.device("meta"):
+        model = DecoderLM(**mpt_config_to_kwargs(config))
+    state_dict = convert.mpt_to_ours(convert.read_hf_weights(path))
+    problems = convert.describe_mismatch(model.state_dict(), state_dict)
+    if problems:
+        raise ValueError(f"{path}: the weights do not fit the config's model:\n{problems}")
+    if dtype is not None:
+        state_dict = {key: value.to(dtype) for key, value in state_dict.items()}
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()
