@@ -54,7 +54,7 @@ from config import Config, ConfigError, config_from_dict, load_config, parse_ove
 from data import build_dataset, caption_loader, eval_loader, has_questions, question_loader, retrieval_loader
 from data.templates import load_classnames, load_templates
 from data.tokenizer import BertTokenizer, ClipTokenizer, tokenizer_from_bytes
-from data.vqa import VQADataset
+from data.vqa import VQA_PROMPT, VQADataset, text_ids
 from metrics import caption_scores, normalize_answer, vqa_score
 from models import BLIP_MODELS, BLIP_TEXT_LENGTH, MODELS, create_model, generation, model_from_config
 from models.blip import BLIP
@@ -245,15 +245,6 @@ def caption(model: BLIP, spec, image_size, device, batch_size=256, workers=0, op
     return {**scores, "num_images": len(captions), "bad_images": bad, "captions": captions}
 
 
-VQA_PROMPT = "question: {} answer:"  # this codebase's prompt for the captioning decoder (BLIP has a VQA decoder)
-
-
-def _text_ids(tokenizer, text: str, eos_id: int) -> list[int]:
-    """The pieces of `text` without the start token and eos (a long text is cut by the tokenizer)."""
-    row = tokenizer(text)[0].tolist()
-    return row[1 : row.index(eos_id)]
-
-
 def answer_log_likelihoods(model: BLIP, image_tokens: torch.Tensor, prompts: list[list[int]],
                            pairs: list[tuple[int, list[int]]], batch_size: int = 256) -> torch.Tensor:
     """Sum of the log-probabilities of each pair's answer ids (its eos included) after its question's prompt.
@@ -366,12 +357,13 @@ def vqa(model: BLIP, tokenizer, spec, image_size, device, batch_size=256, worker
     candidates = candidate_ids = None
     if mode == "rank":
         candidates = answers or dataset_answers(dataset)
-        candidate_ids = [_text_ids(tokenizer, answer, model.eos_id) + [model.eos_id] for answer in candidates]
+        candidate_ids = [ids + [model.eos_id] for ids in text_ids(tokenizer, candidates, model.eos_id)]
     predictions, references, rows, bad = {}, {}, [], 0
     progress = Progress("answered questions", len(dataset), log_every)
     for batch in loader:
         image_tokens = model.forward_image(batch["image"].to(device))  # (B, 1 + HW, vision_width)
-        prompts = [[model.dec_id, *_text_ids(tokenizer, VQA_PROMPT.format(q), model.eos_id)] for q in batch["question"]]
+        questions = [VQA_PROMPT.format(q) for q in batch["question"]]
+        prompts = [[model.dec_id, *ids] for ids in text_ids(tokenizer, questions, model.eos_id)]
         if mode == "rank":
             predicted = [candidates[i] for i in rank_answers(model, image_tokens, prompts, candidate_ids, answer_k,
                                                               batch_size)]
@@ -468,6 +460,61 @@ def evaluate_blip(cfg, model: BLIP, tokenizer, device) -> dict:
     return results
 
 
+@torch.no_grad()
+def blip_examples(cfg, model: BLIP, tokenizer, device, count: int = 8, columns: int = 4, tile: int = 192):
+    """What TensorBoard shows of a BLIP run beside its scalars: the first `count` data.val images, each with its
+    beam-searched caption and, when the data has questions, its question with the generated and the true answer.
+    Returns (picture (H, W, 3) uint8, the same as a markdown table)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from data.bad_samples import BadSample
+    from data.transforms import image_transform
+
+    dataset = build_dataset(cfg.data.val, cfg.data.image_size, cfg.seed, cfg.data)
+    items = []
+    for index in range(min(len(dataset), 4 * count)):  # unreadable images are left out
+        with contextlib.suppress(BadSample):
+            items.append(dataset[index])
+        if len(items) == count:
+            break
+    transform = image_transform(cfg.data.image_size, train=False)
+    images = torch.stack([transform(item["image"]) for item in items]).to(device)
+    lines = [[f"caption: {text}"] for text in model.generate(images)]
+    if items and "question" in items[0]:
+        questions = [VQA_PROMPT.format(item["question"]) for item in items]
+        prompts = [[model.dec_id, *ids] for ids in text_ids(tokenizer, questions, model.eos_id)]
+        answers = generate_answers(model, model.forward_image(images), prompts, tokenizer)
+        for row, item, answer in zip(lines, items, answers):
+            row += [f"Q: {item['question']}", f"A: {answer} (true: {item['answer']})"]
+    wrapped = ["\n".join(part for line in row for part in _wrap(line, (tile - 8) // 6)) for row in lines]
+    text_height = 14 * max(text.count("\n") + 1 for text in wrapped) + 8  # PIL's default font: 11 px + spacing
+    rows = -(-len(items) // columns)
+    picture = Image.new("RGB", (columns * tile, rows * (tile + text_height)), "white")
+    draw = ImageDraw.Draw(picture)
+    for i, (item, text) in enumerate(zip(items, wrapped)):
+        left, top = (i % columns) * tile, (i // columns) * (tile + text_height)
+        picture.paste(item["image"].convert("RGB").resize((tile - 8, tile - 8)), (left + 4, top + 4))
+        draw.multiline_text((left + 4, top + tile), text, fill="black", spacing=3)
+    table = "| image | " + " | ".join(["caption", "question", "answer (true)"][: 1 + 2 * (len(lines[0]) > 1)]) + " |\n"
+    table += "|---" * (1 + len(lines[0])) + "|\n"
+    for i, row in enumerate(lines):
+        table += f"| {i} | " + " | ".join(line.split(": ", 1)[1] for line in row) + " |\n"
+    return np.asarray(picture), table
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Greedy word wrap at `width` characters."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
 def load_checkpoint(path: str, device="cpu"):
     """(config, model, tokenizer) from a train.py checkpoint; needs no other file."""
     if not os.path.isfile(path):
@@ -475,7 +522,7 @@ def load_checkpoint(path: str, device="cpu"):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     cfg = config_from_dict(checkpoint["config"])
     tokenizer = tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
-    model = model_from_config(cfg, tokenizer)
+    model = model_from_config(cfg, tokenizer, pretrained=False)  # the checkpoint's weights replace them
     model.load_state_dict(checkpoint["model"])
     return cfg, model.to(device).eval(), tokenizer
 

@@ -33,6 +33,7 @@ from data.tokenizer import (TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePi
                             train_sentencepiece)
 from losses import clip_loss, siglip_loss
 from models import BLIP_MODELS, MODELS, model_from_config, model_inputs
+from models.blip import OBJECTIVES as BLIP_OBJECTIVES
 
 ALL_MODELS = {**MODELS, **BLIP_MODELS}
 
@@ -54,7 +55,8 @@ def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> Senten
         if cfg.data.tokenizer_path:
             raise FileNotFoundError(f"data.tokenizer_path: no sentencepiece model at '{path}'")
         if distributed.is_main():
-            texts = captions(cfg.data.train, cfg.data.tokenizer_captions, cfg.data, cfg.seed)
+            texts = captions(cfg.data.train, cfg.data.tokenizer_captions, cfg.data, cfg.seed,
+                             questions=is_blip(cfg) and cfg.model.blip_qa_fraction > 0)  # BLIP's VQA rows too
             train_sentencepiece(texts, path, cfg.data.vocab_size, blip_tokens=is_blip(cfg))  # BLIP: [DEC], [ENC]
         distributed.barrier()
     return SentencePieceTokenizer(path, context_length=cfg.data.context_length)
@@ -140,9 +142,13 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 
     if not is_blip(cfg):
         return {cfg.loss.name: contrastive_step(cfg, model, micro_batches, device, autocast, scaler)}
     (batch,) = micro_batches  # check_config: BLIP trains without accumulation
+    decoder = {}  # model.blip_qa_fraction or blip_prompt: the decoder's own rows (data.Collate)
+    if "decoder_tokens" in batch:
+        decoder = {"decoder_tokens": batch["decoder_tokens"].to(device), "prompt_length": batch["prompt_lengths"]}
+    tokens = batch["tokens"].to(device, non_blocking=True) if "tokens" in batch else None  # vqa: questions only
     with autocast:
-        losses = model(batch["image"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True),
-                       image_ids=image_ids(batch["key"]).to(device), alpha=blip_alpha(cfg, step))
+        losses = model(batch["image"].to(device, non_blocking=True), tokens,
+                       image_ids=image_ids(batch["key"]).to(device), alpha=blip_alpha(cfg, step), **decoder)
     scaler.scale(sum(losses.values())).backward()
     return {name: value.detach() for name, value in losses.items()}
 
@@ -220,6 +226,28 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                     "feature queue, so micro-batches cannot be cached and re-run as CLIP's exact accumulation does")
         if cfg.data.tokenizer == "clip":
             return "data.tokenizer=clip has no [DEC] and [ENC] tokens for BLIP; use bert or sentencepiece"
+        for key in ("blip_itm_uniform", "blip_qa_fraction"):
+            if not 0 <= getattr(cfg.model, key) <= 1:
+                return f"model.{key} must lie in [0, 1]; got {getattr(cfg.model, key)}"
+        if cfg.model.blip_qa_fraction and not cfg.data.train.startswith(("shapes:", "vqa:")):
+            return (f"model.blip_qa_fraction needs training data with questions and answers (shapes, vqa); "
+                    f"data.train is '{cfg.data.train}'")
+        objectives = cfg.model.blip_losses.split(",")
+        if not objectives or not set(objectives) <= set(BLIP_OBJECTIVES) or len(set(objectives)) < len(objectives):
+            return f"model.blip_losses must list some of {','.join(BLIP_OBJECTIVES)}, comma-separated; got '{cfg.model.blip_losses}'"
+        if "itm" in objectives and "itc" not in objectives:
+            return "model.blip_losses: itm samples its hard negatives from ITC's similarities; add itc"
+        if cfg.data.train.startswith("vqa:") and (cfg.model.blip_qa_fraction != 1 or objectives != ["lm"]):
+            return ("data.train: a vqa spec holds questions without captions: train it with model.blip_losses=lm "
+                    "and model.blip_qa_fraction=1 (the decoder learns the answers)")
+    elif cfg.model.blip_itm_uniform or cfg.model.blip_qa_fraction or cfg.model.blip_prompt:
+        return (f"model.blip_itm_uniform, model.blip_qa_fraction and model.blip_prompt are BLIP settings; "
+                f"model.name is '{cfg.model.name}'")
+    if cfg.data.train.startswith("vqa:") and not is_blip(cfg):
+        return ("data.train: vqa specs hold questions and answers, not captions; CLIP cannot train on them (a BLIP "
+                "decoder can: model.blip_losses=lm, model.blip_qa_fraction=1)")
+    if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
+        return f"model.pretrained: no file or folder at '{cfg.model.pretrained}'"
     choices = {"train.precision": ("fp32", "bf16", "fp16"), "loss.name": ("clip", "siglip"),
                "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
@@ -239,8 +267,6 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         spec = getattr(cfg.data, key)
         if not spec:
             continue
-        if key == "train" and spec.startswith("vqa:"):
-            return "data.train: vqa specs are for evaluation (eval.py --task vqa); training on VQA is not built"
         try:
             if key == "train":
                 build_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data)
@@ -349,7 +375,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
-    model = model_from_config(cfg, tokenizer).to(device)
+    model = model_from_config(cfg, tokenizer, pretrained=checkpoint is None).to(device)
     temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)  # before the optimizer: it skips frozen ones
     optimizer = build_optimizer(model, cfg.train)
     if cfg.train.precision == "fp16" and device.type != "cuda":
@@ -369,8 +395,10 @@ def train(cfg, checkpoint: dict | None) -> dict:
             print(f"resumed from step {step}", flush=True)
     raw_model = model
     if world_size > 1:  # BLIP's feature queue is the same on every rank by construction: no need to broadcast it
+        some_objectives = is_blip(cfg) and set(cfg.model.blip_losses.split(",")) != set(BLIP_OBJECTIVES)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        forward_sync_buffers=not is_blip(cfg))
+                                        forward_sync_buffers=not is_blip(cfg),
+                                        find_unused_parameters=some_objectives)  # e.g. no ITM head when captioning
 
     stop_requested = False
 
@@ -493,6 +521,10 @@ def run_evaluation(cfg, model, tokenizer, device, writer, step: int) -> dict:
         for name, value in results.items():
             if isinstance(value, float):
                 writer.add_scalar(f"eval/{name}", value, step)
+        if is_blip(cfg):  # what the captioner says and answers, not only its scores
+            picture, table = evaluation.blip_examples(cfg, model, tokenizer, device)
+            writer.add_image("val/examples", picture, step, dataformats="HWC")
+            writer.add_text("val/examples", table, step)
     distributed.barrier()
     return results
 

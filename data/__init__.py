@@ -38,7 +38,7 @@ from data.image_files import ImageFiles
 from data.imagefolder import ImageFolder
 from data.shapes import ShapesDataset
 from data.transforms import image_transform
-from data.vqa import VQADataset, load_vqa
+from data.vqa import VQA_PROMPT, VQADataset, load_vqa, question_answer_rows, text_ids
 from data.webdataset import WebDataset, check_record, expand_shards, shard_records
 
 MAX_CONSECUTIVE_BAD = 100  # a map-style item gives up (and the run stops) after this many unreadable neighbours
@@ -105,14 +105,19 @@ def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataC
     return DATASETS[kind](argument, image_size, seed, options or DataConfig())
 
 
-def captions(spec: str, limit: int | None = None, options: DataConfig | None = None, seed: int = 0) -> Iterator[str]:
-    """The dataset's captions in order, without decoding any image (to train a tokenizer on)."""
+def captions(spec: str, limit: int | None = None, options: DataConfig | None = None, seed: int = 0,
+             questions: bool = False) -> Iterator[str]:
+    """The dataset's captions in order, without decoding any image (to train a tokenizer on); with `questions`,
+    each item's "question: q answer: a" after its caption where the items have them (shapes)."""
     _check_captions(spec, "captions of")
     base = build_dataset(spec, seed=seed, options=options)
     if isinstance(base, WebDataset):
         texts = _stream_captions(base.shards)
     elif isinstance(base, ImageFiles):
         texts = iter(base.texts)
+    elif questions and has_questions(base):
+        texts = (text for i in range(len(base)) for item in [base[i]]
+                 for text in (item["caption"], f"{VQA_PROMPT.format(item['question'])} {item['answer']}"))
     else:
         texts = (base[i]["caption"] for i in range(len(base)))
     for count, text in enumerate(texts):
@@ -138,7 +143,8 @@ def _augment(item: dict, transform, seed: int, epoch: int, index: int) -> dict:
         # the CPU generator only: torch.manual_seed also seeds every accelerator backend, ~0.5 ms a call
         torch.default_generator.manual_seed(hash((seed, epoch, index)) % 2**63)
         image = transform(item["image"])
-    return {"image": image, "caption": item["caption"], "label": item.get("label", -1), "key": item.get("key", "")}
+    texts = {name: item[name] for name in ("caption", "question", "answer") if name in item}  # vqa: no caption
+    return {"image": image, "label": item.get("label", -1), "key": item.get("key", ""), **texts}
 
 
 def _read_or_next(read, index: int, size: int) -> tuple[dict, dict]:
@@ -277,10 +283,16 @@ atexit.register(shutdown_workers)
 
 class Collate:
     """Items -> batch. Captions are tokenized here, one call per batch: a sentencepiece call costs
-    ~0.3 ms however short its list, 15 times the per-caption cost in a batch of 64."""
+    ~0.3 ms however short its list, 15 times the per-caption cost in a batch of 64.
 
-    def __init__(self, tokenizer=None):
-        self.tokenizer = tokenizer
+    BLIP's decoder rows, when its training asks for them: with qa_fraction > 0 (model.blip_qa_fraction) and items
+    that carry a question and answer (shapes, vqa), or with a prompt (model.blip_prompt), the batch also gets
+    `decoder_tokens`, each row the prompt and caption or, for a fixed share of the images (chosen by a hash of the
+    key, so any world size and a resumed run choose the same; all of them at qa_fraction 1), "question: q answer:
+    a", with `prompt_lengths` telling the LM loss where the text to learn starts."""
+
+    def __init__(self, tokenizer=None, qa_fraction: float = 0.0, prompt: str = ""):
+        self.tokenizer, self.qa_fraction, self.prompt = tokenizer, qa_fraction, prompt
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {
@@ -296,12 +308,34 @@ class Collate:
         if "caption" in items[0]:
             batch["caption"] = [item["caption"] for item in items]
             batch["tokens"] = self.tokenizer(batch["caption"])
+        if self.prompt or (self.qa_fraction > 0 and "question" in items[0]):
+            batch.update(self.decoder_rows(items, batch.get("tokens")))
         return batch
 
+    def decoder_rows(self, items: list[dict], tokens: torch.Tensor | None) -> dict:
+        size = len(items)
+        if self.prompt and tokens is not None:
+            decoder_tokens = self.tokenizer([self.prompt + item["caption"] for item in items])
+            (prompt,) = text_ids(self.tokenizer, [self.prompt], self.tokenizer.eos_id)
+            prompt_lengths = torch.full((size,), 1 + len(prompt), dtype=torch.long)  # the start token and prompt
+        else:
+            decoder_tokens = self.tokenizer([""] * size) if tokens is None else tokens.clone()
+            prompt_lengths = torch.zeros(size, dtype=torch.long)
+        chosen = torch.tensor([self.qa_fraction >= 1 or "caption" not in item or
+                               zlib.crc32(f"qa/{item['key']}".encode()) % 10_000 < self.qa_fraction * 10_000
+                               for item in items]) if "question" in items[0] else torch.zeros(size, dtype=torch.bool)
+        if chosen.any():
+            picked = [item for item, use in zip(items, chosen) if use]
+            rows, lengths = question_answer_rows(self.tokenizer, [item["question"] for item in picked],
+                                                 [item["answer"] for item in picked], decoder_tokens.shape[1])
+            decoder_tokens[chosen], prompt_lengths[chosen] = rows, lengths
+        return {"decoder_tokens": decoder_tokens, "prompt_lengths": prompt_lengths}
 
-def _loader(dataset: Dataset, tokenizer, workers: int, **kwargs) -> DataLoader:
-    return _TrackedLoader(dataset, num_workers=workers, collate_fn=Collate(tokenizer), worker_init_fn=_ignore_sigterm,
-                      prefetch_factor=4 if workers else None, **kwargs)
+
+def _loader(dataset: Dataset, tokenizer, workers: int, qa_fraction: float = 0.0, prompt: str = "",
+            **kwargs) -> DataLoader:
+    return _TrackedLoader(dataset, num_workers=workers, collate_fn=Collate(tokenizer, qa_fraction, prompt),
+                          worker_init_fn=_ignore_sigterm, prefetch_factor=4 if workers else None, **kwargs)
 
 
 def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
@@ -313,7 +347,8 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
     data, train = cfg.data, cfg.train
     transform = image_transform(data.image_size, train=True)
     micro = micro_batch_size(train.batch_size, world_size, train.accum_steps)
-    _check_captions(data.train, "data.train")
+    if cfg.model.blip_qa_fraction < 1:  # BLIP's VQA finetuning trains on questions alone
+        _check_captions(data.train, "data.train")
     kind, _, argument = data.train.partition(":")
     if kind == "wds":
         shards = expand_shards(argument)
@@ -326,7 +361,8 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
     dataset = ImageTextDataset(base, transform, cfg.seed)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
-    return _loader(dataset, tokenizer, data.workers, batch_sampler=sampler)
+    return _loader(dataset, tokenizer, data.workers, qa_fraction=cfg.model.blip_qa_fraction,
+                   prompt=cfg.model.blip_prompt, batch_sampler=sampler)
 
 
 def skipped_rows(loader: DataLoader) -> BadSampleCount:

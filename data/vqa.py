@@ -20,12 +20,40 @@ import json
 import os
 import re
 
+import torch
 from torch.utils.data import Dataset
 
 from data.bad_samples import BadSample, BadSampleCount, clean_caption, open_image
 from data.image_files import resolve
 
 _SUBTYPE_IN_NAME = re.compile(r"(train|val|test-dev|test)(\d{4})")
+
+# This codebase's VQA prompt for BLIP's captioning decoder (BLIP itself fine-tunes a separate answer decoder):
+# eval.py ranks or generates the answer after it, and training with model.blip_qa_fraction teaches it.
+VQA_PROMPT = "question: {} answer:"
+
+
+def text_ids(tokenizer, texts: list[str], eos_id: int) -> list[list[int]]:
+    """The pieces of each text without the start token and eos, in one tokenizer call (a long text is cut)."""
+    rows = tokenizer(texts).tolist()
+    return [row[1 : row.index(eos_id)] if eos_id in row else row[1:] for row in rows]
+
+
+def question_answer_rows(tokenizer, questions: list[str], answers: list[str], length: int):
+    """Decoder rows `[start] question: q answer: a [eos]` padded to `length`, and each row's prompt length
+    (the start token and the prompt: the positions the LM loss skips). A row too long for `length` keeps its
+    question and as much of the answer as fits, eos last. Returns ((B, length) long, (B,) long)."""
+    eos, pad = tokenizer.eos_id, tokenizer.pad_id
+    prompts = text_ids(tokenizer, [VQA_PROMPT.format(q) for q in questions], eos)
+    replies = text_ids(tokenizer, answers, eos)
+    start = int(tokenizer([""])[0, 0])  # the tokenizer's first token (BLIP's model swaps in [DEC])
+    rows = torch.full((len(questions), length), pad, dtype=torch.long)
+    prompt_lengths = torch.zeros(len(questions), dtype=torch.long)
+    for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+        row = ([start, *prompt] + reply)[: length - 1] + [eos]
+        rows[i, : len(row)] = torch.tensor(row)
+        prompt_lengths[i] = min(1 + len(prompt), length - 1)
+    return rows, prompt_lengths
 
 
 def _read_json(path: str, what: str) -> dict:

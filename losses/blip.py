@@ -21,10 +21,10 @@ N = W*B global batch, K = queue size, D = 256):
         .enqueue(image_feat_m, text_feat_m, idx=None)  gathers over ranks, overwrites the oldest N columns
     copy_params(params, params_m)            params_m <- params, and params_m stop requiring grad
     momentum_update(params, params_m, momentum=0.995)  params_m <- momentum * params_m + (1 - momentum) * params
-    sample_hard_negatives(sim_i2t, sim_t2i, positives, generator=None)  (B,) negative text per image,
-                                             (B,) negative image per text, column indices; never a positive
+    sample_hard_negatives(sim_i2t, sim_t2i, positives, generator=None, uniform=0.0)  (B,) negative text per
+                                             image, (B,) negative image per text, column indices; never a positive
     itm_loss(logits_pos, logits_neg)         CE of (B, 2) positives (label 1) then (2B, 2) negatives (label 0)
-    lm_labels(tokens, pad_token_id, prompt_length=0)  labels with pads and the prompt set to -100
+    lm_labels(tokens, pad_token_id, prompt_length=0)  labels with pads and the prompt (an int or (B,)) set to -100
     lm_loss(logits, labels, label_smoothing=0.1)      next-token CE, mean over labelled tokens
     sequence_lm_loss(logits, labels, label_smoothing=0.1)  (B,) per-sequence sum (VQA answer weights/ranking)
 
@@ -61,6 +61,9 @@ Deliberate differences from the reference code:
   LAVIS removed the overwrite. `positives` gives either: the ids (paper and LAVIS) or None (released BLIP).
 * Hard-negative weights are softmax + 1e-4 with the positives zeroed in both settings (BLIP's retrieval has no
   +1e-4): a row whose softmax underflowed still samples a negative. A row with no negative raises an error.
+* `uniform` mixes a flat draw into the hard-negative one (0 = BLIP). Training from scratch, an ITM head that
+  only ever sees the ITC's hardest negatives stays at the prior (docs/results.md, BLIP demo): the easy
+  negatives give it a gradient to start from. BLIP never needs it: its text side starts from BERT.
 * ITC similarities are computed in float32 with autocast off (as kernels/reference.py), since logits up to
   1/0.001 lose their ordering in bfloat16. BLIP uses no mixed precision at all.
 * The queue writes at (ptr + arange(N)) % K, so it wraps correctly even if the global batch changes, and
@@ -252,14 +255,19 @@ def sample_hard_negatives(
     sim_t2i: torch.Tensor,
     positives: torch.Tensor,
     generator: torch.Generator | None = None,
+    uniform: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One hard negative per row, drawn with probability softmax(sim) + 1e-4, positives excluded.
 
     sim_i2t (B, M): images against M candidate texts; sim_t2i (B, M): texts against M candidate images
     (the local batch, or every rank's batch for BLIP's negative_all_rank). positives (B, M) bool: pair i's
     matches (the diagonal, or all captions of the same image) get weight 0 so they are never drawn.
+    uniform: the share of the draw made uniformly over the non-positives instead (0 = BLIP): the weights are
+    (1 - uniform) * hard + uniform * flat, each normalised over the row's negatives.
     Returns (negative text index per image, negative image index per text), each (B,) long into M.
     """
+    if not 0.0 <= uniform <= 1.0:
+        raise ValueError(f"uniform must lie in [0, 1]; got {uniform}")
     negatives = []
     for sim in (sim_i2t, sim_t2i):
         weights = F.softmax(sim.float(), dim=1) + HARD_NEGATIVE_EPS  # (B, M)
@@ -267,6 +275,9 @@ def sample_hard_negatives(
         if not (weights.sum(1) > 0).all():
             row = int((weights.sum(1) == 0).nonzero()[0])
             raise ValueError(f"row {row} has no negative candidate: all {sim.shape[1]} candidates are positives")
+        if uniform > 0:
+            flat = (~positives).float()
+            weights = (1 - uniform) * weights / weights.sum(1, keepdim=True) + uniform * flat / flat.sum(1, keepdim=True)
         negatives.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))  # (B,)
     return negatives[0], negatives[1]
 
@@ -281,13 +292,19 @@ def itm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------- LM
 
 
-def lm_labels(tokens: torch.Tensor, pad_token_id: int, prompt_length: int = 0, ignore_index: int = -100) -> torch.Tensor:
+def lm_labels(
+    tokens: torch.Tensor, pad_token_id: int, prompt_length: int | torch.Tensor = 0, ignore_index: int = -100
+) -> torch.Tensor:
     """(B, T) decoder input ids -> labels: pads and the first prompt_length positions set to ignore_index.
 
     prompt_length counts from [DEC]: captioning's "a picture of " gives 4 ([DEC] a picture of), as BLIP's
-    `len(tokenizer(prompt).input_ids) - 1`; pretraining and VQA answers use 0.
+    `len(tokenizer(prompt).input_ids) - 1`; pretraining and VQA answers use 0. A (B,) tensor gives each row its
+    own prompt (a batch mixing captions and "question: ... answer:" rows).
     """
     labels = tokens.masked_fill(tokens == pad_token_id, ignore_index)
+    if isinstance(prompt_length, torch.Tensor):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return labels.masked_fill(positions < prompt_length.to(tokens.device).view(-1, 1), ignore_index)
     labels[:, :prompt_length] = ignore_index
     return labels
 

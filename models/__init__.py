@@ -95,7 +95,7 @@ def infer_preset(state_dict: dict) -> Optional[str]:
 
 
 BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "grad_checkpointing", "tokenizer",
-                  "momentum_encoders", "momentum", "queue_size")
+                  "momentum_encoders", "momentum", "queue_size", "itm_uniform")
 
 
 def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> Union[CLIP, BLIP]:
@@ -137,18 +137,33 @@ def model_inputs(name: str) -> tuple[int, int]:
 BLIP_TEXT_LENGTH = 35  # BLIP's text max_length for retrieval (30 in pretraining); BERT's positions allow 512
 
 
-def model_from_config(cfg, tokenizer) -> torch.nn.Module:
-    """The model a run config (config.Config) describes, for a tokenizer: train.py and eval.py build through here."""
-    if cfg.model.name in BLIP_MODELS:  # with its momentum encoders and queue: training runs ITC and ITM
+def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Module:
+    """The model a run config (config.Config) describes, for a tokenizer: train.py and eval.py build through here.
+    With `pretrained`, model.pretrained's weights (if any) replace the random ones: released files through
+    `create_model`, or the model of a train.py checkpoint (a new run starting from an earlier one)."""
+    start = cfg.model.pretrained if pretrained else ""
+    run_checkpoint = start and is_run_checkpoint(start)
+    if cfg.model.name in BLIP_MODELS:  # with its momentum encoders and queue when training runs ITC or ITM
         queue_size = cfg.model.blip_queue_size if cfg.model.blip_queue_size >= 0 else BLIP_MODELS[cfg.model.name].queue_size
-        return create_model(cfg.model.name, image_size=cfg.data.image_size, drop_path=cfg.model.drop_path,
-                            grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
-                            momentum_encoders=True, momentum=cfg.model.blip_momentum, queue_size=queue_size)
+        objectives = tuple(cfg.model.blip_losses.split(","))
+        momentum = "itc" in objectives or "itm" in objectives
+        model = create_model(cfg.model.name, pretrained=None if run_checkpoint else start or None,
+                             image_size=cfg.data.image_size, drop_path=cfg.model.drop_path,
+                             grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
+                             momentum_encoders=momentum and not run_checkpoint, momentum=cfg.model.blip_momentum,
+                             queue_size=queue_size, itm_uniform=cfg.model.blip_itm_uniform)
+        model.objectives = objectives
+        if run_checkpoint:
+            load_run_weights(model, start)
+            if momentum:
+                model.add_momentum_encoders(cfg.model.blip_momentum, queue_size)
+        return model
     extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
     if cfg.model.init_temperature:
         extra["init_logit_scale"] = math.log(1 / cfg.model.init_temperature)
     model = create_model(
         cfg.model.name,
+        pretrained=None if run_checkpoint else start or None,
         image_size=cfg.data.image_size,
         vocab_size=tokenizer.vocab_size,
         context_length=tokenizer.context_length,
@@ -157,7 +172,34 @@ def model_from_config(cfg, tokenizer) -> torch.nn.Module:
         drop_path=cfg.model.drop_path,
         **extra,
     )
+    if run_checkpoint:
+        load_run_weights(model, start)
     return convert_sync_batchnorm(model) if cfg.model.sync_bn else model
+
+
+def is_run_checkpoint(path: str) -> bool:
+    """Whether `path` is a checkpoint train.py wrote (a dict with model, config and tokenizer)."""
+    if not os.path.isfile(path) or not path.endswith(".pt"):
+        return False
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(checkpoint, dict) and {"model", "config", "tokenizer"} <= set(checkpoint)
+
+
+def load_run_weights(model: torch.nn.Module, path: str) -> None:
+    """The online weights of a train.py checkpoint into `model` (momentum copies and queues are left out: they
+    restart from the loaded weights); a BLIP image encoder's positions are resized to the model's image size."""
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    state_dict = {key: value for key, value in state_dict.items()
+                  if not (key.split(".")[0].endswith("_m") or key.startswith("queue."))}
+    expected = model.state_dict()
+    key = "visual_encoder.pos_embed"
+    if key in state_dict and key in expected and state_dict[key].shape != expected[key].shape:
+        state_dict[key] = convert.interpolate_pos_embed(state_dict[key], expected[key].shape[1] - 1)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [name for name in missing if not (name.split(".")[0].endswith("_m") or name.startswith("queue."))]
+    if missing or unexpected:
+        raise ValueError(f"model.pretrained '{path}' does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 def build_model(config: CLIPConfig) -> CLIP:

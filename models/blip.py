@@ -83,6 +83,7 @@ class BLIPConfig:
     momentum_encoders: bool = False
     momentum: float = 0.995
     queue_size: int = 57600
+    itm_uniform: float = 0.0  # share of ITM negatives drawn uniformly instead of by ITC similarity (0 = BLIP)
 
 
 # Paper section 4.1 and salesforce/BLIP `models/blip.py::create_vit`: ViT-B/16 or ViT-L/16 (drop-path 0.1) with
@@ -96,6 +97,9 @@ BLIP_MODELS = {
     "BLIP-tiny":  BLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4, text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=64, queue_size=1024),
 }
 # fmt: on
+
+
+OBJECTIVES = ("itc", "itm", "lm")  # paper section 3.2; finetuning trains a subset (retrieval: itc, itm; caption: lm)
 
 
 class BLIP(nn.Module):
@@ -117,6 +121,7 @@ class BLIP(nn.Module):
         momentum_encoders: bool = False,
         momentum: float = 0.995,
         queue_size: int = 57600,
+        itm_uniform: float = 0.0,
     ):
         super().__init__()
         vision_width = visual_encoder.pos_embed.shape[-1]
@@ -136,6 +141,8 @@ class BLIP(nn.Module):
         self.itm_head = nn.Linear(text_width, 2)
         self.temp = nn.Parameter(torch.tensor(init_temp))  # ITC temperature; `forward` clamps it to [0.001, 0.5]
         self.momentum = momentum
+        self.itm_uniform = itm_uniform  # losses.sample_hard_negatives(uniform=...)
+        self.objectives = OBJECTIVES  # what `forward` computes, of the parts the model has
         self.visual_encoder_m = self.text_encoder_m = self.vision_proj_m = self.text_proj_m = self.queue = None
         if momentum_encoders:
             self.add_momentum_encoders(momentum, queue_size)
@@ -206,7 +213,8 @@ class BLIP(nn.Module):
         tokens: torch.Tensor,
         image_ids: Optional[torch.Tensor] = None,
         alpha: float = 0.4,
-        prompt_length: int = 0,
+        prompt_length: int | torch.Tensor = 0,
+        decoder_tokens: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """BLIP's training losses {"itc", "itm", "lm"} (scalars, to be summed) of this rank's batch.
 
@@ -214,20 +222,25 @@ class BLIP(nn.Module):
         for all three objectives as in BLIP's pretraining. image_ids (B,) >= 0: captions of one image are all
         ITC positives and never ITM negatives (retrieval finetuning); None: the pairs themselves (pretraining).
         alpha: momentum-distillation weight, ramped by the caller (`losses.alpha_ramp`). prompt_length: leading
-        decoder tokens ([DEC] included) the LM loss skips, 4 for caption finetuning on "a picture of " (BLIP).
-        A model without a text encoder (a captioning checkpoint) gives only "lm"; one without a decoder (a
-        retrieval checkpoint) only "itc" and "itm". Each call updates the momentum encoders and the queue, and
-        clamps `temp` in place (as BLIP): run backward before the next call.
+        decoder tokens ([DEC] included) the LM loss skips, 4 for caption finetuning on "a picture of " (BLIP), or
+        (B,) one per row. decoder_tokens (B, T'): the decoder's sequences when they are not the captions (rows
+        that are "question: q answer: a" with the question as their prompt); None: the captions.
+        Computes `self.objectives` (all three unless set otherwise) of those the model has parts for: a model
+        without a text encoder (a captioning checkpoint) gives only "lm"; one without a decoder (a retrieval
+        checkpoint) only "itc" and "itm". ITM needs ITC's similarities: "itm" computes "itc" too. Each call with
+        ITC updates the momentum encoders and the queue, and clamps `temp` in place (as BLIP): run backward before
+        the next call. tokens may be None when only "lm" runs on decoder_tokens.
         """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_tokens = self.forward_image(images)  # (B, 1 + HW, vision_width)
         losses = {}
-        if self.text_encoder is not None:
+        if self.text_encoder is not None and ("itc" in self.objectives or "itm" in self.objectives):
             losses.update(self.itc_itm_losses(image_tokens, images, tokens, image_ids, alpha))
-        if self.text_decoder is not None:
-            logits = self.decoder_logits(tokens, image_tokens)  # (B, T, vocab), [DEC] first
-            losses["lm"] = lm_loss(logits, lm_labels(tokens, self.pad_id, prompt_length))  # label smoothing 0.1
+        if self.text_decoder is not None and "lm" in self.objectives:
+            decoder_tokens = tokens if decoder_tokens is None else decoder_tokens
+            logits = self.decoder_logits(decoder_tokens, image_tokens)  # (B, T, vocab), [DEC] first
+            losses["lm"] = lm_loss(logits, lm_labels(decoder_tokens, self.pad_id, prompt_length))  # smoothing 0.1
         return losses
 
     def itc_itm_losses(
@@ -259,6 +272,8 @@ class BLIP(nn.Module):
             self.temp, alpha, offset=distributed.rank() * batch_size, positives=positives,
         )  # fmt: skip
         self.queue.enqueue(image_feat_m, text_feat_m, image_ids)
+        if "itm" not in self.objectives:
+            return {"itc": loss_itc}
 
         # ITM: one hard negative text per image and one image per text, from this rank's batch, drawn with the
         # global RNG (reproducible from the seed the loop sets), never a caption of the same image
@@ -269,7 +284,7 @@ class BLIP(nn.Module):
             local_positives = diagonal_positives(batch_size, batch_size, device=tokens.device)
         else:
             local_positives = positives_from_ids(image_ids, image_ids)
-        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, local_positives)  # (B,), (B,)
+        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, local_positives, uniform=self.itm_uniform)
         # rows: B positives, B (text_i, negative image), B (negative text, image_i), as BLIP
         itm_tokens = torch.cat([tokens, tokens, tokens[neg_text]])  # (3B, T)
         itm_images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])  # (3B, 1 + HW, vision_width)
@@ -414,4 +429,5 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         momentum_encoders=config.momentum_encoders,
         momentum=config.momentum,
         queue_size=config.queue_size,
+        itm_uniform=config.itm_uniform,
     )

@@ -320,6 +320,22 @@ def test_hard_negative_frequencies_follow_softmax_plus_eps():
     torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
 
 
+def test_uniform_share_mixes_a_flat_draw_over_the_negatives():
+    sim = torch.tensor([[4.0, 2.0, 1.0, 0.0, -30.0]]).expand(20000, 5)
+    positives = torch.zeros(20000, 5, dtype=torch.bool)
+    positives[:, 0] = True
+    hard = [0.0] + [math.exp(v) / sum(math.exp(u) for u in sim[0].tolist()) + 1e-4 for v in sim[0, 1:].tolist()]
+    hard = torch.tensor(hard, dtype=torch.float64) / sum(hard)
+    flat = torch.tensor([0.0, 0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
+    for uniform in (1.0, 0.5):
+        neg_text, neg_image = sample_hard_negatives(sim, sim, positives, torch.Generator().manual_seed(1), uniform)
+        for drawn in (neg_text, neg_image):
+            frequencies = torch.bincount(drawn, minlength=5).double() / 20000
+            torch.testing.assert_close(frequencies, (1 - uniform) * hard + uniform * flat, atol=0.015, rtol=0)
+    with pytest.raises(ValueError, match="uniform must lie in"):
+        sample_hard_negatives(sim[:2], sim[:2], positives[:2], uniform=1.5)
+
+
 def test_itm_loss_is_cross_entropy_positives_then_negatives():
     g = torch.Generator().manual_seed(0)
     logits_pos, logits_neg = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
@@ -337,6 +353,10 @@ def test_lm_labels_mask_pads_and_prompt():
     assert labels.tolist() == [[-100, -100, -100, -100, 2158, 102, -100, -100],
                                [-100, -100, -100, -100, 2058, 2158, 2006, 102]]
     assert lm_labels(tokens, pad_token_id=0)[0].tolist() == [30522, 1037, 3861, 1997, 2158, 102, -100, -100]
+    # one prompt length per row: each row as if masked alone
+    per_row = lm_labels(tokens, pad_token_id=0, prompt_length=torch.tensor([2, 5]))
+    assert per_row[0].tolist() == lm_labels(tokens[:1], 0, 2)[0].tolist()
+    assert per_row[1].tolist() == lm_labels(tokens[1:], 0, 5)[0].tolist()
 
 
 def test_lm_losses_match_hand_written_label_smoothing():

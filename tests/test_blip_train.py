@@ -239,3 +239,46 @@ def test_retriever_without_decoder_trains_itc_and_itm(batch):
     assert sorted(losses) == ["itc", "itm"]
     sum(losses.values()).backward()
     assert all(param.grad is not None for param in model.parameters() if param.requires_grad)
+
+
+def test_question_rows_teach_the_decoder_only_the_answer(tmp_path):
+    """model.blip_qa_fraction: Collate turns a fixed share of the images (by key) into "question: q answer: a"
+    decoder rows whose LM labels are the answer and eos only; the model's LM loss is then over those rows."""
+    from data import Collate
+    from data.vqa import VQA_PROMPT
+
+    dataset = ShapesDataset("train", image_size=64, length=40)
+    items = [dataset[i] for i in range(40)]
+    texts = [item[key] for item in items for key in ("caption", "question", "answer")] + [VQA_PROMPT]
+    words = sorted({word for text in texts for word in text.lower().replace(".", " ").replace(",", " ")
+                    .replace("?", " ").replace(":", " ").split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB + ["?", ":"] + [w for w in words if w not in VOCAB]) + "\n")
+    tokenizer = BertTokenizer(tmp_path / "vocab.txt", context_length=24)
+    samples = [{"image": torch.from_numpy(np.array(item["image"])).permute(2, 0, 1).float() / 255 - 0.5,
+                "caption": item["caption"], "question": item["question"], "answer": item["answer"], "label": 0,
+                "key": item["key"], "index": i, "bad": 0, "seen": 1, "bad_examples": []} for i, item in enumerate(items)]
+    batch = Collate(tokenizer, qa_fraction=0.5)(samples)
+    chosen = batch["prompt_lengths"] > 0
+    assert 5 < int(chosen.sum()) < 35  # about half
+    assert torch.equal(batch["decoder_tokens"][~chosen], batch["tokens"][~chosen])
+    for row, length, sample in zip(batch["decoder_tokens"][chosen], batch["prompt_lengths"][chosen],
+                                   [s for s, c in zip(samples, chosen) if c]):
+        prompt = tokenizer(VQA_PROMPT.format(sample["question"]))[0]
+        assert row[:length].tolist() == prompt[: int(length)].tolist()  # [CLS] question: q answer:
+        labels = row[1:][row[1:] != tokenizer.pad_id].tolist()[int(length) - 1 :]
+        assert labels == tokenizer.encode(sample["answer"]) + [tokenizer.eos_id]
+    # the choice follows the key, whatever else is in the batch (world size, resume)
+    reversed_batch = Collate(tokenizer, qa_fraction=0.5)(samples[::-1])
+    assert torch.equal(reversed_batch["decoder_tokens"].flip(0), batch["decoder_tokens"])
+
+    model = tiny(tokenizer)
+    images = torch.stack([s["image"] for s in samples[:8]])
+    decoder_tokens, prompt_lengths = batch["decoder_tokens"][:8], batch["prompt_lengths"][:8]
+    model.eval()  # no dropout: the loss's logits are the ones recomputed below
+    losses = model(images, batch["tokens"][:8], decoder_tokens=decoder_tokens, prompt_length=prompt_lengths)
+    logits = model.decoder_logits(decoder_tokens, model.forward_image(images))
+    labels = decoder_tokens.masked_fill(decoder_tokens == model.pad_id, -100)
+    for i, length in enumerate(prompt_lengths.tolist()):
+        labels[i, :length] = -100
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=0.1)
+    torch.testing.assert_close(losses["lm"], expected)

@@ -171,9 +171,47 @@ def test_vqa_generate_on_a_vqa_spec(blip_run, tmp_path):
     ranked = evaluation.main(["--checkpoint", path, "--task", "vqa", "--data", spec, "--answers",
                               str(tmp_path / "answers.txt")])
     assert ranked["num_candidates"] == 3 and {row["answer"] for row in ranked["predictions"]} <= {"red", "blue", "yes"}
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=spec))
-    with pytest.raises(ValueError, match="training on VQA is not built"):
-        train_loader(cfg, tokenizer, 0, 1)
+
+
+def test_finetuning_starts_from_a_run_and_trains_what_it_is_told(blip_run, tmp_path):
+    """model.pretrained (a run's checkpoint, positions resized to a new image size), model.blip_losses and
+    model.blip_prompt (caption finetuning), and VQA finetuning on a vqa spec (questions only: blip_qa_fraction=1)."""
+    import copy
+
+    import train
+    from tests.test_vqa_data import write_vqa
+
+    path, cfg, run_model, tokenizer = blip_run
+    vqa = copy.deepcopy(cfg)
+    vqa.data.train, vqa.data.val, vqa.data.heldout = "vqa:" + write_vqa(tmp_path / "vqa"), "shapes:val:4", ""
+    vqa.data.image_size, vqa.data.workers, vqa.train.batch_size, vqa.train.steps = 96, 0, 4, 1
+    vqa.model.pretrained, vqa.model.blip_losses = path, "lm"
+    assert "model.blip_qa_fraction=1" in train.check_config(vqa)
+    vqa.model.blip_qa_fraction = 1.0
+    assert train.check_config(vqa) is None
+    model = model_from_config(vqa, tokenizer)
+    assert model.queue is None and model.visual_encoder_m is None  # no ITC: no momentum encoders
+    assert model.visual_encoder.pos_embed.shape[1] == 1 + (96 // 8) ** 2
+    torch.testing.assert_close(model.text_decoder.state_dict(), run_model.text_decoder.state_dict())
+    (batch,) = list(train_loader(vqa, tokenizer, 0, 1))
+    assert "tokens" not in batch and (batch["prompt_lengths"] > 0).all()
+    losses = model(batch["image"], None, decoder_tokens=batch["decoder_tokens"], prompt_length=batch["prompt_lengths"])
+    assert list(losses) == ["lm"] and losses["lm"].isfinite()
+
+    captioning = copy.deepcopy(cfg)
+    captioning.data.train, captioning.data.workers = "shapes:train:8", 0
+    captioning.train.batch_size, captioning.train.steps = 4, 1
+    captioning.model.blip_losses, captioning.model.blip_prompt = "lm", "a picture of "
+    (batch,) = list(train_loader(captioning, tokenizer, 0, 1))
+    prompt = tokenizer("a picture of")[0]
+    length = int((prompt != tokenizer.pad_id).sum()) - 1  # the start token and the prompt, no eos
+    assert (batch["prompt_lengths"] == length).all()
+    assert (batch["decoder_tokens"][:, :length] == prompt[:length]).all()
+    assert not torch.equal(batch["decoder_tokens"], batch["tokens"])
+
+    for losses, message in (("itm,lm", "add itc"), ("itc,foo", "must list some of itc,itm,lm")):
+        captioning.model.blip_losses = losses
+        assert message in train.check_config(captioning)
 
 
 def test_evaluate_all_and_zeroshot_for_blip(blip_run):

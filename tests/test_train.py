@@ -116,7 +116,7 @@ def test_bad_dataset_spec_fails_before_training(tmp_path):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.val=shape:val"])
     with pytest.raises(SystemExit, match=r"data\.train: shapes dataset has splits train, val, heldout; got 'tran'"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=shapes:tran"])
-    with pytest.raises(SystemExit, match=r"data\.train: vqa specs are for evaluation"):
+    with pytest.raises(SystemExit, match=r"data\.train: vqa specs hold questions and answers, not captions; CLIP cannot"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=vqa:questions.json"])
 
 
@@ -301,5 +301,15 @@ def test_blip_trains_through_the_same_loop(tmp_path, capsys):
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"]["model"]["blip_alpha_steps"] == 2 * 100_000 // 16  # two epochs of shapes:train
     assert any(key.startswith("queue.") for key in checkpoint["model"])  # momentum state travels for resume
+    # TensorBoard shows validation images with their captions and answers, not only the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    (picture,) = events.Images("val/examples")
+    assert picture.width == 4 * 192 and picture.height > 2 * 192
+    (text,) = [tag for tag in events.Tags()["tensors"] if tag.startswith("val/examples")]
+    table = events.Tensors(text)[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| image | caption | question | answer (true) |") and table.count("\n") == 2 + 8
     with pytest.raises(SystemExit, match="train.accum_steps must be 1 for BLIP"):
         train.main([*run, "--train.accum_steps=2"])
