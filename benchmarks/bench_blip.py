@@ -1,16 +1,36 @@
-"""BLIP-base captioner speed against HuggingFace transformers' BLIP on the same random weights.
+"""BLIP-base speed against HuggingFace transformers' BLIP on the same random weights, alternating in one run.
 
-    python benchmarks/bench_blip.py [--batch 8] [--rounds 3] [--device cpu|cuda]
+    python benchmarks/bench_blip.py [--batch 8] [--rounds 3] [--device cpu|cuda] [--profile]
 
-Two measurements, each run alternately for ours and HF `--rounds` times (median seconds shown):
-- a captioning training step: image encoder + image-grounded decoder forward, LM loss with label smoothing 0.1
-  (BLIP's), backward, on `--batch` images at 224 px and 20-token captions;
-- beam-3 captioning as BLIP evaluates (prompt "a picture of ", max_length 20, min_length 5), also checking
-  that both produce the same token ids.
-HF's model is built from a BlipConfig with BLIP-base sizes; ours loads its weights through models/convert.py.
+Two measurements, each run alternately for HF and ours `--rounds` times (median seconds shown):
+- a pretraining step (paper section 3.2, salesforce/BLIP `blip_pretrain.py`) on `--batch` images at 224 px and
+  captions of 8..30 tokens padded to 30 as a fixed-length tokenizer gives them (ours cuts the columns after the
+  batch's longest caption; HF computes them, as it would not with `padding="longest"`): ITC with momentum
+  encoders (EMA 0.995, updated before their forward), momentum distillation (alpha 0.4) and a 57600-feature
+  queue; ITM on the positives and one hard negative text per image and image per text (3B rows through the
+  image-grounded encoder); LM with label smoothing 0.1 through the decoder that shares all but self-attention
+  with the encoder; loss = sum; backward; one AdamW step (lr 1e-5, weight decay 0.05) over every trained
+  parameter. Momentum encoders and queue run on both sides.
+- beam-3 captioning as BLIP evaluates (prompt "a picture of ", max_length 20, min_length 5): image encoder and
+  decoding, `BlipForConditionalGeneration.generate` against ours `generate_ids`.
+
+HF has no BLIP pretraining module, so its side is assembled from its parts the way salesforce/BLIP ties them:
+`BlipForImageTextRetrieval` (vision_model, text_encoder, vision_proj, text_proj, itm_head) and
+`BlipForConditionalGeneration`'s text_decoder, whose embeddings, cross-attention, feed-forward and their norms are
+the encoder's modules (`tie_encoder_decoder_weights`, skip '/attention'); momentum copies of the two encoders
+and projections are deep copies, a learnable `temp` 0.07 as BLIP's. The loss arithmetic (ITC targets, hard
+negative sampling, ITM cross-entropy) is `losses/blip.py` on both sides, so the timing difference is the models;
+HF's LM loss is its own (the decoder's label-smoothed cross-entropy). Ours is `create_model("BLIP-base")` loaded
+from the same weights through `models/convert.py`, `BLIP.forward`. Both sides draw the hard negatives after
+the same `torch.manual_seed`, so equal similarities give equal negatives.
+
+Checked inside the run: the three losses agree (relative difference printed; the first step's weights are
+equal, later ones have taken the same AdamW steps), and the beam-3 caption ids are equal.
 transformers is a test-only dependency (`pip install -e ".[dev]"`).
 """
 import argparse
+import copy
+import json
 import os
 import statistics
 import sys
@@ -19,81 +39,181 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+PAD, CLS, SEP, DEC, ENC = 0, 101, 102, 30522, 30523
+HF_NAME = "HF transformers"
+
+
+def build_hf(transformers, torch):
+    """HF's BLIP parts with BLIP-base sizes and random weights, tied as BLIP's pretraining model."""
+    text = dict(num_attention_heads=12, layer_norm_eps=1e-12, label_smoothing=0.1, sep_token_id=SEP, pad_token_id=PAD,
+                bos_token_id=DEC, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    vision = dict(image_size=224, patch_size=16, layer_norm_eps=1e-6, attention_dropout=0.0)
+    config = transformers.BlipConfig(text_config=text, vision_config=vision)
+    retrieval = transformers.BlipForImageTextRetrieval(config)
+    captioner = transformers.BlipForConditionalGeneration(config)
+    with torch.no_grad():  # HF's init leaves the ViT at ~0: random weights everywhere
+        for module in (retrieval, captioner):
+            for tensor in module.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.normal_(0, 0.02)
+    captioner.vision_model = retrieval.vision_model
+    decoder, encoder = captioner.text_decoder.bert, retrieval.text_encoder
+    decoder.embeddings = encoder.embeddings
+    for mine, theirs in zip(decoder.encoder.layer, encoder.encoder.layer):
+        mine.crossattention, mine.intermediate, mine.output = theirs.crossattention, theirs.intermediate, theirs.output
+    captioner.text_decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight
+    return config, retrieval, captioner
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="after the rounds, profile one more of each and print "
+                        "the operators by self time")
+    parser.add_argument("--tasks", default="train,caption", help="comma-separated: train, caption")
     args = parser.parse_args()
 
     import torch
-    import torch.nn.functional as F
     import transformers
 
+    from losses.blip import (FeatureQueue, diagonal_positives, itc_loss, itm_loss, lm_labels, momentum_update,
+                             sample_hard_negatives)
     from models import create_model
 
     torch.manual_seed(0)
-    text = dict(num_attention_heads=12, layer_norm_eps=1e-12, label_smoothing=0.1, sep_token_id=102, pad_token_id=0)
-    vision = dict(image_size=224, patch_size=16, layer_norm_eps=1e-6)
-    hf = transformers.BlipForConditionalGeneration(transformers.BlipConfig(text_config=text, vision_config=vision))
-    with torch.no_grad():  # HF's init leaves the ViT at ~0: random weights everywhere
-        for tensor in hf.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.normal_(0, 0.02)
+    config, retrieval, captioner = build_hf(transformers, torch)
     with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(folder)
-        ours = create_model("BLIP-base", pretrained=folder, text_drop=0.0)
-    hf, ours = hf.to(args.device), ours.to(args.device)
-    images = torch.randn(args.batch, 3, 224, 224, device=args.device)
-    tokens = torch.randint(1000, 30000, (args.batch, 20), device=args.device)
-    tokens[:, 0], tokens[:, -1] = 30522, 102  # [DEC] caption [SEP]
-    prompt = torch.tensor([[101, 1037, 3861, 1997, 102]] * args.batch, device=args.device)  # [CLS] a picture of [SEP]
+        decoder = {key: value for key, value in captioner.state_dict().items() if key.startswith("text_decoder.")}
+        weights = {**retrieval.state_dict(), **decoder}
+        torch.save({key: value.clone() for key, value in weights.items()}, os.path.join(folder, "pytorch_model.bin"))
+        config.to_json_file(os.path.join(folder, "config.json"))
+        ours = create_model("BLIP-base", pretrained=folder, text_drop=0.0, momentum_encoders=True)
+    device = torch.device(args.device)
+    retrieval, captioner, ours = retrieval.to(device), captioner.to(device), ours.to(device)
+
+    # HF's training state: momentum copies, the queue (ours' starting one) and the temperature.
+    hf_online = [retrieval.vision_model, retrieval.text_encoder, retrieval.vision_proj, retrieval.text_proj]
+    hf_momentum = [copy.deepcopy(module).requires_grad_(False) for module in hf_online]
+    hf_queue = copy.deepcopy(ours.queue)
+    hf_temp = torch.nn.Parameter(torch.tensor(0.07, device=device))
+
+    def trained(*modules):
+        params = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+        return list(params.values())
+
+    hf_params = trained(retrieval, captioner, torch.nn.ParameterList([hf_temp]))
+    our_params = trained(ours)
+    optimizers = {HF_NAME: torch.optim.AdamW(hf_params, lr=1e-5, weight_decay=0.05),
+                  "ours": torch.optim.AdamW(our_params, lr=1e-5, weight_decay=0.05)}
+
+    batch = args.batch
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    lengths = torch.randint(8, 31, (batch,))
+    tokens = torch.full((batch, 30), PAD, dtype=torch.long)
+    for row, length in enumerate(lengths.tolist()):  # [CLS] caption [SEP] [PAD]...
+        words = torch.randint(1000, 30000, (length - 2,))
+        tokens[row, :length] = torch.cat([torch.tensor([CLS]), words, torch.tensor([SEP])])
+    tokens = tokens.to(device)
+    prompt = torch.tensor([[CLS, 1037, 3861, 1997, SEP]] * batch, device=device)  # [CLS] a picture of [SEP]
 
     def sync() -> None:
-        if args.device.startswith("cuda"):
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(name: str) -> float:
-        model = hf if name == "HF transformers" else ours
-        model.train()
-        model.zero_grad(set_to_none=True)
-        if model is hf:
-            loss = hf(pixel_values=images, input_ids=tokens, labels=tokens).loss
-        else:
-            logits = ours.decoder_logits(tokens, ours.forward_image(images))  # (B, T, vocab)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), label_smoothing=0.1)
-        loss.backward()
-        return loss.item()
+    def hf_losses(alpha: float = 0.4) -> dict:
+        with torch.no_grad():
+            hf_temp.clamp_(0.001, 0.5)
+        vision_model, text_encoder, vision_proj, text_proj = hf_online
+        mask = (tokens != PAD).long()
+        image_embeds = vision_model(pixel_values=images).last_hidden_state  # (B, 197, 768)
+        image_feat = torch.nn.functional.normalize(vision_proj(image_embeds[:, 0]), dim=-1)
+        text_embeds = text_encoder(input_ids=tokens, attention_mask=mask).last_hidden_state  # (B, T, 768)
+        text_feat = torch.nn.functional.normalize(text_proj(text_embeds[:, 0]), dim=-1)
+        with torch.no_grad():
+            momentum_update([p for m in hf_online for p in m.parameters()],
+                            [p for m in hf_momentum for p in m.parameters()])
+            image_feat_m = torch.nn.functional.normalize(
+                hf_momentum[2](hf_momentum[0](pixel_values=images).last_hidden_state[:, 0]), dim=-1)
+            text_feat_m = torch.nn.functional.normalize(
+                hf_momentum[3](hf_momentum[1](input_ids=tokens, attention_mask=mask).last_hidden_state[:, 0]), dim=-1)
+        loss_itc = itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, hf_queue.image_queue, hf_queue.text_queue,
+                            hf_temp, alpha, offset=0)
+        hf_queue.enqueue(image_feat_m, text_feat_m)
+        with torch.no_grad():
+            sim_i2t, sim_t2i = image_feat @ text_feat_m.T / hf_temp, text_feat @ image_feat_m.T / hf_temp  # (B, B)
+        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, diagonal_positives(batch, batch, device=device))
+        itm_ids = torch.cat([tokens, tokens, tokens[neg_text]])  # (3B, T)
+        itm_ids[:, 0] = ENC
+        itm_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # (3B, 197, 768)
+        image_mask = torch.ones(itm_images.shape[:2], dtype=torch.long, device=device)
+        itm_states = text_encoder(input_ids=itm_ids, attention_mask=(itm_ids != PAD).long(),
+                                  encoder_hidden_states=itm_images, encoder_attention_mask=image_mask)
+        logits = retrieval.itm_head(itm_states.last_hidden_state[:, 0])  # (3B, 2)
+        decoder_ids = tokens.clone()
+        decoder_ids[:, 0] = DEC
+        loss_lm = captioner.text_decoder(input_ids=decoder_ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                         labels=lm_labels(tokens, PAD), reduction="mean").loss
+        return {"itc": loss_itc, "itm": itm_loss(logits[:batch], logits[batch:]), "lm": loss_lm}
+
+    def train_step(name: str, seed: int) -> dict:
+        retrieval.train(), captioner.train(), ours.train()
+        optimizer = optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)  # the hard negatives
+        losses = hf_losses() if name == HF_NAME else ours(images, tokens, alpha=0.4)
+        sum(losses.values()).backward()
+        optimizer.step()
+        return {key: value.item() for key, value in losses.items()}
 
     @torch.no_grad()
-    def caption(name: str) -> list[list[int]]:
-        if name == "HF transformers":
-            ids = hf.eval().generate(pixel_values=images, input_ids=prompt.clone(), num_beams=3, max_length=20, min_length=5)
+    def caption(name: str, seed: int) -> list:
+        if name == HF_NAME:
+            ids = captioner.eval().generate(pixel_values=images, input_ids=prompt.clone(), num_beams=3, max_length=20,
+                                            min_length=5)
         else:
-            ids = ours.eval().generate_ids(images, [30522, 1037, 3861, 1997], num_beams=3, max_length=20, min_length=5)
-        return [row[: row.index(102, 4) + 1] if 102 in row[4:] else row for row in ids.tolist()]
+            ids = ours.eval().generate_ids(images, [DEC, 1037, 3861, 1997], num_beams=3, max_length=20, min_length=5)
+        return [row[: row.index(SEP, 4) + 1] if SEP in row[4:] else row for row in ids.tolist()]
 
-    names, tasks = ("HF transformers", "ours"), {"train step": train_step, "beam-3 captions": caption}
+    names = (HF_NAME, "ours")
+    tasks = {"train step": train_step, "beam-3 captions": caption}
+    tasks = {task: run for task, run in tasks.items() if task.split()[0].replace("beam-3", "caption") in args.tasks}
     times = {(task, name): [] for task in tasks for name in names}
-    outputs = {}
-    for _ in range(args.rounds):
+    outputs = {(task, name): [] for task in tasks for name in names}
+    for round_ in range(args.rounds):
         for name in names:
             for task, run in tasks.items():
                 sync()
                 start = time.perf_counter()
-                result = run(name)
+                result = run(name, seed=round_)
                 sync()
                 times[task, name].append(time.perf_counter() - start)
-                outputs[task, name] = result
-    print(f"BLIP-base, batch {args.batch}, {args.device}, median of {args.rounds} rounds (torch {torch.__version__}, "
-          f"transformers {transformers.__version__})")
-    print("| task | HF transformers (s) | ours (s) | speed-up |")
+                outputs[task, name].append(result)
+    print(f"BLIP-base, batch {batch}, {args.device} ({torch.get_num_threads()} threads), "
+          f"median of {args.rounds} rounds (torch {torch.__version__}, transformers {transformers.__version__})")
+    print(f"| task | {HF_NAME} (s) | ours (s) | speed-up |")
     print("|---|---|---|---|")
-    for task in ("train step", "beam-3 captions"):
+    for task in tasks:
         theirs, mine = statistics.median(times[task, names[0]]), statistics.median(times[task, names[1]])
         print(f"| {task} | {theirs:.3f} | {mine:.3f} | {theirs / mine:.2f}x |")
-    print(f"same caption ids: {outputs['beam-3 captions', names[0]] == outputs['beam-3 captions', names[1]]}")
+    if "train step" in tasks:
+        for round_, (theirs, mine) in enumerate(zip(outputs["train step", HF_NAME], outputs["train step", "ours"])):
+            difference = {key: abs(theirs[key] - mine[key]) / abs(theirs[key]) for key in theirs}
+            print(f"step {round_} losses ours {json.dumps({k: round(v, 6) for k, v in mine.items()})}, "
+                  f"relative difference to HF {', '.join(f'{k} {v:.1e}' for k, v in difference.items())}")
+    if "beam-3 captions" in tasks:
+        same = [a == b for a, b in zip(outputs["beam-3 captions", HF_NAME], outputs["beam-3 captions", "ours"])]
+        print(f"same caption ids in every round: {all(same)} {same}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for task, run in tasks.items():
+            for name in names:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    run(name, seed=args.rounds)
+                print(f"\n{task}, {name}: operators by self CPU time")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ greedy, nucleus sampling and beam search, all over a key/value cache.
 A decoder is a function `decode(tokens (N, T), context (N, S, D), cache) -> logits (N, T, vocab)`; with a
 `KVCache` it receives only the tokens not seen yet and finds their positions from `cache.length`. The context
 (image tokens) is fixed: its cross-attention keys/values are computed once, in the first call on the B prompts,
-and copied to the beams with the rest of the cache.
+and the beams of a sample read that sample's copy (`layers.CrossAttention`); the self-attention cache is copied.
 
 The decisions follow HuggingFace transformers 5.x `GenerationMixin.generate` so that equal arguments give equal
 tokens (tests/test_blip.py): `max_length`/`min_length` count the prompt; logits processors in HF's order

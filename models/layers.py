@@ -51,21 +51,28 @@ def get_act_layer(name: str) -> type[nn.Module]:
 
 @dataclass
 class LayerCache:
-    """One block's state for incremental decoding: self-attention keys/values of every past token and the
-    cross-attention keys/values of the (fixed) context."""
+    """One block's state for incremental decoding: self-attention keys/values of every past token, in buffers
+    preallocated along time (filled up to `length`, grown by doubling), and the cross-attention keys/values of the
+    (fixed) context, once per sample."""
 
-    key: Optional[torch.Tensor] = None  # (B, heads, T_past, head_dim)
+    key: Optional[torch.Tensor] = None  # (B, heads, capacity, head_dim)
     value: Optional[torch.Tensor] = None
-    context_key: Optional[torch.Tensor] = None  # (B, heads, S, head_dim)
+    length: int = 0
+    context_key: Optional[torch.Tensor] = None  # (B_context, heads, S, head_dim)
     context_value: Optional[torch.Tensor] = None
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' keys/values after the past ones; returns all of them."""
-        if self.key is not None:
-            key = torch.cat([self.key, key], dim=2)  # (B, heads, T_past + T, head_dim)
-            value = torch.cat([self.value, value], dim=2)
-        self.key, self.value = key, value
-        return key, value
+        """Store the new tokens' keys/values after the past ones; returns all of them (views of the buffers)."""
+        start, end = self.length, self.length + key.shape[2]
+        if self.key is None or end > self.key.shape[2]:  # a copy per doubling, not a concatenation per token
+            capacity = max(end, 2 * start, 16)
+            buffers = [key.new_empty(*key.shape[:2], capacity, key.shape[3]) for _ in range(2)]
+            if self.key is not None:
+                buffers[0][:, :, :start], buffers[1][:, :, :start] = self.key[:, :, :start], self.value[:, :, :start]
+            self.key, self.value = buffers
+        self.key[:, :, start:end], self.value[:, :, start:end] = key, value
+        self.length = end
+        return self.key[:, :, :end], self.value[:, :, :end]  # (B, heads, T_past + T, head_dim)
 
 
 class KVCache:
@@ -77,25 +84,22 @@ class KVCache:
     @property
     def length(self) -> int:
         """Number of tokens already seen (the position of the next one)."""
-        key = self.layers[0].key
-        return 0 if key is None else key.shape[2]
+        return self.layers[0].length
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], context: bool) -> None:
-        names = ("key", "value", "context_key", "context_value") if context else ("key", "value")
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for layer in self.layers:
-            for name in names:
-                tensor = getattr(layer, name)
-                if tensor is not None:
-                    setattr(layer, name, fn(tensor))
+            if layer.key is not None:
+                layer.key, layer.value = fn(layer.key), fn(layer.value)
 
     def repeat_interleave(self, repeats: int) -> None:
-        """Each sample's state `repeats` times in a row: (B, ...) -> (B * repeats, ...), e.g. one copy per beam."""
-        self._map(lambda tensor: tensor.repeat_interleave(repeats, dim=0), context=True)
+        """Each sample's self-attention state `repeats` times in a row: (B, ...) -> (B * repeats, ...), one copy
+        per beam. The context keys/values stay once per sample: `CrossAttention` serves the copies from them."""
+        self._map(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep the self-attention state of `rows` (N,) of the batch, e.g. the beams that survive a step. Rows are
-        chosen among copies of one sample, so the context keys/values (equal across those copies) stay."""
-        self._map(lambda tensor: tensor.index_select(0, rows), context=False)
+        chosen among copies of one sample, so the context keys/values (one per sample) stay."""
+        self._map(lambda tensor: tensor.index_select(0, rows))
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
@@ -146,6 +150,8 @@ class Attention(nn.Module):
         q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in (q, k, v))  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.append(k, v)  # each (B, heads, T_past + T, head_dim)
+        if is_causal and q.shape[2] == 1 and attn_mask is None:
+            is_causal = False  # the newest token may attend to every key: no mask to build
         if is_causal and (attn_mask is not None or k.shape[2] != q.shape[2]):
             # SDPA's is_causal takes no mask and aligns queries with the first keys; here they are the last ones.
             causal = causal_mask(q.shape[2], k.shape[2], q.device)  # (T, T_past + T)
@@ -162,7 +168,8 @@ class CrossAttention(nn.Module):
 
     Queries come from `q`, keys and values from the fused `kv`; attn_mask broadcastable to (B, heads, T, S).
     With a `cache`, the context's keys/values are computed on the first call and reused after (the context is
-    fixed while decoding).
+    fixed while decoding). When the queries hold `g` consecutive rows per context row (beam search's copies of a
+    sample), each sample's rows attend to its keys/values as `g * T` queries of one row, without copying them.
     """
 
     def __init__(
@@ -201,10 +208,16 @@ class CrossAttention(nn.Module):
             k, v = kv.unbind(0)  # each (B, heads, S, head_dim)
             if cache is not None:
                 cache.context_key, cache.context_value = k, v
+        group = q.shape[0] // k.shape[0]  # > 1: consecutive rows (beams) share one sample's context
+        if group > 1 and attn_mask is not None:
+            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+            group = 1
+        # the copies become extra queries of their sample: its keys/values are read once, not copied per beam
+        q = rearrange(q, "(b g) h t d -> b h (g t) d", g=group)  # (B_context, heads, group * T, head_dim)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
         )
-        x = rearrange(x, "b h t d -> b t (h d)")  # (B, T, inner_dim)
+        x = rearrange(x, "b h (g t) d -> (b g) t (h d)", g=group)  # (B, T, inner_dim)
         return self.proj_drop(self.proj(x))
 
 

@@ -29,6 +29,8 @@ Deliberate differences from salesforce/BLIP `models/med.py` (a fork of HF BERT):
   with skip key '/attention'); here `share_all_but_self_attention` makes the decoder reuse the encoder's
   embedding, cross-attention, MLP and their norms as the same module objects;
 - the hidden dropout also acts inside the MLP after GELU (timm's Mlp), where BERT has none.
+- `forward` cuts the padding columns after the batch's longest text before the blocks (exact at real tokens;
+  the output is zero at the cut pads), as `TextTransformer` does for CLIP.
 """
 from typing import Callable, Optional
 
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import KVCache, Transformer
+from models.layers import KVCache, Transformer, causal_mask
 
 
 class TextTransformer(nn.Module):
@@ -212,13 +214,29 @@ class BertTextEncoder(nn.Module):
     ) -> torch.Tensor:
         """(B, T) token ids -> hidden states (B, T, width).
 
-        padding_mask: (B, T) bool, True = a real token (pads are never attended to); context: image tokens
-        (B, S, context_dim) for the image-grounded modes; is_causal: decoder mode; cache: keys/values of the
-        tokens before these (generation), whose count gives the positions.
+        padding_mask: (B, T) bool, True = a real token (pads are never attended to; the output is zero at the
+        pads after the longest text); context: image tokens (B, S, context_dim) for the image-grounded modes;
+        is_causal: decoder mode; cache: keys/values of the tokens before these (generation), whose count gives
+        the positions.
         """
-        x = self.embed(tokens, start=cache.length if cache is not None else 0)  # (B, T, width)
-        attn_mask = padding_mask[:, None, None, :] if padding_mask is not None else None  # (B, 1, 1, T)
-        return self.transformer(x, attn_mask=attn_mask, is_causal=is_causal, context=context, cache=cache)
+        num_tokens = tokens.shape[1]
+        if padding_mask is not None and cache is None and not torch.compiler.is_compiling():
+            # Padding trails the text, and no real token attends to a pad: the columns after the batch's longest
+            # text change nothing at real tokens. They are cut (a fixed-length tokenizer pads 35-token rows), the
+            # mask too when every kept token is real, and the output is zero there.
+            positions = torch.arange(1, num_tokens + 1, device=tokens.device)
+            keep = max(int((padding_mask.any(0) * positions).max()), 1)
+            tokens, padding_mask = tokens[:, :keep], padding_mask[:, :keep]
+            if bool(padding_mask.all()):
+                padding_mask = None
+        x = self.embed(tokens, start=cache.length if cache is not None else 0)  # (B, T', width)
+        attn_mask = None
+        if padding_mask is not None:
+            attn_mask = padding_mask[:, None, None, :]  # (B, 1, 1, T')
+            if is_causal and cache is None:  # combined once here, not in every block
+                attn_mask, is_causal = attn_mask & causal_mask(x.shape[1], x.shape[1], x.device), False  # (B, 1, T', T')
+        x = self.transformer(x, attn_mask=attn_mask, is_causal=is_causal, context=context, cache=cache)
+        return F.pad(x, (0, 0, 0, num_tokens - x.shape[1]))  # (B, T, width)
 
 
 class LMHead(nn.Module):
