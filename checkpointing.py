@@ -15,6 +15,7 @@ loads into a plain or DDP model; an FSDP run resumes from a folder only (resume 
 """
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -26,6 +27,8 @@ import distributed
 
 FILE, FOLDER = "checkpoint.pt", "checkpoint"
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# DCP warns on every single-process save and load (eval.py, a 1-process resume) that it assumes one process: it does
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def find(out_dir: str) -> str:

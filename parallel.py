@@ -52,8 +52,8 @@ def shard(model: nn.Module, device: torch.device, precision: str = "fp32", cpu_o
             fully_shard(child, **options)
     scalars = {p for p in model.parameters() if p.ndim == 0}
     fully_shard(model, ignored_params=scalars, **options)
-    for p in scalars:  # fully_shard moves only what it shards
-        p.data = p.data.to(device)
+    for p in scalars:  # fully_shard moves only what it shards (a meta-device model stays on meta)
+        p.data = p.data if p.is_meta else p.data.to(device)
     return model
 
 
