@@ -22,7 +22,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 GIB = 2**30
 
@@ -131,7 +130,7 @@ def run(rank: int, world_size: int, args, port: int) -> list[dict]:
 
 
 def print_table(rows: list[list[dict]], world_size: int, step: bool) -> None:
-    print(f"| model | strategy | params | grads | AdamW | model state / process | ratio | DDP buckets |"
+    print("| model | strategy | params | grads | AdamW | model state / process | ratio | DDP buckets |"
           + (" peak memory / process | ratio | step time |" if step else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if step else ""))
     for i in range(0, len(rows), 2):

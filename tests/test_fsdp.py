@@ -25,16 +25,17 @@ def torchrun(out_dir, tokenizer_path, *extra, launcher=("--standalone", "--nproc
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, os.path.join(ROOT, script),
                *small_run(out_dir, tokenizer_path, *COMMON, *extra)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     return finish(process) if wait else process
 
 
 def finish(process) -> str:
     try:
         out = process.communicate(timeout=TIMEOUT)[0]
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"torchrun did not end within {TIMEOUT} s")
+    except subprocess.TimeoutExpired:  # e.g. a restarted group that never forms: stop torchrun and its workers
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun did not end within {TIMEOUT} s:\n{process.communicate()[0][-3000:]}")
     assert process.returncode == 0, out[-3000:]
     return out
 
