@@ -473,7 +473,7 @@ def load_checkpoint(path: str, device="cpu"):
     """(config, model, tokenizer) from a train.py checkpoint, a file or an FSDP run's folder (whatever number of
     processes wrote it); needs no other file."""
     if not checkpointing.exists(path):
-        raise FileNotFoundError(f"--checkpoint: no checkpoint file or folder at '{path}'")
+        raise FileNotFoundError(f"--checkpoint: no file at '{path}', nor a checkpoint folder")
     checkpoint = checkpointing.read(path)
     cfg = config_from_dict(checkpoint["config"])
     tokenizer = tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
@@ -558,7 +558,8 @@ def print_table(title: str, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a train.py checkpoint: RUN/checkpoint.pt, or an FSDP run's RUN/checkpoint")
+    parser.add_argument("--checkpoint", help="a train.py checkpoint: RUN/checkpoint.pt, or an FSDP run's folder "
+                                             "RUN/checkpoint")
     parser.add_argument("--model", help="a preset (models.MODELS) for released weights, e.g. ViT-B-32-quickgelu")
     parser.add_argument("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint")
     parser.add_argument("--bpe", help=f"with --model: the CLIP vocabulary {BPE_FILE} "

@@ -222,8 +222,8 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                     "feature queue, so micro-batches cannot be cached and re-run as CLIP's exact accumulation does")
         if cfg.data.tokenizer == "clip":
             return "data.tokenizer=clip has no [DEC] and [ENC] tokens for BLIP; use bert or sentencepiece"
-    choices = {"train.precision": ("fp32", "bf16", "fp16"), "train.strategy": ("ddp", "fsdp"), "loss.name": ("clip", "siglip"),
-               "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
+    choices = {"train.precision": ("fp32", "bf16", "fp16"), "train.strategy": ("ddp", "fsdp"),
+               "loss.name": ("clip", "siglip"), "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file overriding the defaults in config.py")
     parser.add_argument("--resume", nargs="?", const=RESUME_OUT_DIR, default=None,
-                        help="continue from out_dir's checkpoint, from CHECKPOINT (a file or folder), or with 'auto' from "
-                             "out_dir's checkpoint when there is one (else start fresh)")
+                        help="continue from out_dir's checkpoint, from CHECKPOINT (a file or folder), or with 'auto' "
+                             "from out_dir's checkpoint when there is one (else start fresh)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg, checkpoint = load_run_config(args, overrides)
@@ -368,7 +368,8 @@ def train(cfg, checkpoint: dict | None) -> dict:
         if main_process:
             print(f"resumed from step {step}", flush=True)
     raw_model = model
-    if world_size > 1 and cfg.train.strategy == "ddp":  # BLIP's feature queue is the same on every rank by construction: no need to broadcast it
+    # (fsdp: sharded above.) BLIP's feature queue is the same on every rank by construction: no need to broadcast it
+    if world_size > 1 and cfg.train.strategy == "ddp":
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         forward_sync_buffers=not is_blip(cfg))
 
@@ -422,7 +423,8 @@ def train(cfg, checkpoint: dict | None) -> dict:
                      f"try a lower train.lr or train.precision=bf16")
         scaler.unscale_(optimizer)
         parallel.average_replicated_gradients(raw_model)  # FSDP's unsharded scalars; DDP averaged everything
-        grad_norm = parallel.clip_grad_norm_(raw_model, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = parallel.clip_grad_norm_(raw_model, max_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -139,7 +139,8 @@ def print_table(rows: list[list[dict]], world_size: int, step: bool) -> None:
             row = max(per_rank, key=lambda r: r["params"] + r["grads"] + r["adamw"])  # the fullest process
             state = row["params"] + row["grads"] + row["adamw"]
             ddp_state = ddp["params"] + ddp["grads"] + ddp["adamw"]
-            line = (f"| {row['model']} | {row['strategy']} | {row['params'] / GIB:.2f} GiB | {row['grads'] / GIB:.2f} GiB "
+            line = (f"| {row['model']} | {row['strategy']} | {row['params'] / GIB:.2f} GiB "
+                    f"| {row['grads'] / GIB:.2f} GiB "
                     f"| {row['adamw'] / GIB:.2f} GiB | {state / GIB:.2f} GiB | {state / ddp_state:.2f} "
                     f"| {row['ddp_buckets'] / GIB:.2f} GiB |")
             if step:

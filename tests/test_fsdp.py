@@ -63,7 +63,8 @@ def runs(tmp_path_factory, tokenizer_path):  # noqa: F811
 
 
 def test_fsdp_on_two_processes_trains_what_one_process_trains(runs):
-    assert os.path.isfile(runs / "fsdp" / "checkpoint" / "meta.pt") and not os.path.exists(runs / "fsdp" / "checkpoint.pt")
+    assert os.path.isfile(runs / "fsdp" / "checkpoint" / "meta.pt")
+    assert not os.path.exists(runs / "fsdp" / "checkpoint.pt")
     assert_same(weights(runs / "fsdp"), weights(runs / "one"), "FSDP on 2 processes")
 
 
@@ -84,7 +85,7 @@ def test_fsdp_bf16_with_cpu_offload_trains(runs, tokenizer_path):  # noqa: F811
 def test_a_folder_saved_on_two_processes_resumes_on_one_and_on_four(runs, tokenizer_path):  # noqa: F811
     # warmup_steps=2: the first 2 steps' learning rates do not depend on train.steps, so 2 steps then 2 more = 4
     torchrun(runs / "half", tokenizer_path, "--train.steps=2", "--train.strategy=fsdp")
-    for name in ("on_one", "on_four"):
+    for name in ("on_one", "on_four", "on_ddp"):
         shutil.copytree(runs / "half", runs / name)
     train.main(["--resume", f"--out_dir={runs / 'on_one'}", "--train.steps=4", "--data.workers=0"])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -92,7 +93,11 @@ def test_a_folder_saved_on_two_processes_resumes_on_one_and_on_four(runs, tokeni
                           "train.py", "--resume", f"--out_dir={runs / 'on_four'}", "--train.steps=4", "--data.workers=0"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0 and "resumed from step 2" in out.stdout, out.stderr[-3000:]
-    for name in ("on_one", "on_four"):
+    # DDP on 2 processes reads the folder too (and then writes its own checkpoint.pt, the newer, found first)
+    out = torchrun(runs / "on_ddp", tokenizer_path, "--resume", f"--out_dir={runs / 'on_ddp'}", "--train.steps=4",
+                   "--train.strategy=ddp")
+    assert "resumed from step 2" in out and checkpointing.find(str(runs / "on_ddp")).endswith("checkpoint.pt")
+    for name in ("on_one", "on_four", "on_ddp"):
         assert_same(weights(runs / name), weights(runs / "fsdp"), f"resumed {name}")
 
 
@@ -169,7 +174,11 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(runs, tokenizer_path):  
     assert_same(weights(runs / "nodes"), weights(runs / "fsdp"), "2 nodes", rtol=1e-6, atol=1e-7)
 
 
-def test_fsdp_refuses_blip_and_fp16(tmp_path):
+def test_fsdp_refuses_blip_fp16_and_a_file_checkpoint(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the check comes before the process group
+    with pytest.raises(SystemExit, match="is one file, which FSDP does not load; resume it with --train.strategy=ddp"):
+        train.main(["--resume", f"--out_dir={runs / 'one'}", "--train.strategy=fsdp"])
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(SystemExit, match="train.strategy=fsdp shards CLIP-family models"):
         train.main(["--out_dir", str(tmp_path), "--model.name=BLIP-tiny", "--train.strategy=fsdp", "--data.val=",
                     "--data.heldout=", "--data.tokenizer=sentencepiece"])
