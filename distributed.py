@@ -9,8 +9,9 @@ CPU backend.
 Under torchrun with `--max-restarts`, a failed worker makes torchrun start the whole group again. Its agent
 keeps one TCP store for all rounds (the store at MASTER_ADDR:MASTER_PORT that every worker joins), and this
 torch build no longer gives each round its own key prefix there: a new round's gloo group read the dead
-round's addresses ("Gloo connectFullMesh failed ... Connection refused"). `init` puts each round under its
-own prefix, `attempt_<TORCHELASTIC_RESTART_COUNT>/`, as PyTorch's env:// rendezvous once did itself.
+round's addresses ("Gloo connectFullMesh failed ... Connection refused"; with
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a fresh store each round, it restarted fine). `init` puts each round under
+its own prefix, `attempt_<TORCHELASTIC_RESTART_COUNT>/`, as PyTorch's env:// rendezvous once did itself.
 """
 import datetime
 import os
