@@ -71,6 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     learn_temperature: bool = True  # false: the temperature (logit scale) stays at its initial value
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU)
+    strategy: str = "ddp"  # ddp (every process holds the whole model) | fsdp (each holds a shard; see parallel.py)
+    fsdp_cpu_offload: bool = False  # fsdp: shards, gradients and the optimizer step in CPU memory
     log_every: int = 10
     ckpt_every: int = 200
     eval_every: int = 0  # 0: evaluate only at the end

@@ -5,6 +5,13 @@ train.py` runs as a single process with no process group. On CPU the group is gl
 backends, `cpu:gloo,cuda:nccl`: CUDA tensors (features, gradients, the logged loss) go through NCCL and
 the CPU-side bookkeeping (the stop flag, bad-sample counts, RNG states) through gloo, since NCCL has no
 CPU backend.
+
+Under torchrun with `--max-restarts`, a failed worker makes torchrun start the whole group again. Its agent
+keeps one TCP store for all rounds (the store at MASTER_ADDR:MASTER_PORT that every worker joins), and this
+torch build no longer gives each round its own key prefix there: a new round's gloo group read the dead
+round's addresses ("Gloo connectFullMesh failed ... Connection refused"; with
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, a fresh store each round, it restarted fine). `init` puts each round under
+its own prefix, `attempt_<TORCHELASTIC_RESTART_COUNT>/`, as PyTorch's env:// rendezvous once did itself.
 """
 import datetime
 import os
@@ -39,7 +46,14 @@ def init(device_type: str = "auto") -> torch.device:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # torchrun: this round's own keys in the store that outlives rounds (see above)
+            store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"attempt_{restart}/", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     return device
 
 

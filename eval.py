@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import checkpointing
 import probe
 from config import Config, ConfigError, config_from_dict, load_config, parse_overrides
 from data import build_dataset, caption_loader, eval_loader, has_questions, question_loader, retrieval_loader
@@ -516,14 +517,15 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def load_checkpoint(path: str, device="cpu"):
-    """(config, model, tokenizer) from a train.py checkpoint; needs no other file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--checkpoint: no file at '{path}'")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """(config, model, tokenizer) from a train.py checkpoint, a file or an FSDP run's folder (whatever number of
+    processes wrote it); needs no other file."""
+    if not checkpointing.exists(path):
+        raise FileNotFoundError(f"--checkpoint: no file at '{path}', nor a checkpoint folder")
+    checkpoint = checkpointing.read(path)
     cfg = config_from_dict(checkpoint["config"])
     tokenizer = tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
     model = model_from_config(cfg, tokenizer, pretrained=False)  # the checkpoint's weights replace them
-    model.load_state_dict(checkpoint["model"])
+    checkpointing.load(checkpoint, model)
     return cfg, model.to(device).eval(), tokenizer
 
 
@@ -603,7 +605,8 @@ def print_table(title: str, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a train.py checkpoint.pt")
+    parser.add_argument("--checkpoint", help="a train.py checkpoint: RUN/checkpoint.pt, or an FSDP run's folder "
+                                             "RUN/checkpoint")
     parser.add_argument("--model", help="a preset (models.MODELS) for released weights, e.g. ViT-B-32-quickgelu")
     parser.add_argument("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint")
     parser.add_argument("--bpe", help=f"with --model: the CLIP vocabulary {BPE_FILE} "

@@ -3,6 +3,7 @@
     python train.py --config configs/clip/tiny_shapes.yaml
     torchrun --nproc_per_node 2 train.py --config configs/clip/tiny_shapes.yaml --train.lr=1e-3
     torchrun --nproc_per_node 2 train.py --config configs/clip/tiny_shapes.yaml --resume
+    torchrun --nproc_per_node 2 --max-restarts 3 train.py --config ... --train.strategy=fsdp --resume auto
 
 `train.batch_size` is the global batch. The global batch at step s is the same samples whatever the
 number of processes and accumulation steps (see data/__init__.py), and gradient accumulation caches
@@ -25,7 +26,9 @@ import zlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpointing
 import distributed
+import parallel
 from config import ConfigError, apply_overrides, config_from_dict, differences, load_config, save_config
 from data import build_dataset, captions, map_style_dataset, shutdown_workers, skipped_rows, train_loader, unreadable_start
 from data.bad_samples import BadSampleCount
@@ -180,8 +183,7 @@ def contrastive_step(cfg, model, micro_batches, device, autocast, scaler) -> tor
         cached = [forward(batch) for batch in micro_batches]
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and i < last else contextlib.nullcontext()
-        with sync, autocast:
+        with parallel.gradient_sync(model, i == last), autocast:
             out = forward(batch)
             images = torch.cat([out["image_features"] if j == i else c["image_features"] for j, c in enumerate(cached)])
             texts = torch.cat([out["text_features"] if j == i else c["text_features"] for j, c in enumerate(cached)])
@@ -248,8 +250,8 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                 "decoder can: model.blip_losses=lm, model.blip_qa_fraction=1)")
     if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
         return f"model.pretrained: no file or folder at '{cfg.model.pretrained}'"
-    choices = {"train.precision": ("fp32", "bf16", "fp16"), "loss.name": ("clip", "siglip"),
-               "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
+    choices = {"train.precision": ("fp32", "bf16", "fp16"), "train.strategy": ("ddp", "fsdp"),
+               "loss.name": ("clip", "siglip"), "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -261,6 +263,9 @@ def check_config(cfg, world_size: int = 1) -> str | None:
     if cfg.data.tokenizer == "bert" and not os.path.isfile(cfg.data.tokenizer_path):
         return (f"data.tokenizer=bert needs data.tokenizer_path, a WordPiece vocab.txt (bert-base-uncased's for "
                 f"BLIP's weights); no file at '{cfg.data.tokenizer_path}'")
+    if cfg.train.strategy == "fsdp" and (is_blip(cfg) or cfg.train.precision == "fp16"):
+        return ("train.strategy=fsdp shards CLIP-family models in fp32 or bf16 (see parallel.py); BLIP's momentum "
+                "encoders and fp16's grad scaler need train.strategy=ddp")
     if cfg.loss.name == "siglip" and cfg.loss.impl == "fused":
         return "loss.impl=fused implements the CLIP (softmax) loss only; use loss.impl=torch with siglip"
     for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
@@ -281,14 +286,7 @@ def check_config(cfg, world_size: int = 1) -> str | None:
     return None
 
 
-RESUME_OUT_DIR = "out_dir"  # what a bare `--resume` means: out_dir/checkpoint.pt, which must exist
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file and rename it over the old one, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+RESUME_OUT_DIR = "out_dir"  # what a bare `--resume` means: out_dir's checkpoint, which must exist
 
 
 def load_run_config(args, overrides: list[str]):
@@ -299,16 +297,18 @@ def load_run_config(args, overrides: list[str]):
     main_process = os.environ.get("RANK", "0") == "0"  # the process group does not exist yet
     if not args.resume:
         return cfg, None
-    path = args.resume if args.resume not in ("auto", RESUME_OUT_DIR) else os.path.join(cfg.out_dir, "checkpoint.pt")
-    if not os.path.exists(path):
+    path = args.resume if args.resume not in ("auto", RESUME_OUT_DIR) else checkpointing.find(cfg.out_dir)
+    if not checkpointing.exists(path):
         if args.resume == "auto":
             if main_process:
                 print(f"--resume auto: no checkpoint at '{path}' yet; starting a new run", flush=True)
             return cfg, None
         raise FileNotFoundError(f"--resume: no checkpoint at '{path}'")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = checkpointing.read(path)
     saved = resolve_presets(config_from_dict(checkpoint["config"]))
     resumed = apply_overrides(saved, overrides)
+    if resumed.train.strategy == "fsdp" and "folder" not in checkpoint and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError(f"{path} is one file, which FSDP does not load; resume it with --train.strategy=ddp")
     if main_process:
         changed = differences(saved, resumed)
         print(f"resuming {path} with its own config" + ("; changed: " if changed else "") +
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file overriding the defaults in config.py")
     parser.add_argument("--resume", nargs="?", const=RESUME_OUT_DIR, default=None,
-                        help="continue from out_dir/checkpoint.pt, from CHECKPOINT, or with 'auto' from "
-                             "out_dir's checkpoint when there is one (else start fresh)")
+                        help="continue from out_dir's checkpoint, from CHECKPOINT (a file or folder), or with 'auto' "
+                             "from out_dir's checkpoint when there is one (else start fresh)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg, checkpoint = load_run_config(args, overrides)
@@ -377,6 +377,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
     tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
     model = model_from_config(cfg, tokenizer, pretrained=checkpoint is None).to(device)
     temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)  # before the optimizer: it skips frozen ones
+    model = parallel.prepare(model, cfg.train, device)  # on the device; FSDP shards it here
     optimizer = build_optimizer(model, cfg.train)
     if cfg.train.precision == "fp16" and device.type != "cuda":
         sys.exit("config error: train.precision=fp16 needs a GPU (its grad scaler); use bf16 on CPU")
@@ -386,19 +387,22 @@ def train(cfg, checkpoint: dict | None) -> dict:
 
     step = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        checkpointing.load(checkpoint, model, optimizer)
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"][rank % len(checkpoint["rng"])], device)
         step = checkpoint["step"]
         if main_process:
             print(f"resumed from step {step}", flush=True)
     raw_model = model
-    if world_size > 1:  # BLIP's feature queue is the same on every rank by construction: no need to broadcast it
+    # (fsdp: sharded above.) BLIP's feature queue is the same on every rank by construction: no need to broadcast it
+    if world_size > 1 and cfg.train.strategy == "ddp":
         some_objectives = is_blip(cfg) and set(cfg.model.blip_losses.split(",")) != set(BLIP_OBJECTIVES)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         forward_sync_buffers=not is_blip(cfg),
                                         find_unused_parameters=some_objectives)  # e.g. no ITM head when captioning
+
+    def whole_model() -> torch.nn.Module | None:  # to evaluate on rank 0: under FSDP, a gathered copy
+        return parallel.unsharded(raw_model, lambda: model_from_config(cfg, tokenizer, pretrained=False), device)
 
     stop_requested = False
 
@@ -410,12 +414,10 @@ def train(cfg, checkpoint: dict | None) -> dict:
 
     def save() -> None:
         rng_states = distributed.all_gather_object(rng_state(device))  # every process takes part
-        if main_process:
-            save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states,
-                "tokenizer": tokenizer.model_bytes(),
-            })
+        checkpointing.save(cfg.out_dir, raw_model, optimizer, {
+            "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states,
+            "tokenizer": tokenizer.model_bytes(),
+        }, sharded=cfg.train.strategy == "fsdp")
 
     writer = None
     if main_process:
@@ -448,8 +450,9 @@ def train(cfg, checkpoint: dict | None) -> dict:
             sys.exit(f"non-finite loss {loss.item()} at step {step} (lr {lr:.3g}) on rank {rank}; "
                      f"try a lower train.lr or train.precision=bf16")
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            raw_model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        parallel.average_replicated_gradients(raw_model)  # FSDP's unsharded scalars; DDP averaged everything
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = parallel.clip_grad_norm_(raw_model, max_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -485,7 +488,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
                 sys.exit(f"too many bad samples at step {step}: {bad.describe()}; more than "
                          f"data.max_bad_fraction={cfg.data.max_bad_fraction} (fix or remove them, or raise it)")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
+            run_evaluation(cfg, whole_model(), tokenizer, device, writer, step)
             model.train()
         stop_requested = distributed.any_rank(stop_requested)  # a SIGTERM on any rank stops them all here
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop_requested:
@@ -499,7 +502,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
     if main_process:
         print(f"trained steps {start_step}-{step} in {(time.time() - run_start) / 60:.1f} min", flush=True)
     shutdown_workers()  # the training loader is spent; its workers would idle through the evaluation
-    results = run_evaluation(cfg, raw_model, tokenizer, device, writer, step)
+    results = run_evaluation(cfg, whole_model(), tokenizer, device, writer, step)
     if writer is not None:
         writer.close()
     distributed.cleanup()

@@ -659,3 +659,29 @@ def test_run_stops_when_the_bad_fraction_passes_the_limit(tmp_path, tokenizer_pa
     # the same data under a looser limit trains to the end
     train.main(tiny_run(tmp_path / "ok", tokenizer_path, spec, val_folder, "--data.max_bad_fraction=0.9",
                         "--data.workers=0"))
+
+
+def test_train_loader_shards_every_dataset_kind_by_global_rank(tmp_path, tokenizer):
+    # train.py passes the global rank (dist.get_rank(), not LOCAL_RANK), so on 2 nodes x 2 processes each of the 4
+    # takes its own quarter of every global batch: map-style kinds the 1-process batch cut in 4, wds 4 disjoint streams
+    names = write_images(tmp_path / "images", 16)
+    specs = {"shapes": "shapes:train:64", "coco": f"coco:{coco_captions(tmp_path / 'coco', 8)}",
+             "csv": "csv:" + write_csv(tmp_path / "pairs.csv", [f"images/{n},{caption(i)}" for i, n in enumerate(names)])}
+    write_shards(tmp_path / "shards", [4, 4, 4, 4])
+    specs["wds"] = f"wds:{tmp_path / 'shards'}"
+
+    def keys(spec, rank, world_size) -> list[list[str]]:
+        cfg = train.load_config(None, [f"--data.train={spec}", "--data.workers=0", "--data.image_size=32",
+                                       "--train.batch_size=8", "--train.steps=2", "--data.shuffle_buffer=2"])
+        return [batch["key"] for batch, _ in zip(train_loader(cfg, tokenizer, rank, world_size), range(2))]
+
+    for kind, spec in specs.items():
+        ranks = [keys(spec, rank, 4) for rank in range(4)]
+        for step in range(2):
+            parts = [ranks[rank][step] for rank in range(4)]
+            assert all(len(part) == 2 for part in parts), kind
+            if kind == "wds":  # a stream depends on the number of readers: disjoint, not the 1-process batch
+                everything = [key for part in parts for key in part]
+                assert len(set(everything)) == len(everything), kind
+            else:
+                assert [key for part in parts for key in part] == keys(spec, 0, 1)[step], kind
