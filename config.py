@@ -22,6 +22,8 @@ class ModelConfig:
     blip_queue_size: int = -1  # BLIP: momentum features kept for ITC (a multiple of the global batch); -1: the preset's
     blip_alpha: float = 0.4  # BLIP: momentum-distillation weight, ramped from 0 over blip_alpha_steps
     blip_alpha_steps: int = 0  # 0: two epochs of data.train (BLIP's ramp), or train.steps // 10 for a stream
+    lm_checkpoint: str = ""  # Flamingo: the frozen LM, a language-model run's checkpoint.pt or an MPT folder
+    vision_checkpoint: str = ""  # Flamingo: the frozen vision encoder, a CLIP run's checkpoint.pt ("": random)
 
 
 @dataclass
