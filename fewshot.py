@@ -146,6 +146,9 @@ def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, s
             target = data.example(query, episode=query)
             truths[query] = target["answers"] if task == "fewshot_vqa" else target["captions"]
         length = max(map(len, prompts))
+        if length + max_new_tokens > model.lang_model.context_length:
+            raise ValueError(f"{shots}-shot prompts reach {length} tokens, + {max_new_tokens} to generate: more than the "
+                             f"language model's {model.lang_model.context_length}; use fewer --shots")
         tokens = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompts])  # padded on the left
         new = model.generate(torch.stack(images).to(device), tokens.to(device), max_new_tokens=max_new_tokens,
                              num_beams=num_beams, length_penalty=0.0)
