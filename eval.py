@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpointing
+import fewshot
 import probe
 from config import Config, ConfigError, config_from_dict, load_config, parse_overrides
 from data import build_dataset, caption_loader, eval_loader, has_questions, question_loader, retrieval_loader
@@ -386,7 +387,7 @@ def vqa(model: BLIP, tokenizer, spec, image_size, device, batch_size=256, worker
 
 
 TASKS = {"CLIP": ("zeroshot", "retrieval", "linear_probe"),
-         "BLIP": ("retrieval", "caption", "vqa", "zeroshot", "linear_probe")}
+         "BLIP": ("retrieval", "caption", "vqa", "zeroshot", "linear_probe"), "Flamingo": fewshot.TASKS}
 TASK_PARTS = {"retrieval": ("text_encoder", "text_proj", "vision_proj", "itm_head"), "caption": ("text_decoder",),
               "vqa": ("text_decoder",), "zeroshot": ("text_encoder", "text_proj", "vision_proj"),
               "linear_probe": ("vision_proj",)}
@@ -394,7 +395,7 @@ TASK_PARTS = {"retrieval": ("text_encoder", "text_proj", "vision_proj", "itm_hea
 
 def check_task(model, task: str) -> None:
     """Fail, saying why, for a task the model's family or the checkpoint's parts cannot do."""
-    family = "BLIP" if isinstance(model, BLIP) else "CLIP"
+    family = "BLIP" if isinstance(model, BLIP) else "Flamingo" if hasattr(model, "perceiver") else "CLIP"
     if task not in TASKS[family]:
         other = [name for name, tasks in TASKS.items() if task in tasks]
         why = "it has no text decoder" if task in ("caption", "vqa") else f"it does {', '.join(TASKS[family])}"
@@ -412,6 +413,8 @@ def evaluate_all(cfg, model, tokenizer, device) -> dict:
     imagefolder), zero-shot on data.heldout. A BLIP run: see evaluate_blip."""
     if isinstance(model, BLIP):
         return evaluate_blip(cfg, model, tokenizer, device)
+    if not hasattr(model, "visual"):  # a language model or a Flamingo
+        return fewshot.evaluate_run(cfg, model, tokenizer, device)
     args = (model, tokenizer)
     size, batch, options = cfg.data.image_size, cfg.eval.batch_size, cfg.data
     results = {}
@@ -613,14 +616,19 @@ def main(argv: list[str] | None = None) -> dict:
                                       "(default: next to --pretrained, else open_clip's copy when installed)")
     parser.add_argument("--vocab", help="with a BLIP --model: BERT's vocab.txt (default: the one in or next to "
                                         "--pretrained)")
-    parser.add_argument("--task", required=True, choices=("zeroshot", "retrieval", "linear_probe", "caption", "vqa"),
-                        help="CLIP: zeroshot, retrieval, linear_probe; BLIP: also caption and vqa")
+    parser.add_argument("--task", required=True,
+                        choices=("zeroshot", "retrieval", "linear_probe", "caption", "vqa", *fewshot.TASKS),
+                        help="CLIP: zeroshot, retrieval, linear_probe; BLIP: also caption and vqa; Flamingo: "
+                             "fewshot_vqa, fewshot_caption (fewshot.py)")
     parser.add_argument("--data", help="dataset spec (default: the run's data.val); linear_probe: the training split")
     parser.add_argument("--val", help="linear_probe: the split that chooses the L2 strength (default: 20%% of --data)")
     parser.add_argument("--test", help="linear_probe: the split reported on (default: --val)")
     parser.add_argument("--shots", type=int, nargs="*", default=None,
                         help="linear_probe: also k-shot probes with k images per class, e.g. --shots 1 2 4 8 16")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="linear_probe: k-shot draws")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="linear_probe and fewshot_*: k-shot draws (a number N for fewshot_*: seeds 0..N-1)")
+    parser.add_argument("--rices", action="store_true", help="fewshot_*: similar demonstrations, not random ones")
+    parser.add_argument("--num-queries", type=int, help="fewshot_*: evaluate this many queries (default: all)")
     parser.add_argument("--templates", help="zero-shot prompts: imagenet, shapes, or a file with one per line")
     parser.add_argument("--classnames", help="zero-shot class names: imagenet, or a file with one per line "
                                              "in class-index order (default: the dataset's own)")
@@ -668,7 +676,12 @@ def main(argv: list[str] | None = None) -> dict:
         size, blip = cfg.data.image_size, isinstance(model, BLIP)
         loading = dict(batch_size=args.batch_size, workers=args.workers, options=cfg.data)
         with autocast:
-            if args.task == "caption":
+            if args.task in fewshot.TASKS:
+                seeds = list(range(args.seeds[0])) if len(args.seeds) == 1 else args.seeds  # --seeds 3: 0, 1, 2
+                results = fewshot.evaluate(model, tokenizer, spec, args.task, size, args.device, args.shots or [0, 4, 8],
+                                           seeds, args.rices, cfg.data, args.batch_size, args.num_beams,
+                                           num_queries=args.num_queries)
+            elif args.task == "caption":
                 results = caption(model, spec, size, args.device, **loading, num_beams=args.num_beams,
                                   max_length=args.max_length, min_length=args.min_length, prompt=args.prompt,
                                   log_every=args.log_every)

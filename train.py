@@ -30,15 +30,17 @@ import checkpointing
 import distributed
 import parallel
 from config import ConfigError, apply_overrides, config_from_dict, differences, load_config, save_config
-from data import build_dataset, captions, map_style_dataset, shutdown_workers, skipped_rows, train_loader, unreadable_start
+from data import (INTERLEAVED, build_dataset, captions, map_style_dataset, shutdown_workers, skipped_rows, train_loader,
+                  unreadable_start)
 from data.bad_samples import BadSampleCount
-from data.tokenizer import (TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
+from data.tokenizer import (PAD_ID, TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
                             train_sentencepiece)
-from losses import clip_loss, siglip_loss
-from models import BLIP_MODELS, MODELS, model_from_config, model_inputs
+from losses import clip_loss, lm_labels, lm_loss, siglip_loss
+from models import BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, model_from_config, model_inputs
 from models.blip import OBJECTIVES as BLIP_OBJECTIVES
+from models.flamingo import freeze_for_training
 
-ALL_MODELS = {**MODELS, **BLIP_MODELS}
+ALL_MODELS = {**MODELS, **BLIP_MODELS, **LM_MODELS, **FLAMINGO_MODELS}
 
 MAX_LOGIT_SCALE = math.log(100)  # OpenAI clamps the learned log-temperature to [0, ln 100] after each step
 
@@ -60,13 +62,19 @@ def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> Senten
         if distributed.is_main():
             texts = captions(cfg.data.train, cfg.data.tokenizer_captions, cfg.data, cfg.seed,
                              questions=is_blip(cfg) and cfg.model.blip_qa_fraction > 0)  # BLIP's VQA rows too
-            train_sentencepiece(texts, path, cfg.data.vocab_size, blip_tokens=is_blip(cfg))  # BLIP: [DEC], [ENC]
+            train_sentencepiece(texts, path, cfg.data.vocab_size, blip_tokens=is_blip(cfg),  # BLIP: [DEC], [ENC]
+                                flamingo_tokens=is_decoder(cfg))  # <image>, <|endofchunk|>
         distributed.barrier()
     return SentencePieceTokenizer(path, context_length=cfg.data.context_length)
 
 
 def is_blip(cfg) -> bool:
     return cfg.model.name in BLIP_MODELS
+
+
+def is_decoder(cfg) -> bool:
+    """A language model or a Flamingo: next-token prediction on interleaved specs (no temperature, no contrast)."""
+    return cfg.model.name in LM_MODELS or cfg.model.name in FLAMINGO_MODELS
 
 
 def resolve_presets(cfg):
@@ -141,7 +149,9 @@ def compute_loss(cfg, image_features, text_features, logit_scale, logit_bias) ->
 def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 0) -> dict[str, torch.Tensor]:
     """Forward and backward over one global batch (this process's share); returns its named losses (local,
     detached; train.py logs each and their sum). A model family turns a batch into its losses: CLIP one
-    contrastive loss (`clip` or `siglip`), BLIP `itc`, `itm` and `lm`."""
+    contrastive loss (`clip` or `siglip`), BLIP `itc`, `itm` and `lm`, a language model or Flamingo `lm`."""
+    if is_decoder(cfg):
+        return decoder_step(model, micro_batches, device, autocast, scaler)
     if not is_blip(cfg):
         return {cfg.loss.name: contrastive_step(cfg, model, micro_batches, device, autocast, scaler)}
     (batch,) = micro_batches  # check_config: BLIP trains without accumulation
@@ -154,6 +164,24 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 
                        image_ids=image_ids(batch["key"]).to(device), alpha=blip_alpha(cfg, step), **decoder)
     scaler.scale(sum(losses.values())).backward()
     return {name: value.detach() for name, value in losses.items()}
+
+
+def decoder_step(model, micro_batches, device, autocast, scaler) -> dict[str, torch.Tensor]:
+    """Next-token loss, averaged over micro-batches: a Flamingo's own (images and text), a language model's on the
+    text (pads left out)."""
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        last = i == len(micro_batches) - 1
+        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        with sync, autocast:
+            if "images" in batch:
+                loss = model(batch["images"].to(device, non_blocking=True), tokens)["lm"]
+            else:
+                loss = lm_loss(model(tokens), lm_labels(tokens, pad_token_id=PAD_ID), label_smoothing=0.0)
+            scaler.scale(loss / len(micro_batches)).backward()
+        total += loss.detach() / len(micro_batches)
+    return {"lm": total}
 
 
 def image_ids(keys: list[str]) -> torch.Tensor:
@@ -250,6 +278,10 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                 "decoder can: model.blip_losses=lm, model.blip_qa_fraction=1)")
     if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
         return f"model.pretrained: no file or folder at '{cfg.model.pretrained}'"
+    if is_decoder(cfg) != (cfg.data.train.partition(":")[0] in INTERLEAVED) or (
+            is_decoder(cfg) and cfg.data.tokenizer != "sentencepiece"):
+        return (f"model.name={cfg.model.name} with data.train={cfg.data.train}: language models and Flamingo train on "
+                f"interleaved specs ({', '.join(INTERLEAVED)}) with data.tokenizer=sentencepiece, other models not")
     choices = {"train.precision": ("fp32", "bf16", "fp16"), "train.strategy": ("ddp", "fsdp"),
                "loss.name": ("clip", "siglip"), "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
@@ -376,7 +408,10 @@ def train(cfg, checkpoint: dict | None) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
     model = model_from_config(cfg, tokenizer, pretrained=checkpoint is None).to(device)
-    temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)  # before the optimizer: it skips frozen ones
+    if cfg.model.name in FLAMINGO_MODELS:  # only the resampler, cross-attention and two embedding rows train
+        freeze_for_training(model)
+    if not is_decoder(cfg):  # before the optimizer: it skips frozen ones
+        temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)
     model = parallel.prepare(model, cfg.train, device)  # on the device; FSDP shards it here
     optimizer = build_optimizer(model, cfg.train)
     if cfg.train.precision == "fp16" and device.type != "cuda":
@@ -424,7 +459,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
-    loader = train_loader(cfg, tokenizer, rank, world_size, start_step=step)
+    loader = train_loader(cfg, tokenizer, rank, world_size, start_step=step, text_only=cfg.model.name in LM_MODELS)
     malformed = skipped_rows(loader)  # index rows the dataset left out; the same on every rank
     if malformed.bad and main_process:
         print(f"data.train: left out {malformed.describe('index rows')}", flush=True)
@@ -443,7 +478,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
         for batch in micro_batches:
             bad_samples.add_batch(batch)
-        scale = logit_multiplier(raw_model)  # what this step's loss multiplies similarities by
+        scale = torch.ones(()) if is_decoder(cfg) else logit_multiplier(raw_model)  # what the loss multiplies similarities by
         losses = train_step(cfg, model, micro_batches, device, autocast, scaler, step)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
@@ -456,7 +491,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if not is_blip(cfg):  # after the step, as OpenAI does: a clamp inside forward would stop its gradient
+        if not is_blip(cfg) and not is_decoder(cfg):  # after the step, as OpenAI does: a clamp inside forward would stop its gradient
             with torch.no_grad():  # (BLIP clamps its temperature at the start of each forward, as BLIP does)
                 raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         step += 1

@@ -8,6 +8,8 @@ Spec strings (config keys `data.train`, `data.val`, `data.heldout`, and `eval.py
     imagefolder:PATH          one folder of images per class, for zero-shot classification (data/imagefolder.py)
     wds:PATTERN               WebDataset tar shards, streamed; training only (data/webdataset.py)
     vqa:QUESTIONS[#ANNOTATIONS]  VQAv2 questions (and answers) over COCO images; evaluation only (data/vqa.py)
+    shapes_icl:SPLIT[:LENGTH], interleaved:PATH.jsonl, interleaved_wds:PATTERN
+                              interleaved image-text sequences for Flamingo and its LM (data/interleaved.py)
 
 Determinism (map-style specs, all but wds): the global batch at step s is a fixed slice of a per-epoch
 permutation seeded by (seed, epoch), and each sample's augmentation is seeded by (seed, epoch, index).
@@ -36,6 +38,7 @@ from data.coco import load_coco
 from data.csv_pairs import load_csv
 from data.image_files import ImageFiles
 from data.imagefolder import ImageFolder
+from data.interleaved import InterleavedCollate, InterleavedDocuments, InterleavedShards, shapes_icl
 from data.shapes import ShapesDataset
 from data.transforms import image_transform
 from data.vqa import VQA_PROMPT, VQADataset, load_vqa, question_answer_rows, text_ids
@@ -81,7 +84,21 @@ def _vqa(argument: str, image_size: int, seed: int, options: DataConfig) -> VQAD
     return load_vqa(argument, options.image_root, _draft_size(options, image_size))
 
 
-DATASETS = {"shapes": _shapes, "coco": _coco, "csv": _csv, "imagefolder": _imagefolder, "wds": _wds, "vqa": _vqa}
+def _shapes_icl(argument: str, image_size: int, seed: int, options: DataConfig):
+    return shapes_icl(argument, image_size, seed)
+
+
+def _interleaved(argument: str, image_size: int, seed: int, options: DataConfig) -> InterleavedDocuments:
+    return InterleavedDocuments(argument, options.image_root)
+
+
+def _interleaved_wds(argument: str, image_size: int, seed: int, options: DataConfig) -> InterleavedShards:
+    return InterleavedShards(argument, epochs=1)
+
+
+DATASETS = {"shapes": _shapes, "coco": _coco, "csv": _csv, "imagefolder": _imagefolder, "wds": _wds, "vqa": _vqa,
+            "shapes_icl": _shapes_icl, "interleaved": _interleaved, "interleaved_wds": _interleaved_wds}
+INTERLEAVED = ("shapes_icl", "interleaved", "interleaved_wds")  # sequences of images and text (Flamingo, LMs)
 QUESTION_ONLY = ("vqa",)  # specs without captions: neither training nor caption/retrieval evaluation
 
 
@@ -111,7 +128,10 @@ def captions(spec: str, limit: int | None = None, options: DataConfig | None = N
     each item's "question: q answer: a" after its caption where the items have them (shapes)."""
     _check_captions(spec, "captions of")
     base = build_dataset(spec, seed=seed, options=options)
-    if isinstance(base, WebDataset):
+    if spec.partition(":")[0] in INTERLEAVED:  # their text as a language model reads it
+        texts = (base.text_only(i) for i in range(len(base))) if hasattr(base, "text_only") else (
+            item["text_only"] for item in (base if isinstance(base, IterableDataset) else map(base.__getitem__, range(len(base)))))
+    elif isinstance(base, WebDataset):
         texts = _stream_captions(base.shards)
     elif isinstance(base, ImageFiles):
         texts = iter(base.texts)
@@ -338,12 +358,49 @@ def _loader(dataset: Dataset, tokenizer, workers: int, qa_fraction: float = 0.0,
                           worker_init_fn=_ignore_sigterm, prefetch_factor=4 if workers else None, **kwargs)
 
 
-def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
+class InterleavedItems(Dataset):
+    """Items of an interleaved map-style dataset by (epoch, index) key; text_only: only the text (no images drawn)."""
+
+    def __init__(self, base: Dataset, text_only: bool = False):
+        self.base, self.text_only = base, text_only
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.text_only and hasattr(self.base, "text_only"):
+            return {"text_only": self.base.text_only(index), "key": str(index)}
+        item, bad_fields = _read_or_next(self.base.__getitem__, index, len(self.base))
+        return {**item, **bad_fields}
+
+
+def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0,
+                       text_only: bool = False) -> DataLoader:
+    """train_loader for interleaved specs: batches of tokens (B, L) and images (B, T_media, 3, H, W)."""
+    data, train = cfg.data, cfg.train
+    micro = micro_batch_size(train.batch_size, world_size, train.accum_steps)
+    collate = InterleavedCollate(tokenizer, data.image_size, data.context_length, text_only)
+    kind, _, argument = data.train.partition(":")
+    if kind == "interleaved_wds":
+        stream = InterleavedShards(argument, rank, world_size)
+        return _TrackedLoader(stream, batch_size=micro, collate_fn=collate, num_workers=min(data.workers, 1),
+                              worker_init_fn=_ignore_sigterm)
+    dataset = InterleavedItems(build_dataset(data.train, data.image_size, cfg.seed, data), text_only)
+    sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
+                                 train.accum_steps, cfg.seed, start_step)
+    return _TrackedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.workers,
+                          worker_init_fn=_ignore_sigterm, prefetch_factor=4 if data.workers else None)
+
+
+def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False) -> DataLoader:
     """This process's micro-batches (image, tokens, label, key, bad, bad_examples), from `start_step` on.
 
     Map-style specs go through GlobalBatchSampler and stop after train.steps; a wds stream never ends.
     With wds, each process uses at most as many workers as it has shards (the others would idle).
     """
+    if cfg.data.train.partition(":")[0] in INTERLEAVED:
+        return interleaved_loader(cfg, tokenizer, rank, world_size, start_step, text_only)
     data, train = cfg.data, cfg.train
     transform = image_transform(data.image_size, train=True)
     micro = micro_batch_size(train.batch_size, world_size, train.accum_steps)

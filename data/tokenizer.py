@@ -44,6 +44,8 @@ except ImportError:
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 BLIP_TOKENS = ("[DEC]", "[ENC]")  # BLIP's decoder and image-grounded encoder first tokens, after the vocabulary
+# Flamingo's media and end-of-chunk tokens, after the vocabulary; user-defined pieces, so text spells them
+FLAMINGO_TOKENS = ("<image>", "<|endofchunk|>")
 
 
 class _VocabularyFile:
@@ -117,6 +119,10 @@ class SentencePieceTokenizer(_VocabularyFile):
         last = self.vocab_size - 2
         blip = last >= 0 and [self._processor.id_to_piece(i) for i in (last, last + 1)] == list(BLIP_TOKENS)
         self.dec_id, self.enc_id = (last, last + 1) if blip and self._processor.is_control(last) else (None, None)
+        # Flamingo's <image> and <|endofchunk|>, when trained with flamingo_tokens=True; else None
+        ids = [self._processor.piece_to_id(piece) for piece in FLAMINGO_TOKENS]
+        known = all(self._processor.id_to_piece(i) == piece for i, piece in zip(ids, FLAMINGO_TOKENS))
+        self.media_id, self.eoc_id = ids if known else (None, None)
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """texts -> LongTensor (N, context_length); long texts are cut so that eos is always kept."""
@@ -129,6 +135,10 @@ class SentencePieceTokenizer(_VocabularyFile):
             row = [self.bos_id, *ids[:keep], self.eos_id]
             rows.append(row + [self.pad_id] * (self.context_length - len(row)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.context_length)
+
+    def encode(self, text: str) -> list[int]:
+        """One text -> its piece ids, without bos, eos, padding or truncation (Flamingo's interleaved sequences)."""
+        return self._processor.encode(text.lower(), out_type=int)
 
     def decode(self, tokens: Sequence[int] | torch.Tensor) -> str:
         """One row of token ids -> text, stopping at the first eos and skipping bos and padding."""
@@ -501,7 +511,7 @@ def tokenizer_from_bytes(
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix_or_path: str, vocab_size: int = 1024,
-                        blip_tokens: bool = False) -> str:
+                        blip_tokens: bool = False, flamingo_tokens: bool = False) -> str:
     """Train a BPE model on `texts` (lowercased) and write it to `<prefix>.model`; returns that path.
 
     `vocab_size` is an upper bound: a small corpus (the shapes captions have ~60 words) yields fewer
@@ -532,12 +542,15 @@ def train_sentencepiece(texts: Iterable[str], model_prefix_or_path: str, vocab_s
         minloglevel=2,  # errors only
     )
     blob = model.getvalue()
-    if blip_tokens:
+    if blip_tokens or flamingo_tokens:
         from sentencepiece import sentencepiece_model_pb2  # needs protobuf, only here
 
         proto = sentencepiece_model_pb2.ModelProto.FromString(blob)
-        for name in BLIP_TOKENS:
-            proto.pieces.add(piece=name, score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL)
+        piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
+        for name in BLIP_TOKENS if blip_tokens else ():
+            proto.pieces.add(piece=name, score=0.0, type=piece_type.CONTROL)
+        for name in FLAMINGO_TOKENS if flamingo_tokens else ():
+            proto.pieces.add(piece=name, score=0.0, type=piece_type.USER_DEFINED)
         blob = proto.SerializeToString()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:

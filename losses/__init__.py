@@ -1,4 +1,5 @@
 from losses.contrastive import all_gather_with_grad, clip_loss, siglip_loss
+from losses.lm import interleaved_labels
 from losses.blip import (
     FeatureQueue,
     all_gather_no_grad,
@@ -16,7 +17,7 @@ from losses.blip import (
     sequence_lm_loss,
 )
 
-__all__ = ["all_gather_with_grad", "clip_loss", "siglip_loss"]
+__all__ = ["all_gather_with_grad", "clip_loss", "siglip_loss", "interleaved_labels"]
 __all__ += [
     "FeatureQueue",
     "all_gather_no_grad",

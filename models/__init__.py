@@ -13,6 +13,10 @@ maps of `models/convert.py`, into fp32 parameters.
 BLIP presets (`BLIP-base`, `BLIP-large`, `BLIP-tiny`; table in `models/blip.py`) build a `models.blip.BLIP`;
 `pretrained` takes salesforce/BLIP `.pth` files and HuggingFace BLIP folders or weight files, loading the parts
 the checkpoint has (see `load_pretrained_blip`).
+
+Decoder LMs (`models.lm.LM_MODELS`: `lm-tiny`, the MPT presets) and Flamingo presets (`models.flamingo.FLAMINGO_MODELS`)
+are built by `create_lm` and `create_flamingo`; a Flamingo takes its frozen parts from a language-model run or
+MPT folder and a CLIP run or checkpoint (see `create_flamingo`).
 """
 import contextlib
 import dataclasses
@@ -29,6 +33,8 @@ from models import convert
 from models.batchnorm import convert_sync_batchnorm
 from models.blip import BLIP, BLIP_MODELS, build_blip
 from models.clip import CLIP
+from models.flamingo import FLAMINGO_MODELS, Flamingo
+from models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt
 from models.layers import get_act_layer
 from models.resnet import ModifiedResNet
 from models.text import TextTransformer
@@ -129,6 +135,11 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
 
 def model_inputs(name: str) -> tuple[int, int]:
     """(image size, text context length) a preset was built for: what a run uses unless its config says."""
+    if name in LM_MODELS:
+        return 64, LM_MODELS[name]["context_length"]  # (no images)
+    if name in FLAMINGO_MODELS:
+        preset = FLAMINGO_MODELS[name]
+        return MODELS[preset["vision"]].image_size, LM_MODELS[preset["lm"]]["context_length"]
     if name in BLIP_MODELS:
         return BLIP_MODELS[name].image_size, BLIP_TEXT_LENGTH
     return MODELS[name].image_size, MODELS[name].context_length
@@ -143,6 +154,12 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
     `create_model`, or the model of a train.py checkpoint (a new run starting from an earlier one)."""
     start = cfg.model.pretrained if pretrained else ""
     run_checkpoint = start and is_run_checkpoint(start)
+    if cfg.model.name in LM_MODELS:
+        return create_lm(cfg.model.name, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
+    if cfg.model.name in FLAMINGO_MODELS:  # with `pretrained`, its frozen parts (model.lm_checkpoint, vision_checkpoint)
+        return create_flamingo(cfg.model.name, tokenizer, cfg.data.image_size, tokenizer.context_length,
+                               cfg.model.lm_checkpoint if pretrained else "",
+                               cfg.model.vision_checkpoint if pretrained else "")
     if cfg.model.name in BLIP_MODELS:  # with its momentum encoders and queue when training runs ITC or ITM
         queue_size = cfg.model.blip_queue_size if cfg.model.blip_queue_size >= 0 else BLIP_MODELS[cfg.model.name].queue_size
         objectives = tuple(cfg.model.blip_losses.split(","))
@@ -333,3 +350,61 @@ def load_pretrained_blip(model: BLIP, name: str, state_dict: dict, path: convert
         raise ValueError(f"checkpoint {str(path)!r} does not fit model {name!r}:\n{problems}")
     model.load_state_dict(state_dict, assign=True)
     model.float()
+
+
+# ---------------------------------------------------------------- decoder LMs and Flamingo
+
+
+def create_lm(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> DecoderLM:
+    """A `models.lm.LM_MODELS` preset; pretrained: a local HuggingFace MPT folder (`load_mpt`)."""
+    return load_mpt(pretrained) if pretrained is not None else build_lm(name, **overrides)
+
+
+def _run_weights(path: convert.PathLike) -> Optional[dict]:
+    """The model state dict of a train.py checkpoint, or None if `path` is not one."""
+    if not os.path.isfile(path):
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint["model"] if isinstance(checkpoint, dict) and "config" in checkpoint else None
+
+
+def create_flamingo(
+    name: str, tokenizer, image_size: int = 0, context_length: int = 0, lm_checkpoint: str = "",
+    vision_checkpoint: str = "",
+) -> Flamingo:
+    """A Flamingo preset for a tokenizer with `media_id` and `eoc_id` (`<image>`, `<|endofchunk|>`).
+
+    lm_checkpoint: a train.py language-model run's checkpoint.pt (same tokenizer) or a HuggingFace MPT folder;
+    vision_checkpoint: a train.py CLIP run's checkpoint.pt, or an OpenAI/open_clip checkpoint of the vision preset.
+    Either left empty keeps that part's random initialisation (frozen all the same)."""
+    preset = dict(FLAMINGO_MODELS[name])
+    vision_name, lm_name = preset.pop("vision"), preset.pop("lm")
+    vision_layers = preset.pop("vision_layers", None)
+    if tokenizer.media_id is None:
+        raise ValueError(f"{name} needs a tokenizer with <image> and <|endofchunk|> (sentencepiece: flamingo_tokens)")
+    vision_config = MODELS[vision_name]
+    if vision_layers:
+        vision_config = dataclasses.replace(vision_config, vision_layers=vision_layers)
+    if image_size:
+        vision_config = dataclasses.replace(vision_config, image_size=image_size)
+    run = _run_weights(vision_checkpoint) if vision_checkpoint else None
+    if vision_checkpoint and run is None:
+        vision = create_model(vision_name, pretrained=vision_checkpoint, image_size=vision_config.image_size).visual
+    else:
+        vision = build_model(vision_config).visual
+        if run is not None:
+            vision.load_state_dict({key[len("visual."):]: value for key, value in run.items() if key.startswith("visual.")})
+    if lm_checkpoint and os.path.isdir(lm_checkpoint):
+        lang_model = load_mpt(lm_checkpoint)
+    else:
+        lang_model = build_lm(lm_name, vocab_size=tokenizer.vocab_size,
+                              context_length=context_length or LM_MODELS[lm_name]["context_length"])
+        if lm_checkpoint:
+            weights = _run_weights(lm_checkpoint)
+            if weights is None:
+                raise FileNotFoundError(f"model.lm_checkpoint: no train.py checkpoint or MPT folder at '{lm_checkpoint}'")
+            lang_model.load_state_dict(weights)
+    if lang_model.token_embedding.num_embeddings < tokenizer.vocab_size:
+        raise ValueError(f"the language model has {lang_model.token_embedding.num_embeddings} token embeddings, the "
+                         f"tokenizer {tokenizer.vocab_size} ids")
+    return Flamingo(vision, lang_model, tokenizer.media_id, tokenizer.eoc_id, tokenizer.pad_id, **preset)

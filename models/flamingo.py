@@ -22,6 +22,16 @@ differences from that file:
   (all its scores are masked to the same value). Likewise a token whose image count exceeds the images given
   sees nothing here, where OpenFlamingo attends uniformly;
 - attention does not subtract the row maximum by hand (SDPA's softmax is already stable).
+
+`Flamingo` (OpenFlamingo's `open_flamingo/src/flamingo.py` and `flamingo_lm.py`) joins this codebase's CLIP ViT
+(patch tokens, frozen) to a `models.lm.DecoderLM` (frozen): a gated cross-attention block runs before every
+`cross_attn_every_n_layers`-th decoder block. Attribute names are the ones `open_flamingo_to_ours` produces
+(`vision_encoder`, `perceiver`, `lang_model`, `gated_cross_attn_layers` indexed by decoder layer, None where a
+layer has none). Deliberate differences from OpenFlamingo: the layers are composed in `logits` instead of mixed
+into a HuggingFace instance at run time (`extend_instance`), and the media of a prompt are passed explicitly
+(no `condition_vis_x` state); the loss masks what OpenFlamingo's MMC4 training masks, for every dataset.
+`freeze_for_training` (called by train.py) leaves trainable only the resampler, the cross-attention blocks and
+the `<image>` and `<|endofchunk|>` rows of the token embedding.
 """
 from typing import Optional
 
@@ -29,7 +39,11 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from models.layers import CrossAttention, Mlp
+from losses import interleaved_labels, lm_loss
+from models.generation import generate
+from models.layers import CrossAttention, KVCache, Mlp
+from models.lm import DecoderLM
+from models.vit import VisionTransformer
 
 
 class PerceiverBlock(nn.Module):
@@ -157,3 +171,136 @@ class GatedCrossAttentionBlock(nn.Module):
             attn_mask = attn_mask[:, None]  # (B, 1, T, T_media * n): the same for every head
         x = x + self.attn_gate.tanh() * sees_media * self.attn(self.norm1(x), media, attn_mask)
         return x + self.ff_gate.tanh() * self.mlp(self.norm2(x))
+
+
+# Presets: the vision preset (models.MODELS), the language model (models.lm.LM_MODELS) and `Flamingo` keywords.
+# OpenFlamingo-3B: CLIP ViT-L/14 + MPT-1B, cross-attention in every layer, the resampler at the vision width
+# (OpenFlamingo report, Table 1; `open_flamingo/src/factory.py`). Flamingo-tiny: the CPU demo's.
+FLAMINGO_MODELS = {
+    "OpenFlamingo-3B-vitl-mpt1b": dict(vision="ViT-L-14-quickgelu", lm="mpt-1b-redpajama-200b", cross_attn_every_n_layers=1),
+    "Flamingo-tiny": dict(  # a one-layer ViT-tiny: a random frozen encoder gains nothing from depth
+        vision="ViT-tiny", vision_layers=1, lm="lm-tiny", cross_attn_every_n_layers=1, perceiver_depth=2, perceiver_heads=4,
+        perceiver_dim_head=32, num_latents=8, heads=4, dim_head=32, ff_mult=2,
+    ),
+}
+
+
+class Flamingo(nn.Module):
+    """Frozen vision encoder -> resampler -> gated cross-attention into a frozen decoder LM (see the module doc)."""
+
+    def __init__(
+        self,
+        vision_encoder: VisionTransformer,
+        lang_model: DecoderLM,
+        media_token_id: int,
+        eoc_token_id: int,
+        pad_token_id: int = 0,
+        cross_attn_every_n_layers: int = 1,
+        perceiver_depth: int = 6,
+        perceiver_heads: int = 8,
+        perceiver_dim_head: int = 64,
+        num_latents: int = 64,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        only_attend_immediate_media: bool = True,
+    ):
+        super().__init__()
+        self.media_token_id, self.eoc_token_id, self.pad_token_id = media_token_id, eoc_token_id, pad_token_id
+        vis_dim = vision_encoder.transformer.width
+        lang_dim = lang_model.token_embedding.embedding_dim
+        self.vision_encoder = vision_encoder
+        self.perceiver = PerceiverResampler(
+            dim=vis_dim, depth=perceiver_depth, dim_head=perceiver_dim_head, heads=perceiver_heads,
+            num_latents=num_latents,
+        )  # fmt: skip
+        self.lang_model = lang_model
+        self.gated_cross_attn_layers = nn.ModuleList(
+            GatedCrossAttentionBlock(lang_dim, vis_dim, dim_head, heads, ff_mult, only_attend_immediate_media)
+            if (layer + 1) % cross_attn_every_n_layers == 0
+            else None
+            for layer in range(lang_model.depth)
+        )
+
+    def encode_media(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, T_media, 3, H, W) -> resampled visual tokens (B, T_media, num_latents, vis_dim)."""
+        batch = images.shape[0]
+        with torch.no_grad():  # the vision encoder is frozen: no activations kept for it
+            tokens = self.vision_encoder.forward_features(images.flatten(0, 1))[:, 1:]  # (B * T_media, HW, vis_dim)
+        tokens = rearrange(tokens, "(b t) v d -> b t 1 v d", b=batch)  # an image is a one-frame video
+        return self.perceiver(tokens)
+
+    def logits(
+        self,
+        tokens: torch.Tensor,
+        media: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        media_locations: Optional[torch.Tensor] = None,
+        use_cached_media: bool = False,
+    ) -> torch.Tensor:
+        """tokens (B, T), media (B, T_media, n, vis_dim) -> logits (B, T, vocab).
+
+        media_locations (B, T'): the `<image>` positions the mask counts (default: `tokens == <image>`); with
+        `use_cached_media` (decoding after a cached prompt) the prompt's, and every token comes after its images.
+        cache and padding_mask (B, T_past + T): as `DecoderLM.forward`."""
+        lm = self.lang_model
+        if media_locations is None:
+            media_locations = tokens == self.media_token_id
+        num_past = cache.length if cache is not None else 0
+        x = lm.token_embedding(tokens)  # (B, T, width)
+        attn_bias = lm.attention_bias(tokens.shape[1], num_past, padding_mask).to(x.dtype)
+        layer_caches = cache.layers if cache is not None else [None] * lm.depth
+        for block, xattn, layer_cache in zip(lm.transformer.blocks, self.gated_cross_attn_layers, layer_caches):
+            if xattn is not None:  # OpenFlamingo's FlamingoLayer: cross-attention before the frozen block
+                x = xattn(x, media, media_locations, use_cached_media)
+            x = block(x, attn_mask=attn_bias, cache=layer_cache)
+        return lm.logits(x)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training loss of interleaved sequences: images (B, T_media, 3, H, W), tokens (B, T) padded on the
+        right -> {"lm": next-token loss}, pad, `<image>`, text before the first image and text between an
+        `<|endofchunk|>` and the next image left out (OpenFlamingo's labels)."""
+        logits = self.logits(tokens, self.encode_media(images))
+        labels = interleaved_labels(tokens, self.media_token_id, self.eoc_token_id, self.pad_token_id)
+        return {"lm": lm_loss(logits, labels, label_smoothing=0.0)}
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompts: torch.Tensor, max_new_tokens: int = 20, **kwargs) -> torch.Tensor:
+        """images (B, T_media, 3, H, W) and prompts (B, P) padded on the left -> the new tokens (B, <= max_new_tokens),
+        up to `<|endofchunk|>` (included) or padding. The media are encoded once and the prompt's keys/values
+        cached (`use_cache=False`: every step recomputes the whole sequence); kwargs go to
+        `models.generation.generate` (num_beams, length_penalty, ...)."""
+        prompt_length = prompts.shape[1]
+        prompt_mask = prompts != self.pad_token_id  # (B, P)
+        prompt_media = prompts == self.media_token_id  # (B, P)
+
+        def decode(tokens: torch.Tensor, media: torch.Tensor, cache: Optional[KVCache]) -> torch.Tensor:
+            copies = tokens.shape[0] // prompts.shape[0]  # beams
+            num_past = cache.length if cache is not None else 0
+            padding = prompt_mask.repeat_interleave(copies, dim=0)
+            padding = torch.cat([padding, padding.new_ones(padding.shape[0], num_past + tokens.shape[1] - prompt_length)], 1)
+            if num_past == 0:  # the prompt, or the whole sequence without a cache
+                return self.logits(tokens, media, cache, padding)
+            media_locations = prompt_media.repeat_interleave(copies, dim=0)
+            return self.logits(tokens, media, cache, padding, media_locations, use_cached_media=True)
+
+        media = self.encode_media(images)
+        out = generate(decode, prompts, media, self.lang_model.depth, eos_id=self.eoc_token_id,
+                       pad_id=self.pad_token_id, max_length=prompt_length + max_new_tokens, **kwargs)
+        return out[:, prompt_length:]
+
+
+def freeze_for_training(model: Flamingo) -> None:
+    """OpenFlamingo's trainable set: the resampler, the cross-attention blocks and the token embedding, whose
+    gradient is masked to the `<image>` and `<|endofchunk|>` rows (the tied output matrix shares it), so only
+    those two rows change. The rest is frozen; with no gradient and no weight decay, AdamW leaves the
+    embedding's other rows exactly as they were."""
+    model.requires_grad_(False)
+    model.perceiver.requires_grad_(True)
+    model.gated_cross_attn_layers.requires_grad_(True)
+    embedding = model.lang_model.token_embedding.weight
+    embedding.requires_grad_(True)
+    rows = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype, device=embedding.device)
+    rows[[model.media_token_id, model.eoc_token_id]] = 1
+    embedding.register_hook(lambda grad: grad * rows.to(grad.device, grad.dtype))

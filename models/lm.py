@@ -40,6 +40,8 @@ LM_MODELS: dict[str, dict[str, Any]] = {
         vocab_size=50432, context_length=2048, width=2048, depth=24, num_heads=16, mlp_ratio=4.0, qk_norm=True
     ),
     "mpt-7b": dict(vocab_size=50432, context_length=2048, width=4096, depth=32, num_heads=32, mlp_ratio=4.0),
+    # For CPU demos and tests (not MosaicML's): the language side of Flamingo-tiny; the vocabulary is the tokenizer's.
+    "lm-tiny": dict(vocab_size=1024, context_length=128, width=128, depth=2, num_heads=4, mlp_ratio=4.0),
 }
 
 

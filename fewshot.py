@@ -1,0 +1,200 @@
+"""Few-shot in-context evaluation of a Flamingo (eval.py --task fewshot_vqa | fewshot_caption), OpenFlamingo's
+protocol (`open_flamingo/eval/evaluate.py`, Alayrac et al. 2022 section 3):
+
+- each query gets k demonstrations from a pool of at most `pool_size` examples (OpenFlamingo: 2048 of the train
+  split; here the same spec's examples other than the queries): drawn at random per (seed, query), or RICES,
+  the k most similar by the frozen vision encoder's image embedding (cosine), ordered so the most similar is last;
+- prompts `<image> Output: {caption}<|endofchunk|>` and `<image> Question: {q} Short answer: {a}<|endofchunk|>`
+  (data/interleaved.py: a space after `<image>` for sentencepiece), the query's answer left open;
+- 0 shots = two demonstrations with their images removed (OpenFlamingo's `compute_effective_num_shots`);
+- beam search (3 beams, length_penalty 0) with the media encoded once and the prompt's keys/values cached,
+  stopping at `<|endofchunk|>`; at most 5 new tokens for VQA, 20 for captions;
+- VQA accuracy (the VQAv2 soft accuracy with ten answers, exact match with one) and CIDEr (metrics/caption.py),
+  as mean and standard deviation over seeds.
+
+`shapes_icl:SPLIT[:N]` queries are the first N shapes images of the split, each asked "what colour?" in its own
+episode's made-up words (query i: episode i); every demonstration of query i is answered in episode i's words,
+so only the demonstrations reveal the answer. Its pool is the split's images after the first N.
+"""
+import statistics
+from typing import Optional
+
+import numpy as np
+import torch
+
+from data import has_questions, map_style_dataset
+from data.image_files import ImageFiles
+from data.interleaved import END_OF_CHUNK, MEDIA, ShapesICL, caption_prompt, vqa_prompt
+from data.transforms import image_transform
+from metrics.caption import caption_scores
+from metrics.vqa import normalize_answer, vqa_accuracy
+
+TASKS = ("fewshot_vqa", "fewshot_caption")
+
+
+class FewShotData:
+    """Queries and a demonstration pool over one dataset spec: `example(index, episode)` -> dict(image (3, H, W),
+    question, answers, captions); `episode` only matters for shapes_icl (whose words answer the questions)."""
+
+    def __init__(self, spec: str, image_size: int, seed: int = 0, options=None, pool_size: int = 2048,
+                 num_queries: Optional[int] = None):
+        self.base = map_style_dataset(spec, image_size, seed, options)
+        self.transform = image_transform(image_size, train=False)
+        base = self.base
+        if isinstance(base, ShapesICL):
+            total = len(base.shapes)
+            self.queries = list(range(min(len(base), total - 1)))
+            self.pool = list(range(len(self.queries), min(total, len(self.queries) + pool_size)))
+        else:
+            total = len(base.image_paths) if isinstance(base, ImageFiles) else len(base)
+            count = min(num_queries or total, total)
+            order = np.random.default_rng(seed).permutation(total)
+            self.queries = sorted(int(i) for i in order[:count])
+            rest = [int(i) for i in order[count:]] or [int(i) for i in order]  # too small: demos among the queries
+            self.pool = rest[:pool_size]
+        if num_queries:
+            self.queries = self.queries[:num_queries]
+        if isinstance(base, ImageFiles):  # references: every caption of an image
+            self.references = [[] for _ in base.image_paths]
+            for text, image in zip(base.texts, base.image_of):
+                self.references[image].append(text)
+
+    def example(self, index: int, episode: int) -> dict:
+        base = self.base
+        if isinstance(base, ShapesICL):
+            item = base.example(index, episode)
+            item["captions"] = [item["caption"]]
+        elif isinstance(base, ImageFiles):
+            item = {"image": base.image(index), "captions": self.references[index], "question": None, "answers": None}
+        else:
+            raw = base[index]
+            item = {"image": raw["image"], "question": raw.get("question"), "captions": [raw.get("caption")],
+                    "answers": raw.get("answers", [raw["answer"]] if "answer" in raw else None)}
+        return {**item, "image": self.transform(item["image"])}
+
+
+@torch.no_grad()
+def image_features(model, data: FewShotData, indices: list[int], device, batch_size: int = 128) -> torch.Tensor:
+    """(N, D) normalised image embeddings of the frozen vision encoder (RICES' similarity)."""
+    features = []
+    for start in range(0, len(indices), batch_size):
+        images = torch.stack([data.example(i, 0)["image"] for i in indices[start : start + batch_size]]).to(device)
+        features.append(torch.nn.functional.normalize(model.vision_encoder(images).float(), dim=-1))
+    return torch.cat(features)
+
+
+def demonstrations(data: FewShotData, query_position: int, shots: int, seed: int,
+                   similarity: Optional[torch.Tensor]) -> list[int]:
+    """Pool indices of a query's demonstrations (0 shots: 2, shown without images); RICES: most similar last."""
+    count = shots if shots else 2
+    if similarity is not None and shots:
+        best = similarity[query_position].topk(count).indices.tolist()  # most similar first
+        return [data.pool[i] for i in reversed(best)]
+    rng = np.random.default_rng([seed, query_position])
+    return [data.pool[int(i)] for i in rng.choice(len(data.pool), size=count, replace=False)]
+
+
+def pair_text(task: str, example: dict, answer: Optional[str]) -> str:
+    """One demonstration (with its answer and <|endofchunk|>) or the query (answer left open)."""
+    if task == "fewshot_vqa":
+        prompt = vqa_prompt(example["question"], answer or "")
+    else:
+        prompt = caption_prompt(answer or "")
+    return prompt + END_OF_CHUNK if answer is not None else prompt.rstrip()
+
+
+def build_prompt(task: str, data: FewShotData, query: int, demos: list[int], shots: int, rng) -> tuple[str, list]:
+    """(text, images) of one query's prompt."""
+    texts, images = [], []
+    for index in demos:
+        demo = data.example(index, episode=query)
+        answers = demo["answers"] if task == "fewshot_vqa" else demo["captions"]
+        text = pair_text(task, demo, answers[int(rng.integers(len(answers)))])
+        if shots:
+            images.append(demo["image"])
+        else:  # zero-shot: text-only demonstrations
+            text = text.replace(MEDIA + " ", "", 1)
+        texts.append(text)
+    target = data.example(query, episode=query)
+    texts.append(pair_text(task, target, None))
+    images.append(target["image"])
+    return "".join(texts), images
+
+
+def answer_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQAv2's soft accuracy with ten human answers; exact match (after its normalisation) with fewer."""
+    if len(answers) >= 10:
+        return vqa_accuracy(prediction, answers)
+    return float(normalize_answer(prediction) in {normalize_answer(answer) for answer in answers})
+
+
+@torch.no_grad()
+def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, seed: int, device,
+                   similarity: Optional[torch.Tensor] = None, batch_size: int = 32, num_beams: int = 3) -> float:
+    """One (shots, seed) run over all queries: VQA accuracy (%) or CIDEr."""
+    max_new_tokens = 5 if task == "fewshot_vqa" else 20
+    predictions, truths = {}, {}
+    for start in range(0, len(data.queries), batch_size):
+        prompts, images = [], []
+        for position in range(start, min(start + batch_size, len(data.queries))):
+            query = data.queries[position]
+            rng = np.random.default_rng([seed, query, 1])
+            text, pictures = build_prompt(task, data, query, demonstrations(data, position, shots, seed, similarity),
+                                          shots, rng)
+            prompts.append([tokenizer.bos_id, *tokenizer.encode(text)])
+            images.append(torch.stack(pictures))
+            target = data.example(query, episode=query)
+            truths[query] = target["answers"] if task == "fewshot_vqa" else target["captions"]
+        length = max(map(len, prompts))
+        if length + max_new_tokens > model.lang_model.context_length:
+            raise ValueError(f"{shots}-shot prompts reach {length} tokens, + {max_new_tokens} to generate: more than the "
+                             f"language model's {model.lang_model.context_length}; use fewer --shots")
+        tokens = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompts])  # padded on the left
+        new = model.generate(torch.stack(images).to(device), tokens.to(device), max_new_tokens=max_new_tokens,
+                             num_beams=num_beams, length_penalty=0.0)
+        for position, row in zip(range(start, start + len(prompts)), new.tolist()):
+            row = row[: row.index(model.eoc_token_id)] if model.eoc_token_id in row else row
+            text = tokenizer._processor.decode([i for i in row if i != tokenizer.pad_id])
+            predictions[data.queries[position]] = text.split("question:")[0].strip()  # OpenFlamingo's postprocess
+    if task == "fewshot_vqa":
+        return 100 * sum(answer_accuracy(predictions[q], truths[q]) for q in predictions) / len(predictions)
+    return caption_scores(predictions, truths)["CIDEr"]
+
+
+def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, shots=(0, 4, 8), seeds=(0, 1, 2),
+             rices: bool = False, options=None, batch_size: int = 32, num_beams: int = 3, pool_size: int = 2048,
+             num_queries: Optional[int] = None, log=print) -> dict:
+    """{"shots": {"0": {"mean", "std", "runs"}, ...}, "metric", "num_queries", "demonstrations"} (see module doc)."""
+    if task not in TASKS:
+        raise ValueError(f"few-shot tasks: {', '.join(TASKS)}; got {task!r}")
+    if not hasattr(model, "perceiver"):
+        raise ValueError(f"--task {task} needs a Flamingo checkpoint")
+    data = FewShotData(spec, image_size, 0, options, pool_size, num_queries)
+    if task == "fewshot_vqa" and not (has_questions(data.base) or isinstance(data.base, ShapesICL)):
+        raise ValueError(f"{spec}: fewshot_vqa needs questions (shapes, shapes_icl, vqa with annotations)")
+    similarity = None
+    if rices:
+        query_features = image_features(model, data, data.queries, device)
+        similarity = query_features @ image_features(model, data, data.pool, device).T  # (queries, pool)
+    results = {}
+    for count in shots:
+        runs = [evaluate_shots(model, tokenizer, data, task, count, seed, device, similarity, batch_size, num_beams)
+                for seed in (seeds if not rices else seeds[:1])]  # RICES is deterministic
+        results[str(count)] = {"mean": statistics.fmean(runs), "std": statistics.pstdev(runs) if len(runs) > 1 else 0.0,
+                               "runs": runs}
+        if log:
+            log(f"{task} {count} shots: {results[str(count)]['mean']:.2f} +- {results[str(count)]['std']:.2f} "
+                f"({', '.join(f'{run:.2f}' for run in runs)})")
+    return {"metric": "accuracy" if task == "fewshot_vqa" else "CIDEr", "num_queries": len(data.queries),
+            "demonstrations": "rices" if rices else "random", "shots": results}
+
+
+def evaluate_run(cfg, model, tokenizer, device) -> dict:
+    """What train.py reports at the end of a Flamingo run: few-shot VQA on data.val (0 and 4 shots, one seed); a
+    language model's run reports nothing (its text task is measured through the Flamingo built on it)."""
+    if not hasattr(model, "perceiver") or not cfg.data.val:
+        return {}
+    scores = evaluate(model, tokenizer, cfg.data.val, "fewshot_vqa", cfg.data.image_size, device, shots=(0, 4),
+                      seeds=(0,), options=cfg.data, log=None)
+    return {f"val/fewshot_vqa_{shots}": value["mean"] for shots, value in scores["shots"].items()}
+

@@ -1,0 +1,141 @@
+"""The Flamingo model, its interleaved data and few-shot evaluation (models/flamingo.py `Flamingo`,
+losses/lm.py, data/interleaved.py, fewshot.py): closed gates give the frozen LM's logits, only the intended
+parameters train (and only two embedding rows change), cached generation equals uncached, the labels, the
+shapes_icl episodes and documents, and a few-shot run's JSON."""
+import json
+
+import pytest
+import torch
+
+import fewshot
+from data import build_dataset
+from data.interleaved import END_OF_CHUNK, MEDIA, InterleavedCollate, document_text
+from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from losses import interleaved_labels
+from models import create_flamingo
+from models.flamingo import freeze_for_training
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = list(build_dataset("shapes_icl:train:300").text_only(i) for i in range(300))
+    path = train_sentencepiece(texts, tmp_path_factory.mktemp("tok") / "tok", 400, flamingo_tokens=True)
+    return SentencePieceTokenizer(path, context_length=96)
+
+
+def tiny_flamingo(tokenizer, seed=0, open_gates=False):
+    torch.manual_seed(seed)
+    model = create_flamingo("Flamingo-tiny", tokenizer, image_size=32, context_length=96)
+    if open_gates:
+        with torch.no_grad():
+            for block in model.gated_cross_attn_layers:
+                block.attn_gate.fill_(0.7)
+                block.ff_gate.fill_(-0.5)
+    return model.eval()
+
+
+def batch(tokenizer, count=2, image_size=32):
+    items = [build_dataset("shapes_icl:train:20", image_size)[i] for i in range(count)]
+    return InterleavedCollate(tokenizer, image_size, 96)(items)
+
+
+def test_closed_gates_give_the_frozen_lm(tokenizer):
+    model = tiny_flamingo(tokenizer)
+    data = batch(tokenizer)
+    with torch.no_grad():
+        logits = model.logits(data["tokens"], model.encode_media(data["images"]))
+        expected = model.lang_model(data["tokens"])
+    torch.testing.assert_close(logits, expected)
+    opened = tiny_flamingo(tokenizer, open_gates=True)
+    with torch.no_grad():
+        assert not torch.allclose(opened.logits(data["tokens"], opened.encode_media(data["images"])), expected)
+
+
+def test_only_resampler_cross_attention_and_two_rows_train(tokenizer):
+    model = tiny_flamingo(tokenizer, open_gates=True).train()
+    freeze_for_training(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    data = batch(tokenizer)
+    model(data["images"], data["tokens"])["lm"].backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert all(n.startswith(("perceiver.", "gated_cross_attn_layers.", "lang_model.token_embedding")) for n in with_grad)
+    assert any(n.startswith("perceiver.") for n in with_grad) and any(n.startswith("gated_") for n in with_grad)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        changed = (param.detach() != before[name]).reshape(param.shape[0], -1).any(dim=1) if param.ndim else None
+        if name == "lang_model.token_embedding.weight":
+            assert changed.nonzero().flatten().tolist() == sorted([tokenizer.media_id, tokenizer.eoc_id])
+        elif name.startswith(("vision_encoder.", "lang_model.")):
+            assert not changed.any(), name
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_generation_equals_uncached(tokenizer, num_beams):
+    model = tiny_flamingo(tokenizer, open_gates=True)
+    texts = [f"{MEDIA} Question: what colour? Short answer: dax{END_OF_CHUNK}{MEDIA} Question: what colour? Short answer:",
+             f"{MEDIA} Output: a red circle.{END_OF_CHUNK}{MEDIA} Output:"]
+    rows = [[tokenizer.bos_id, *tokenizer.encode(text)] for text in texts]
+    length = max(map(len, rows))
+    prompts = torch.tensor([[tokenizer.pad_id] * (length - len(r)) + r for r in rows])  # left padding
+    images = torch.randn(2, 2, 3, 32, 32)
+    cached = model.generate(images, prompts, max_new_tokens=6, num_beams=num_beams)
+    uncached = model.generate(images, prompts, max_new_tokens=6, num_beams=num_beams, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # a left-padded row generates what it generates alone
+    alone = model.generate(images[1:], prompts[1:, length - len(rows[1]):], max_new_tokens=6, num_beams=num_beams)
+    assert torch.equal(alone[0, : alone.shape[1]], cached[1, : alone.shape[1]])
+
+
+def test_labels_mask_pad_media_and_text_outside_chunks():
+    media, eoc, pad = 9, 10, 0
+    tokens = torch.tensor([[2, 5, 6, media, 7, 8, eoc, 4, media, 6, 3, pad]])
+    expected = [-100, -100, -100, -100, 7, 8, eoc, -100, -100, 6, 3, -100]
+    assert interleaved_labels(tokens, media, eoc, pad).tolist() == [expected]
+
+
+def test_shapes_icl_episodes_and_batches(tokenizer):
+    dataset = build_dataset("shapes_icl:train:50", 32)
+    item = dataset[3]
+    assert item["text"].count(MEDIA) == len(item["images"]) == item["text"].count(END_OF_CHUNK)
+    assert MEDIA not in item["text_only"]
+    words = dataset.words(7)
+    assert len(set(words.values())) == 6 and dataset.words(7) == words and dataset.words(8) != words
+    example = dataset.example(5, episode=7)
+    assert example["answers"] == [words[dataset._describe(5)[0].objects[0].color]]
+    data = batch(tokenizer, 4)
+    counts = (data["tokens"] == tokenizer.media_id).sum(1)
+    assert data["images"].shape[:2] == (4, int(counts.max())) and data["images"].shape[2:] == (3, 32, 32)
+
+
+def test_interleaved_documents(tmp_path, tokenizer):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "a.png")
+    document = {"texts": ["a page", None, "a red square", None, "the end"], "images": [None, "a.png", None, "a.png", None]}
+    (tmp_path / "docs.jsonl").write_text(json.dumps(document) + "\n")
+    assert document_text(document["texts"], [bool(i) for i in document["images"]]) == (
+        f"a page{MEDIA}a red square{END_OF_CHUNK}{MEDIA}the end{END_OF_CHUNK}")
+    item = build_dataset(f"interleaved:{tmp_path / 'docs.jsonl'}")[0]
+    assert len(item["images"]) == 2
+    data = InterleavedCollate(tokenizer, 32, 96)([item])
+    assert data["images"].shape == (1, 2, 3, 32, 32)
+
+
+def test_fewshot_evaluation_json(tokenizer):
+    model = tiny_flamingo(tokenizer, open_gates=True)
+    results = fewshot.evaluate(model, tokenizer, "shapes_icl:val:4", "fewshot_vqa", 32, "cpu", shots=(0, 2),
+                               seeds=(0, 1), log=None)
+    assert set(results["shots"]) == {"0", "2"} and results["num_queries"] == 4
+    assert all(0 <= value["mean"] <= 100 and len(value["runs"]) == 2 for value in results["shots"].values())
+    rices = fewshot.evaluate(model, tokenizer, "shapes:val:6", "fewshot_caption", 32, "cpu", shots=(2,), seeds=(0,),
+                             rices=True, num_queries=3, log=None)
+    assert rices["demonstrations"] == "rices" and rices["shots"]["2"]["mean"] >= 0
