@@ -476,7 +476,10 @@ def load_checkpoint(path: str, device="cpu"):
     cfg = config_from_dict(checkpoint["config"])
     tokenizer = tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
     model = model_from_config(cfg, tokenizer)
-    model.load_state_dict(checkpoint["model"])
+    weights = checkpoint["model"]
+    if "head.weight" in weights:  # a fine-tuned classifier (finetune.py): its CLIP, without the head
+        weights = {name[len("clip."):]: value for name, value in weights.items() if name.startswith("clip.")}
+    model.load_state_dict(weights)
     return cfg, model.to(device).eval(), tokenizer
 
 
