@@ -141,13 +141,16 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         return "fine-tuning needs data.val, a labelled split: early stopping and the results are its top-1 accuracy"
     train_classes = getattr(build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed, cfg.data), "classnames", None)
     if ft.strategy != "lit" and train_classes is None:
-        return f"data.train '{cfg.data.train}' has no class labels; fine-tuning a classifier needs shapes or imagefolder"
+        return (f"data.train '{cfg.data.train}' has no class labels; fine-tuning a classifier needs a shapes or "
+                f"imagefolder spec")
     for key in ("val", "heldout"):
         spec = getattr(cfg.data, key)
-        classes = getattr(build_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data), "classnames", None) if spec else []
+        if not spec:
+            continue
+        classes = getattr(build_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data), "classnames", None)
         if classes is None:
             return f"data.{key} '{spec}' has no class labels; fine-tuning is evaluated by classification accuracy"
-        if spec and ft.strategy != "lit" and classes != train_classes:
+        if ft.strategy != "lit" and classes != train_classes:
             return f"data.{key} '{spec}' has other classes than data.train: the head has one output per training class"
     return None
 

@@ -367,7 +367,8 @@ def train(cfg, checkpoint: dict | None) -> dict:
     else:
         tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
         model = model_from_config(cfg, tokenizer).to(device)
-        temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)  # before the optimizer: it skips frozen ones
+        # before the optimizer, which leaves out frozen parameters
+        temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)
     optimizer = build_optimizer(model, cfg.train, layers)
     if cfg.train.precision == "fp16" and device.type != "cuda":
         sys.exit("config error: train.precision=fp16 needs a GPU (its grad scaler); use bf16 on CPU")
