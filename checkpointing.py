@@ -54,15 +54,17 @@ def read(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def save(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, sharded: bool) -> None:
-    """Every process calls this. sharded: a DCP folder, each rank its shards; else rank 0 writes one file."""
+def save(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, sharded: bool,
+         name: str = FOLDER) -> None:
+    """Every process calls this. sharded: a DCP folder, each rank its shards; else rank 0 writes one file.
+    name: `checkpoint` (the run's, what --resume finds) or another, e.g. finetune.py's `best`."""
     if not sharded:
         if distributed.is_main():
-            tmp = os.path.join(out_dir, FILE + ".tmp")
+            tmp = os.path.join(out_dir, f"{name}.pt.tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **meta}, tmp)
-            os.replace(tmp, os.path.join(out_dir, FILE))
+            os.replace(tmp, os.path.join(out_dir, f"{name}.pt"))
         return
-    final, tmp, old = (os.path.join(out_dir, FOLDER + suffix) for suffix in ("", ".tmp", ".old"))
+    final, tmp, old = (os.path.join(out_dir, name + suffix) for suffix in ("", ".tmp", ".old"))
     if distributed.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed
         if os.path.isdir(old) and os.path.isdir(final):  # a swap that crashed after its second rename

@@ -87,6 +87,18 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    strategy: str = ""  # "": contrastive pre-training; linear | full | gradual | llrd | lit (finetune.py)
+    init: str = ""  # a train.py checkpoint to start from (its model and tokenizer settings are adopted)
+    pretrained: str = ""  # or released weights for model.name (OpenAI .pt, open_clip); data.tokenizer_path: the BPE
+    unfreeze_every: int = 100  # gradual: steps between unfreezing the next layer group, from the top
+    layer_decay: float = 0.75  # llrd: a layer group's lr is train.lr * layer_decay ** (depth - layer)
+    patience: int = 0  # early stopping: evaluations (train.eval_every) without a better val top-1; 0: never stop
+    wise_alpha: float = 1.0  # WiSE-FT: the final model is (1 - alpha) zero-shot + alpha fine-tuned weights
+    wise_alphas: str = "0,0.25,0.5,0.75,1"  # WiSE-FT mixing weights evaluated at the end (wise.json)
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/default"
     seed: int = 0
@@ -96,6 +108,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 class ConfigError(ValueError):

@@ -528,6 +528,9 @@ def load_checkpoint(path: str, device="cpu"):
     cfg = config_from_dict(checkpoint["config"])
     tokenizer = tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
     model = model_from_config(cfg, tokenizer, pretrained=False)  # the checkpoint's weights replace them
+    if "head.weight" in checkpoint.get("model", {}):  # a fine-tuned classifier (finetune.py): its CLIP, without the head
+        checkpoint = {**checkpoint, "model": {name[len("clip."):]: value for name, value in checkpoint["model"].items()
+                                              if name.startswith("clip.")}}
     checkpointing.load(checkpoint, model)
     return cfg, model.to(device).eval(), tokenizer
 

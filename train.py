@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import checkpointing
 import distributed
+import finetune
 import parallel
 from config import ConfigError, apply_overrides, config_from_dict, differences, load_config, save_config
 from data import (INTERLEAVED, build_dataset, captions, map_style_dataset, shutdown_workers, skipped_rows, train_loader,
@@ -87,23 +88,29 @@ def resolve_presets(cfg):
     return cfg
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases, embeddings or the logit scale and bias."""
+def param_groups(model: torch.nn.Module, weight_decay: float, layers: list | None = None) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, embeddings or the logit scale and bias. layers:
+    (learning-rate scale, named parameters) per layer (fine-tuning's, finetune.trainable_layers); default: the
+    whole model at scale 1. The training loop sets each group's lr to the schedule's times its `lr_scale`."""
     no_decay_names = ("token_embedding", "pos_embed", "cls_token", "logit_scale", "logit_bias")
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or any(part in name for part in no_decay_names)
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for lr_scale, named in layers or [(1.0, model.named_parameters())]:
+        decay, no_decay = [], []
+        for name, param in named:
+            if not param.requires_grad:
+                continue
+            skip = param.ndim < 2 or any(part in name for part in no_decay_names)
+            (no_decay if skip else decay).append(param)
+        groups += [{"params": params, "weight_decay": decay_rate, "lr_scale": lr_scale}
+                   for params, decay_rate in ((decay, weight_decay), (no_decay, 0.0))]
+    return groups
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, train_cfg, layers: list | None = None) -> torch.optim.AdamW:
     """AdamW over `param_groups`, fused: one kernel for all parameters instead of a loop over them (on a
     2-core CPU, 155 ms instead of 592 ms a step for ViT-B-32's 151M parameters)."""
     return torch.optim.AdamW(
-        param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
+        param_groups(model, train_cfg.weight_decay, layers), lr=train_cfg.lr,
         betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, fused=True,
     )
 
@@ -149,7 +156,12 @@ def compute_loss(cfg, image_features, text_features, logit_scale, logit_bias) ->
 def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 0) -> dict[str, torch.Tensor]:
     """Forward and backward over one global batch (this process's share); returns its named losses (local,
     detached; train.py logs each and their sum). A model family turns a batch into its losses: CLIP one
-    contrastive loss (`clip` or `siglip`), BLIP `itc`, `itm` and `lm`, a language model or Flamingo `lm`."""
+    contrastive loss (`clip` or `siglip`), BLIP `itc`, `itm` and `lm`, a language model or Flamingo `lm`, a fine-tuned
+    classifier `ce` (finetune.py; LiT trains CLIP's contrastive loss with the image tower locked)."""
+    if cfg.finetune.strategy:
+        finetune.train_mode(model, cfg, step)  # what trains at this step; frozen modules in eval mode
+        if cfg.finetune.strategy != "lit":
+            return finetune.train_step(model, micro_batches, device, autocast, scaler)
     if is_decoder(cfg):
         return decoder_step(model, micro_batches, device, autocast, scaler)
     if not is_blip(cfg):
@@ -315,7 +327,9 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         if len(failures) > min(len(dataset), 16) // 2:
             return (f"data.{key}: {len(failures)} of its first {min(len(dataset), 16)} samples cannot be read, "
                     f"e.g. {'; '.join(failures[:3])}")
-    return None
+    if cfg.finetune.strategy and cfg.train.strategy == "fsdp":
+        return "finetune.strategy trains with train.strategy=ddp (its classifier is not sharded)"
+    return finetune.check_config(cfg, world_size) if cfg.finetune.strategy else None
 
 
 RESUME_OUT_DIR = "out_dir"  # what a bare `--resume` means: out_dir's checkpoint, which must exist
@@ -376,9 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg, checkpoint = load_run_config(args, overrides)
+        cfg = resolve_presets(finetune.resolve(cfg))  # fine-tuning: the model and tokenizer of finetune.init
     except (ConfigError, FileNotFoundError) as error:
         sys.exit(f"config error: {error}")
-    cfg = resolve_presets(cfg)
     problem = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     if problem:
         sys.exit(f"config error: {problem}")
@@ -406,14 +420,19 @@ def train(cfg, checkpoint: dict | None) -> dict:
     distributed.barrier()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
-    model = model_from_config(cfg, tokenizer, pretrained=checkpoint is None).to(device)
-    if cfg.model.name in FLAMINGO_MODELS:  # only the resampler, cross-attention and two embedding rows train
-        freeze_for_training(model)
-    if not is_decoder(cfg):  # before the optimizer: it skips frozen ones
-        temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)
+    layers = None
+    if cfg.finetune.strategy:  # the start's weights and tokenizer, a zero-shot head; the strategy's layers train
+        tokenizer, model, zeroshot_weights = finetune.build(cfg, device)
+        layers = finetune.trainable_layers(model, cfg)
+    else:
+        tokenizer = build_tokenizer(cfg, cfg.out_dir, checkpoint)
+        model = model_from_config(cfg, tokenizer, pretrained=checkpoint is None).to(device)
+        if cfg.model.name in FLAMINGO_MODELS:  # only the resampler, cross-attention and two embedding rows train
+            freeze_for_training(model)
+        if not is_decoder(cfg):  # before the optimizer: it skips frozen ones
+            temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)
     model = parallel.prepare(model, cfg.train, device)  # on the device; FSDP shards it here
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, layers)
     if cfg.train.precision == "fp16" and device.type != "cuda":
         sys.exit("config error: train.precision=fp16 needs a GPU (its grad scaler); use bf16 on CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -447,12 +466,12 @@ def train(cfg, checkpoint: dict | None) -> dict:
 
     signal.signal(signal.SIGTERM, request_stop)
 
-    def save() -> None:
+    def save(name: str = "checkpoint") -> None:
         rng_states = distributed.all_gather_object(rng_state(device))  # every process takes part
         checkpointing.save(cfg.out_dir, raw_model, optimizer, {
             "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg), "rng": rng_states,
             "tokenizer": tokenizer.model_bytes(),
-        }, sharded=cfg.train.strategy == "fsdp")
+        }, sharded=cfg.train.strategy == "fsdp", name=name)
 
     writer = None
     if main_process:
@@ -467,6 +486,8 @@ def train(cfg, checkpoint: dict | None) -> dict:
         sys.exit(f"data.train: too many malformed index rows: {malformed.describe('rows')}; more than "
                  f"data.max_bad_fraction={cfg.data.max_bad_fraction}")
     batches = iter(loader)
+    early_stopping = finetune.EarlyStopping(cfg, step if checkpoint is not None else None)
+    stop_early = False
     bad_samples, bad_reported = BadSampleCount(), set()  # unreadable samples this process skipped, this run
     model.train()
     start_step, run_start = step, time.time()
@@ -474,7 +495,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.train)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # fine-tuning's layer-wise rates
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
         for batch in micro_batches:
             bad_samples.add_batch(batch)
@@ -523,11 +544,20 @@ def train(cfg, checkpoint: dict | None) -> dict:
                 sys.exit(f"too many bad samples at step {step}: {bad.describe()}; more than "
                          f"data.max_bad_fraction={cfg.data.max_bad_fraction} (fix or remove them, or raise it)")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            run_evaluation(cfg, whole_model(), tokenizer, device, writer, step)
+            results = run_evaluation(cfg, whole_model(), tokenizer, device, writer, step)
             model.train()
+            if cfg.finetune.strategy:  # early stopping on val top-1; best.pt keeps the best weights
+                improved, stop_early = (distributed.any_rank(flag) for flag in early_stopping.update(results, step))
+                if improved:
+                    save("best")
         stop_requested = distributed.any_rank(stop_requested)  # a SIGTERM on any rank stops them all here
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop_requested:
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop_requested or stop_early:
             save()
+        if stop_early:
+            if main_process:
+                print(f"early stopping at step {step}: no better val top-1 in {cfg.finetune.patience} evaluations "
+                      f"since step {early_stopping.best_step}", flush=True)
+            break
         if stop_requested:
             if main_process:
                 print(f"SIGTERM: saved checkpoint at step {step}; continue with --resume", flush=True)
@@ -537,7 +567,13 @@ def train(cfg, checkpoint: dict | None) -> dict:
     if main_process:
         print(f"trained steps {start_step}-{step} in {(time.time() - run_start) / 60:.1f} min", flush=True)
     shutdown_workers()  # the training loader is spent; its workers would idle through the evaluation
-    results = run_evaluation(cfg, whole_model(), tokenizer, device, writer, step)
+    if not stop_early:
+        results = run_evaluation(cfg, whole_model(), tokenizer, device, writer, step)
+    if cfg.finetune.strategy:  # the best weights, WiSE-FT mixed with the zero-shot ones at several alphas
+        if distributed.any_rank(early_stopping.update(results, step)[0]):
+            save("best")
+        results = finetune.finish(cfg, raw_model, zeroshot_weights, tokenizer, device) if main_process else {}
+        distributed.barrier()
     if writer is not None:
         writer.close()
     distributed.cleanup()
@@ -551,7 +587,8 @@ def run_evaluation(cfg, model, tokenizer, device, writer, step: int) -> dict:
     results = {}
     if distributed.is_main():
         model.eval()
-        results = evaluation.evaluate_all(cfg, model, tokenizer, device)
+        evaluate = finetune.evaluate if cfg.finetune.strategy else evaluation.evaluate_all
+        results = evaluate(cfg, model, tokenizer, device)
         results["step"] = step
         print(json.dumps(results), flush=True)
         with open(os.path.join(cfg.out_dir, "eval.jsonl"), "a") as f:

@@ -1,0 +1,329 @@
+"""Fine-tuning a CLIP model on a labelled dataset: the strategy logic train.py calls when `finetune.strategy` is set.
+
+    python train.py --config configs/clip/finetune_shapes.yaml --finetune.strategy=llrd
+    python train.py --config configs/clip/finetune_shapes.yaml --finetune.strategy=full --finetune.wise_alpha=0.5
+
+The start: `finetune.init`, a train.py checkpoint (a fine-tuning run's too: its CLIP part), whose model and
+tokenizer settings the run adopts; or `finetune.pretrained`, released weights for `model.name` (eval.py's loaders).
+
+The model (`ZeroShotClassifier`): the CLIP model and a linear head on its normalised image features, initialised as
+the zero-shot classifier (WiSE-FT's `ClassificationHead`, Wortsman et al., CVPR 2022): weight = the model's
+logit_scale.exp() x the class text embeddings (eval.zeroshot_classifier: per class, the mean of its prompt
+templates' embeddings, `eval.templates`), bias 0. At step 0 it predicts exactly what zero-shot classification does.
+A checkpoint's `model` is its state dict (`clip.*`, `head.*`); eval.py and search.py read its `clip.*` part.
+
+Strategies, the parameters they train (every other parameter keeps its value bit for bit, and a module whose
+parameters are all frozen stays in eval mode, so BatchNorm statistics do not move either):
+- linear: the head only (a linear classifier on frozen features, trained by SGD from the zero-shot head);
+- full: the image tower and the head;
+- gradual: gradual unfreezing (ULMFiT, Howard & Ruder, ACL 2018): the head alone at step 0, then the next layer
+  group down every `finetune.unfreeze_every` steps;
+- llrd: layer-wise learning-rate decay (BEiT, Bao et al., ICLR 2022; ELECTRA): all of them, layer group l at
+  train.lr x layer_decay ** (depth - l), the head being layer `depth`;
+- lit: LiT (Zhai et al., CVPR 2022): the image tower locked, the text tower and the temperature trained with the
+  run's contrastive loss on image-text pairs (train.py's contrastive step); no head, evaluated zero-shot.
+The classification strategies leave the text tower and the temperature frozen (the head does not use them).
+Layer groups, bottom to top: ViT: the embedding (patch_embed, cls_token, pos_embed, norm_pre), each block, the
+output (norm, proj), the head; CLIP's ResNet: the stem, layer1 ... layer4, attnpool, the head.
+
+Early stopping: every `train.eval_every` steps the model is evaluated on data.val (top-1: the head's, or zero-shot
+for lit); a better top-1 writes out_dir/best.pt (train.py's checkpoint) and best.json; `finetune.patience`
+evaluations without one stop the run. At the end the best weights are mixed with the zero-shot (initial) weights,
+WiSE-FT: (1 - alpha) x zero-shot + alpha x fine-tuned for every tensor, evaluated on data.val and data.heldout for
+each of `finetune.wise_alphas` (wise.json), and at `finetune.wise_alpha`, the run's result (wise.pt when below 1).
+
+Deliberate differences from the references: WiSE-FT mixes only the image tower and head (its text tower is
+absent); here the whole state dict is mixed, which for the classification strategies is the same (the text tower
+is frozen), and for lit mixes the text towers. BatchNorm's running statistics are mixed like weights; its batch
+counter is the fine-tuned model's.
+"""
+import difflib
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import config_from_dict
+from data import build_dataset, eval_loader
+from data.templates import load_templates
+from models import BLIP_MODELS
+from models.clip import CLIP
+from models.vit import VisionTransformer
+
+STRATEGIES = ("linear", "full", "gradual", "llrd", "lit")
+ADOPTED = ("model.name", "data.tokenizer", "data.tokenizer_path", "data.vocab_size", "data.context_length")
+
+
+class ZeroShotClassifier(nn.Module):
+    """CLIP with a linear head on its normalised image features, started as the zero-shot classifier."""
+
+    def __init__(self, clip: CLIP, class_embeddings: torch.Tensor):
+        super().__init__()
+        self.clip = clip
+        num_classes, embed_dim = class_embeddings.shape  # (C, D), normalised rows
+        self.head = nn.Linear(embed_dim, num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(clip.logit_scale.exp() * class_embeddings)
+            self.head.bias.zero_()
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale  # train.py logs and clamps the CLIP temperature of every run
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.clip.encode_image(images, normalize=True))  # (B, num_classes)
+
+
+def wise_ft(zeroshot: dict, finetuned: dict, alpha: float) -> dict:
+    """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned, tensor by tensor (exactly either end at 0 and 1);
+    integer buffers (BatchNorm's batch counter) are the fine-tuned model's."""
+    return {name: torch.lerp(zeroshot[name].to(value), value, alpha) if value.is_floating_point() else value
+            for name, value in finetuned.items()}
+
+
+def parse_alphas(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+# ---------------------------------------------------------------- configuration and model
+
+
+def resolve(cfg):
+    """A fine-tuning run takes the model and tokenizer settings of its start: finetune.init's config (and its image
+    size unless data.image_size is set), or for released weights CLIP's BPE (data.tokenizer_path, else the file
+    next to the weights or open_clip's copy)."""
+    if not cfg.finetune.strategy:
+        return cfg
+    if cfg.finetune.init:
+        if not os.path.isfile(cfg.finetune.init):
+            raise FileNotFoundError(f"finetune.init: no checkpoint at '{cfg.finetune.init}'")
+        start = config_from_dict(torch.load(cfg.finetune.init, map_location="cpu", weights_only=True)["config"])
+        for key in ADOPTED + (() if cfg.data.image_size else ("data.image_size",)):
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, getattr(getattr(start, section), name))
+    elif cfg.finetune.pretrained:
+        import eval as evaluation
+
+        cfg.data.tokenizer = "clip"
+        cfg.data.tokenizer_path = evaluation.find_bpe(cfg.data.tokenizer_path or None, cfg.finetune.pretrained)
+    return cfg
+
+
+def check_config(cfg, world_size: int = 1) -> str | None:
+    """What is wrong with the finetune section of a config (train.check_config's part), or None."""
+    ft = cfg.finetune
+    if ft.strategy not in STRATEGIES:
+        close = difflib.get_close_matches(ft.strategy, STRATEGIES, n=1)
+        return (f"finetune.strategy must be one of {', '.join(STRATEGIES)} (or '' to pre-train); got '{ft.strategy}'"
+                + (f"; did you mean '{close[0]}'?" if close else ""))
+    if bool(ft.init) == bool(ft.pretrained):
+        return ("fine-tuning starts from finetune.init (a train.py checkpoint) or finetune.pretrained (released "
+                "weights for model.name): give exactly one")
+    if ft.pretrained and not os.path.isfile(ft.pretrained):
+        return f"finetune.pretrained: no file at '{ft.pretrained}'"
+    if cfg.model.name in BLIP_MODELS:
+        return f"fine-tuning is built for CLIP models; model.name is the BLIP preset '{cfg.model.name}'"
+    if ft.unfreeze_every < 1 or not 0 < ft.layer_decay <= 1 or ft.patience < 0 or not 0 <= ft.wise_alpha <= 1:
+        return "finetune: unfreeze_every must be >= 1, layer_decay in (0, 1], patience >= 0 and wise_alpha in [0, 1]"
+    try:
+        alphas = parse_alphas(ft.wise_alphas)
+    except ValueError:
+        return f"finetune.wise_alphas must be numbers separated by commas, e.g. 0,0.5,1; got '{ft.wise_alphas}'"
+    if any(not 0 <= alpha <= 1 for alpha in alphas):
+        return f"finetune.wise_alphas must lie in [0, 1]; got '{ft.wise_alphas}'"
+    if ft.strategy == "gradual" and world_size > 1:
+        return ("finetune.strategy=gradual runs on one process: DistributedDataParallel fixes the set of trained "
+                "parameters when it wraps the model, and gradual unfreezing changes it")
+    if not cfg.data.val:
+        return "fine-tuning needs data.val, a labelled split: early stopping and the results are its top-1 accuracy"
+    train_classes = getattr(build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed, cfg.data), "classnames", None)
+    if ft.strategy != "lit" and train_classes is None:
+        return (f"data.train '{cfg.data.train}' has no class labels; fine-tuning a classifier needs a shapes or "
+                f"imagefolder spec")
+    for key in ("val", "heldout"):
+        spec = getattr(cfg.data, key)
+        if not spec:
+            continue
+        classes = getattr(build_dataset(spec, cfg.data.image_size, cfg.seed, cfg.data), "classnames", None)
+        if classes is None:
+            return f"data.{key} '{spec}' has no class labels; fine-tuning is evaluated by classification accuracy"
+        if ft.strategy != "lit" and classes != train_classes:
+            return f"data.{key} '{spec}' has other classes than data.train: the head has one output per training class"
+    return None
+
+
+def build(cfg, device) -> tuple[object, nn.Module, dict]:
+    """(tokenizer, model, its initial weights on the CPU): the start's CLIP, with the zero-shot head unless lit."""
+    import eval as evaluation
+
+    if cfg.finetune.init:
+        _, clip, tokenizer = evaluation.load_checkpoint(cfg.finetune.init, device)
+    else:
+        _, clip, tokenizer = evaluation.load_pretrained(cfg.model.name, cfg.finetune.pretrained,
+                                                        cfg.data.tokenizer_path, device)
+    model = clip
+    if cfg.finetune.strategy != "lit":
+        classnames = build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed, cfg.data).classnames
+        class_embeddings = evaluation.zeroshot_classifier(clip, tokenizer, classnames,
+                                                          load_templates(cfg.eval.templates), device)  # (C, D)
+        model = ZeroShotClassifier(clip, class_embeddings).to(device)
+    zeroshot = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+    return tokenizer, model, zeroshot
+
+
+# ---------------------------------------------------------------- what trains
+
+
+def layer_groups(model: ZeroShotClassifier) -> list[list[tuple[str, nn.Parameter]]]:
+    """The image tower's layer groups and the head, bottom to top, as (name, parameter) lists."""
+    visual = model.clip.visual
+    if isinstance(visual, VisionTransformer):
+        prefixes = [("patch_embed", "cls_token", "pos_embed", "norm_pre"),
+                    *[(f"transformer.blocks.{i}",) for i in range(len(visual.transformer.blocks))], ("norm", "proj")]
+    else:  # CLIP's ModifiedResNet
+        prefixes = [("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"), ("layer1",), ("layer2",), ("layer3",),
+                    ("layer4",), ("attnpool",)]
+    named = list(visual.named_parameters())
+    groups = [[(f"clip.visual.{name}", param) for name, param in named
+               if any(name == prefix or name.startswith(prefix + ".") for prefix in group)] for group in prefixes]
+    if sum(len(group) for group in groups) != len(named):  # a tower this list does not know
+        raise ValueError(f"layer groups cover {sum(map(len, groups))} of the image tower's {len(named)} parameters")
+    return groups + [[(f"head.{name}", param) for name, param in model.head.named_parameters()]]
+
+
+def trainable_layers(model: nn.Module, cfg) -> list[tuple[float, list[tuple[str, nn.Parameter]]]]:
+    """Freeze all the strategy never trains; (learning-rate scale, named parameters) per layer group of the rest,
+    for train.build_optimizer. Gradual's not-yet-unfrozen groups are in it (train_mode freezes them per step)."""
+    model.requires_grad_(False)
+    if cfg.finetune.strategy == "lit":  # the text tower and the temperature (and SigLIP's bias)
+        layers = [(1.0, [(name, param) for name, param in model.named_parameters() if not name.startswith("visual.")
+                         and (name != "logit_scale" or cfg.train.learn_temperature)])]
+    else:
+        groups = layer_groups(model)
+        groups = groups[-1:] if cfg.finetune.strategy == "linear" else groups
+        decay = cfg.finetune.layer_decay if cfg.finetune.strategy == "llrd" else 1.0
+        depth = len(groups) - 1
+        layers = [(decay ** (depth - layer), group) for layer, group in enumerate(groups)]
+    for _, group in layers:
+        for _, param in group:
+            param.requires_grad_(True)
+    return layers
+
+
+def train_mode(model: nn.Module, cfg, step: int) -> None:
+    """Training mode for what trains at `step`: gradual unfreezing's requires_grad, then every module whose
+    parameters are all frozen in eval mode (its BatchNorm statistics stay as they are, no dropout)."""
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if cfg.finetune.strategy == "gradual":
+        unfrozen = 1 + step // cfg.finetune.unfreeze_every  # groups from the top: the head from step 0
+        for depth_from_top, group in enumerate(reversed(layer_groups(model))):
+            for _, param in group:
+                param.requires_grad_(depth_from_top < unfrozen)
+    model.train()
+    _frozen_to_eval(model)
+
+
+def _frozen_to_eval(module: nn.Module) -> None:
+    params = list(module.parameters())
+    if params and not any(param.requires_grad for param in params):
+        module.eval()
+        return
+    for child in module.children():
+        _frozen_to_eval(child)
+
+
+def train_step(model, micro_batches, device, autocast, scaler) -> dict[str, torch.Tensor]:
+    """Cross-entropy of the head's logits over one global batch (this process's share), backward included."""
+    total = 0.0
+    for batch in micro_batches:
+        with autocast:
+            logits = model(batch["image"].to(device, non_blocking=True))  # (B, num_classes)
+            loss = F.cross_entropy(logits, batch["label"].to(device, non_blocking=True)) / len(micro_batches)
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    return {"ce": total}
+
+
+# ---------------------------------------------------------------- evaluation, early stopping, WiSE-FT
+
+
+@torch.no_grad()
+def classify(cfg, model: nn.Module, tokenizer, spec: str, device) -> dict:
+    """top1/top5 on a labelled spec: the head's predictions, or zero-shot ones for a CLIP model (lit)."""
+    import eval as evaluation
+
+    size, batch_size = cfg.data.image_size, cfg.eval.batch_size
+    if not isinstance(model, ZeroShotClassifier):
+        return evaluation.zeroshot(model, tokenizer, spec, size, device, cfg.eval.templates, batch_size,
+                                   options=cfg.data)
+    _, loader = eval_loader(spec, size, tokenizer, batch_size, options=cfg.data)
+    features, labels, bad = evaluation.encode_images(model.clip, loader, device)  # (N, D) normalised
+    logits = model.head(features.to(device)).float().cpu()  # (N, num_classes)
+    return {**evaluation.accuracy(logits, labels), "num_images": len(labels), "bad_images": bad}
+
+
+def evaluate(cfg, model: nn.Module, tokenizer, device) -> dict:
+    """What train.py reports for a fine-tuning run: classification accuracy on data.val and data.heldout."""
+    results = {}
+    for split in ("val", "heldout"):
+        spec = getattr(cfg.data, split)
+        if spec:
+            results.update({f"{split}/{name}": value for name, value in classify(cfg, model, tokenizer, spec,
+                                                                                  device).items()})
+    return results
+
+
+class EarlyStopping:
+    """The best data.val top-1 so far and when it was reached (out_dir/best.json, which a resumed run reads)."""
+
+    def __init__(self, cfg, resumed_step: int | None = None):
+        self.path = os.path.join(cfg.out_dir, "best.json")
+        self.patience, self.eval_every = cfg.finetune.patience, cfg.train.eval_every
+        self.best, self.best_step = -math.inf, 0
+        if resumed_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                record = json.load(f)
+            if record["step"] <= resumed_step:  # not a record from beyond the checkpoint
+                self.best, self.best_step = record["val/top1"], record["step"]
+
+    def update(self, results: dict, step: int) -> tuple[bool, bool]:
+        """(improved, stop) after an evaluation; both False on processes that did not evaluate."""
+        if "val/top1" not in results:
+            return False, False
+        improved = results["val/top1"] > self.best
+        if improved:
+            self.best, self.best_step = results["val/top1"], step
+            with open(self.path, "w") as f:
+                json.dump({"step": step, "val/top1": self.best}, f)
+        waited = (step - self.best_step) // self.eval_every if self.eval_every else 0
+        return improved, self.patience > 0 and waited >= self.patience
+
+
+def finish(cfg, model: nn.Module, zeroshot: dict, tokenizer, device) -> dict:
+    """After training (rank 0): best.pt's weights mixed with the zero-shot ones at each of finetune.wise_alphas,
+    evaluated (wise.json, a line each), then at finetune.wise_alpha: the run's result (wise.pt when below 1)."""
+    best = torch.load(os.path.join(cfg.out_dir, "best.pt"), map_location="cpu", weights_only=True)
+    alphas = parse_alphas(cfg.finetune.wise_alphas)
+    table = {}
+    for alpha in [*alphas, *([] if cfg.finetune.wise_alpha in alphas else [cfg.finetune.wise_alpha])]:
+        model.load_state_dict(wise_ft(zeroshot, best["model"], alpha))
+        model.eval()
+        table[alpha] = evaluate(cfg, model, tokenizer, device)
+        print(f"WiSE-FT alpha {alpha:g}: " + " ".join(f"{name} {value:.2f}" for name, value in table[alpha].items()
+                                                      if name.endswith("top1")), flush=True)
+    with open(os.path.join(cfg.out_dir, "wise.json"), "w") as f:
+        json.dump({"best_step": best["step"], "alphas": [{"alpha": alpha, **table[alpha]} for alpha in alphas]}, f,
+                  indent=2)
+    alpha = cfg.finetune.wise_alpha
+    model.load_state_dict(wise_ft(zeroshot, best["model"], alpha))
+    if alpha < 1:
+        path = os.path.join(cfg.out_dir, "wise.pt")
+        torch.save({key: value for key, value in best.items() if key not in ("optimizer", "scaler")}
+                   | {"model": model.state_dict(), "wise_alpha": alpha}, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+    return {**table[alpha], "best_step": best["step"], "wise_alpha": alpha,
+            **{f"wise/{a:g}/{name}": value for a in alphas for name, value in table[a].items()
+               if name.endswith("top1")}}
