@@ -22,7 +22,7 @@ class ModelConfig:
     blip_queue_size: int = -1  # BLIP: momentum features kept for ITC (a multiple of the global batch); -1: the preset's
     blip_alpha: float = 0.4  # BLIP: momentum-distillation weight, ramped from 0 over blip_alpha_steps
     blip_alpha_steps: int = 0  # 0: two epochs of data.train (BLIP's ramp), or train.steps // 10 for a stream
-    blip_itm_uniform: float = 0.0  # BLIP: share of ITM negatives drawn uniformly, not by ITC similarity (0 = BLIP's)
+    blip_itm_uniform: float = 0.0  # BLIP: share of ITM negatives drawn uniformly at step 0, falling linearly to 0 (BLIP's) at the end
     blip_qa_fraction: float = 0.0  # BLIP: share of images (data with questions) whose decoder learns "question: q answer: a"
     blip_losses: str = "itc,itm,lm"  # BLIP: the objectives trained (retrieval finetuning: itc,itm; captioning: lm)
     blip_prompt: str = ""  # BLIP: text put before every caption for the decoder, not learned ("a picture of " to finetune)

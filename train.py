@@ -173,7 +173,8 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 
     tokens = batch["tokens"].to(device, non_blocking=True) if "tokens" in batch else None  # vqa: questions only
     with autocast:
         losses = model(batch["image"].to(device, non_blocking=True), tokens,
-                       image_ids=image_ids(batch["key"]).to(device), alpha=blip_alpha(cfg, step), **decoder)
+                       image_ids=image_ids(batch["key"]).to(device), alpha=blip_alpha(cfg, step),
+                       itm_uniform=cfg.model.blip_itm_uniform * max(0.0, 1 - step / cfg.train.steps), **decoder)
     scaler.scale(sum(losses.values())).backward()
     return {name: value.detach() for name, value in losses.items()}
 

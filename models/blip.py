@@ -215,6 +215,7 @@ class BLIP(nn.Module):
         alpha: float = 0.4,
         prompt_length: int | torch.Tensor = 0,
         decoder_tokens: Optional[torch.Tensor] = None,
+        itm_uniform: Optional[float] = None,
     ) -> dict[str, torch.Tensor]:
         """BLIP's training losses {"itc", "itm", "lm"} (scalars, to be summed) of this rank's batch.
 
@@ -224,7 +225,8 @@ class BLIP(nn.Module):
         alpha: momentum-distillation weight, ramped by the caller (`losses.alpha_ramp`). prompt_length: leading
         decoder tokens ([DEC] included) the LM loss skips, 4 for caption finetuning on "a picture of " (BLIP), or
         (B,) one per row. decoder_tokens (B, T'): the decoder's sequences when they are not the captions (rows
-        that are "question: q answer: a" with the question as their prompt); None: the captions.
+        that are "question: q answer: a" with the question as their prompt); None: the captions. itm_uniform: the share
+        of ITM negatives drawn uniformly this step (None: `self.itm_uniform`; train.py ramps it).
         Computes `self.objectives` (all three unless set otherwise) of those the model has parts for: a model
         without a text encoder (a captioning checkpoint) gives only "lm"; one without a decoder (a retrieval
         checkpoint) only "itc" and "itm". ITM needs ITC's similarities: "itm" computes "itc" too. Each call with
@@ -236,7 +238,8 @@ class BLIP(nn.Module):
         image_tokens = self.forward_image(images)  # (B, 1 + HW, vision_width)
         losses = {}
         if self.text_encoder is not None and ("itc" in self.objectives or "itm" in self.objectives):
-            losses.update(self.itc_itm_losses(image_tokens, images, tokens, image_ids, alpha))
+            uniform = self.itm_uniform if itm_uniform is None else itm_uniform
+            losses.update(self.itc_itm_losses(image_tokens, images, tokens, image_ids, alpha, uniform))
         if self.text_decoder is not None and "lm" in self.objectives:
             decoder_tokens = tokens if decoder_tokens is None else decoder_tokens
             logits = self.decoder_logits(decoder_tokens, image_tokens)  # (B, T, vocab), [DEC] first
@@ -250,6 +253,7 @@ class BLIP(nn.Module):
         tokens: torch.Tensor,
         image_ids: Optional[torch.Tensor],
         alpha: float,
+        itm_uniform: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """ITC with momentum distillation and the queue, then ITM on hard negatives (losses/blip.py's order)."""
         if self.queue is None:
@@ -284,7 +288,7 @@ class BLIP(nn.Module):
             local_positives = diagonal_positives(batch_size, batch_size, device=tokens.device)
         else:
             local_positives = positives_from_ids(image_ids, image_ids)
-        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, local_positives, uniform=self.itm_uniform)
+        neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, local_positives, uniform=itm_uniform)
         # rows: B positives, B (text_i, negative image), B (negative text, image_i), as BLIP
         itm_tokens = torch.cat([tokens, tokens, tokens[neg_text]])  # (3B, T)
         itm_images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])  # (3B, 1 + HW, vision_width)
