@@ -388,7 +388,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resume", nargs="?", const=RESUME_OUT_DIR, default=None,
                         help="continue from out_dir's checkpoint, from CHECKPOINT (a file or folder), or with 'auto' "
                              "from out_dir's checkpoint when there is one (else start fresh)")
+    parser.add_argument("--wise_alpha", type=float, help="WiSE-FT mixing of a fine-tuning run's result, 0.0 (zero-shot "
+                        "weights) to 1.0 (fine-tuned): short for --finetune.wise_alpha")
     args, overrides = parser.parse_known_args(argv)
+    if args.wise_alpha is not None:
+        overrides.append(f"--finetune.wise_alpha={args.wise_alpha}")
     try:
         cfg, checkpoint = load_run_config(args, overrides)
         cfg = resolve_presets(finetune.resolve(cfg))  # fine-tuning: the model and tokenizer of finetune.init

@@ -193,7 +193,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_wise_ends(init_checkpoint,
     monkeypatch.setattr(finetune, "evaluate", scripted_evaluate)
     results = train.main(finetune_args(tmp_path, init_checkpoint, "full", "--train.steps=10", "--train.eval_every=1",
                                        "--finetune.patience=2", "--finetune.wise_alphas=0,1",
-                                       "--finetune.wise_alpha=0.5"))
+                                       "--wise_alpha=0.5"))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4  # stopped: 2 evaluations after 2
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["step"] == 2 and results["best_step"] == 2
