@@ -232,8 +232,8 @@ def test_logit_scale_is_clamped_after_the_step_and_logged_as_used(tmp_path, toke
                     "--train.warmup_steps=1")
     real_build = train.model_from_config
 
-    def build_with_a_large_scale(cfg, tokenizer):
-        model = real_build(cfg, tokenizer)
+    def build_with_a_large_scale(cfg, tokenizer, **options):
+        model = real_build(cfg, tokenizer, **options)
         with torch.no_grad():
             model.logit_scale.fill_(math.log(150.0))  # above the clamp: the first step must still use it
         return model
