@@ -22,13 +22,7 @@ PROMPT = [104, 105, 106]  # "a picture of" in the test vocabulary
 SEP, PAD, DEC, ENC = 102, 0, 30522, 30523
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: on a shared 2-core machine one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_vocab(path: str) -> str:

@@ -18,13 +18,7 @@ from tests.multiprocess import run_on_processes
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "an", "and", "on", "of", "the", "with", "in"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny ops: on a shared 2-core machine one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def shapes_batch(tmp_path, size: int) -> tuple[torch.Tensor, torch.Tensor, BertTokenizer]:

@@ -20,7 +20,9 @@ from data.make_shards import main as make_shards_main
 from data.tokenizer import BertTokenizer
 from data.transforms import image_transform
 from models import create_model, model_from_config
-from tests.test_eval_blip import blip_run, one_thread, write_checkpoint  # noqa: F401 (fixtures)
+from tests.test_eval_blip import blip_run, write_checkpoint  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SPEC = "shapes:val:6"
 

@@ -15,12 +15,7 @@ from metrics import caption_scores, vqa_score
 from models import create_model, model_from_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_checkpoint(path, cfg, model, tokenizer) -> str:

@@ -18,13 +18,7 @@ transformers = pytest.importorskip("transformers")  # test-only reference
 VOCAB, EOS, PAD = 97, 3, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: on a shared 2-core machine one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def randomize_(model: nn.Module, seed: int) -> nn.Module:

@@ -13,13 +13,7 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the fits are many small operations: on a shared 2-core machine, a second thread only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def logistic_data(n=300, dim=8, classes=4, seed=0):
