@@ -185,9 +185,7 @@ def decoder_step(model, micro_batches, device, autocast, scaler) -> dict[str, to
     total = 0.0
     for i, batch in enumerate(micro_batches):
         tokens = batch["tokens"].to(device, non_blocking=True)
-        last = i == len(micro_batches) - 1
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-        with sync, autocast:
+        with parallel.gradient_sync(model, i == len(micro_batches) - 1), autocast:
             if "images" in batch:
                 loss = model(batch["images"].to(device, non_blocking=True), tokens)["lm"]
             else:
@@ -504,7 +502,8 @@ def train(cfg, checkpoint: dict | None) -> dict:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
         for batch in micro_batches:
             bad_samples.add_batch(batch)
-        scale = torch.ones(()) if is_decoder(cfg) else logit_multiplier(raw_model)  # what the loss multiplies similarities by
+        # what this step's loss multiplies similarities by (a decoder has no temperature)
+        scale = torch.ones(()) if is_decoder(cfg) else logit_multiplier(raw_model)
         losses = train_step(cfg, model, micro_batches, device, autocast, scaler, step)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
@@ -517,7 +516,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if not is_blip(cfg) and not is_decoder(cfg):  # after the step, as OpenAI does: a clamp inside forward would stop its gradient
+        if not is_blip(cfg) and not is_decoder(cfg):  # after the step, as OpenAI does: a clamp in forward stops its gradient
             with torch.no_grad():  # (BLIP clamps its temperature at the start of each forward, as BLIP does)
                 raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         step += 1

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -198,7 +199,10 @@ def is_run_checkpoint(path: str) -> bool:
     """Whether `path` is a checkpoint train.py wrote (a dict with model, config and tokenizer)."""
     if not os.path.isfile(path) or not path.endswith(".pt"):
         return False
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError):  # OpenAI's TorchScript archives, other formats: released weights
+        return False
     return isinstance(checkpoint, dict) and {"model", "config", "tokenizer"} <= set(checkpoint)
 
 
