@@ -247,6 +247,11 @@ def caption(model: BLIP, spec, image_size, device, batch_size=256, workers=0, op
     return {**scores, "num_images": len(captions), "bad_images": bad, "captions": captions}
 
 
+def vqa_prompts(model: BLIP, tokenizer, questions: list[str]) -> list[list[int]]:
+    """Decoder prompts `[DEC] question: q answer:` (ids, no eos), one per question."""
+    return [[model.dec_id, *ids] for ids in text_ids(tokenizer, [VQA_PROMPT.format(q) for q in questions], model.eos_id)]
+
+
 def answer_log_likelihoods(model: BLIP, image_tokens: torch.Tensor, prompts: list[list[int]],
                            pairs: list[tuple[int, list[int]]], batch_size: int = 256) -> torch.Tensor:
     """Sum of the log-probabilities of each pair's answer ids (its eos included) after its question's prompt.
@@ -364,8 +369,7 @@ def vqa(model: BLIP, tokenizer, spec, image_size, device, batch_size=256, worker
     progress = Progress("answered questions", len(dataset), log_every)
     for batch in loader:
         image_tokens = model.forward_image(batch["image"].to(device))  # (B, 1 + HW, vision_width)
-        questions = [VQA_PROMPT.format(q) for q in batch["question"]]
-        prompts = [[model.dec_id, *ids] for ids in text_ids(tokenizer, questions, model.eos_id)]
+        prompts = vqa_prompts(model, tokenizer, batch["question"])
         if mode == "rank":
             predicted = [candidates[i] for i in rank_answers(model, image_tokens, prompts, candidate_ids, answer_k,
                                                               batch_size)]
@@ -486,8 +490,7 @@ def blip_examples(cfg, model: BLIP, tokenizer, device, count: int = 8, columns: 
     images = torch.stack([transform(item["image"]) for item in items]).to(device)
     lines = [[f"caption: {text}"] for text in model.generate(images)]
     if items and "question" in items[0]:
-        questions = [VQA_PROMPT.format(item["question"]) for item in items]
-        prompts = [[model.dec_id, *ids] for ids in text_ids(tokenizer, questions, model.eos_id)]
+        prompts = vqa_prompts(model, tokenizer, [item["question"] for item in items])
         answers = generate_answers(model, model.forward_image(images), prompts, tokenizer)
         for row, item, answer in zip(lines, items, answers):
             row += [f"Q: {item['question']}", f"A: {answer} (true: {item['answer']})"]
