@@ -104,8 +104,8 @@ QUESTION_ONLY = ("vqa",)  # specs without captions: neither training nor caption
 
 def _check_captions(spec: str, what: str) -> None:
     if spec.partition(":")[0] in QUESTION_ONLY:
-        raise ValueError(f"{what} '{spec}': vqa specs hold questions and answers, not captions, and serve only "
-                         f"eval.py --task vqa (training on VQA is not built)")
+        raise ValueError(f"{what} '{spec}': vqa specs hold questions and answers, not captions: they serve "
+                         f"eval.py --task vqa and BLIP's VQA finetuning (model.blip_qa_fraction=1)")
 
 
 def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataConfig | None = None) -> Dataset:
@@ -352,10 +352,10 @@ class Collate:
         return {"decoder_tokens": decoder_tokens, "prompt_lengths": prompt_lengths}
 
 
-def _loader(dataset: Dataset, tokenizer, workers: int, qa_fraction: float = 0.0, prompt: str = "",
-            **kwargs) -> DataLoader:
-    return _TrackedLoader(dataset, num_workers=workers, collate_fn=Collate(tokenizer, qa_fraction, prompt),
-                          worker_init_fn=_ignore_sigterm, prefetch_factor=4 if workers else None, **kwargs)
+def _loader(dataset: Dataset, collate, workers: int, **kwargs) -> DataLoader:
+    """A tracked DataLoader (its workers ignore SIGTERM and are shut down with the run) collating with `collate`."""
+    return _TrackedLoader(dataset, num_workers=workers, collate_fn=collate, worker_init_fn=_ignore_sigterm,
+                          prefetch_factor=4 if workers else None, **kwargs)
 
 
 class InterleavedItems(Dataset):
@@ -384,13 +384,11 @@ def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: i
     kind, _, argument = data.train.partition(":")
     if kind == "interleaved_wds":
         stream = InterleavedShards(argument, rank, world_size)
-        return _TrackedLoader(stream, batch_size=micro, collate_fn=collate, num_workers=min(data.workers, 1),
-                              worker_init_fn=_ignore_sigterm)
+        return _loader(stream, collate, min(data.workers, 1), batch_size=micro)
     dataset = InterleavedItems(build_dataset(data.train, data.image_size, cfg.seed, data), text_only)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
-    return _TrackedLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data.workers,
-                          worker_init_fn=_ignore_sigterm, prefetch_factor=4 if data.workers else None)
+    return _loader(dataset, collate, data.workers, batch_sampler=sampler)
 
 
 def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False) -> DataLoader:
@@ -413,13 +411,13 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
                             skip_batches=start_step * train.accum_steps, batch_size=micro,
                             draft_size=_draft_size(data, data.image_size))
         workers = min(data.workers, len(shards) // world_size)
-        return _loader(ImageTextStream(stream, transform, cfg.seed), tokenizer, workers, batch_size=micro)
+        return _loader(ImageTextStream(stream, transform, cfg.seed), Collate(tokenizer), workers, batch_size=micro)
     base = build_dataset(data.train, data.image_size, cfg.seed, data)
     dataset = ImageTextDataset(base, transform, cfg.seed)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
-    return _loader(dataset, tokenizer, data.workers, qa_fraction=cfg.model.blip_qa_fraction,
-                   prompt=cfg.model.blip_prompt, batch_sampler=sampler)
+    collate = Collate(tokenizer, cfg.model.blip_qa_fraction, cfg.model.blip_prompt)
+    return _loader(dataset, collate, data.workers, batch_sampler=sampler)
 
 
 def skipped_rows(loader: DataLoader) -> BadSampleCount:
@@ -452,7 +450,7 @@ def eval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, wo
     """In-order, unaugmented batches of a whole dataset (for zero-shot and retrieval evaluation)."""
     base = map_style_dataset(spec, image_size, seed, options)
     dataset = ImageTextDataset(base, image_transform(image_size, train=False), seed)
-    return base, _loader(dataset, tokenizer, workers, batch_size=batch_size)
+    return base, _loader(dataset, Collate(tokenizer), workers, batch_size=batch_size)
 
 
 class UniqueImages(Dataset):
@@ -487,7 +485,7 @@ def retrieval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 25
                      options: DataConfig | None = None) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
     """(loader over the unique images in order, text tokens (T, L), text_to_image (T,)); see _unique_images."""
     images, texts, text_to_image = _unique_images(spec, image_size, seed, options)
-    loader = _loader(images, tokenizer, workers, batch_size=batch_size)
+    loader = _loader(images, Collate(tokenizer), workers, batch_size=batch_size)
     return loader, tokenizer(texts), torch.tensor(text_to_image, dtype=torch.long)
 
 
@@ -499,7 +497,7 @@ def caption_loader(spec: str, image_size: int, batch_size: int = 256, workers: i
     references = [[] for _ in range(len(images))]
     for text, image in zip(texts, text_to_image):
         references[image].append(text)
-    return _loader(images, _no_tokens, workers, batch_size=batch_size), references
+    return _loader(images, Collate(_no_tokens), workers, batch_size=batch_size), references
 
 
 def _no_tokens(texts: list[str]) -> None:  # Collate's tokenizer where the captions are not needed as tokens
@@ -542,7 +540,6 @@ def question_loader(spec: str, image_size: int, batch_size: int = 256, workers: 
     base = map_style_dataset(spec, image_size, seed, options)
     if not has_questions(base):
         raise ValueError(f"{spec}: no questions; VQA evaluation needs a shapes or vqa:QUESTIONS#ANNOTATIONS spec")
-    loader = _TrackedLoader(Questions(base, image_transform(image_size, train=False)), batch_size=batch_size,
-                            num_workers=workers, collate_fn=_collate_questions, worker_init_fn=_ignore_sigterm,
-                            prefetch_factor=4 if workers else None)
+    loader = _loader(Questions(base, image_transform(image_size, train=False)), _collate_questions, workers,
+                     batch_size=batch_size)
     return base, loader

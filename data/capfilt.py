@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_w
 
 import eval as evaluation
 from config import ConfigError, DataConfig, load_config
-from data import _check_captions, build_dataset
+from data import _check_captions, _loader, build_dataset
 from data.bad_samples import BadSample, clean_caption, open_image
 from data.image_files import ImageFiles
 from data.make_shards import ShardWriter
@@ -141,7 +141,7 @@ def image_loader(spec: str, transforms: dict, image_size: int, batch_size: int, 
         if limit is not None and limit < len(images):
             images = Subset(images, range(limit))
         total = len(images)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    loader = _loader(images, _collate, workers, batch_size=batch_size)  # workers shut down with the run
     return loader, total
 
 
