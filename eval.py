@@ -17,6 +17,9 @@ as found at K if any of its true matches is among the K nearest (COCO-style, sev
 Images go through the reference's evaluation preprocessing: bicubic resize of the shortest side to the
 model's input size, centre crop, OpenAI mean and std (data/transforms.py).
 
+The objective ablation's predictive baselines (train.py --loss.name=caption|bow; tasks: zeroshot, linear_probe)
+score each class prompt by its log-likelihood per word under the image instead (models/predictive.py).
+
 BLIP checkpoints (tasks: retrieval, caption, vqa, and zeroshot/linear_probe through the ITC features):
     python eval.py --checkpoint RUN/checkpoint.pt --task caption --data coco:PATH/dataset_coco.json#test \
         --num-beams 3 --max-length 20 --min-length 5 --prompt "a picture of "
@@ -60,6 +63,7 @@ from data.vqa import VQA_PROMPT, VQADataset, text_ids
 from metrics import caption_scores, normalize_answer, vqa_score
 from models import BLIP_MODELS, BLIP_TEXT_LENGTH, MODELS, create_model, generation, model_from_config
 from models.blip import BLIP
+from models.predictive import TextPredictor
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
@@ -133,11 +137,31 @@ def zeroshot(model, tokenizer, spec, image_size, device, templates="shapes", bat
         if len(names) != len(dataset.classnames):
             raise ValueError(f"classnames '{classnames}' has {len(names)} names but {spec} has "
                              f"{len(dataset.classnames)} classes")
-    classifier = zeroshot_classifier(model, tokenizer, names, load_templates(templates), device).float().cpu()
-    image_features, labels, bad = encode_images(model, loader, device)
-    results = accuracy(100.0 * image_features @ classifier.T, labels)
-    results.update(num_classes=len(names), chance=100.0 / len(names), num_images=len(image_features), bad_images=bad)
+    if isinstance(model, TextPredictor):  # no text embeddings: each class's prompts scored under each image
+        scores, labels, bad = prompt_likelihoods(model, tokenizer, loader, names, load_templates(templates), device)
+    else:
+        classifier = zeroshot_classifier(model, tokenizer, names, load_templates(templates), device).float().cpu()
+        image_features, labels, bad = encode_images(model, loader, device)
+        scores = 100.0 * image_features @ classifier.T
+    results = accuracy(scores, labels)
+    results.update(num_classes=len(names), chance=100.0 / len(names), num_images=len(labels), bad_images=bad)
     return results
+
+
+@torch.no_grad()
+def prompt_likelihoods(model: TextPredictor, tokenizer, loader, classnames: list[str], templates: list[str],
+                       device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Zero-shot scores of a predictive baseline, (N, num_classes): per image and class, the mean over templates of
+    the prompt's log-likelihood per word (models/predictive.py); the labels (N,) and the unreadable image count."""
+    prompts = tokenizer([template.format(name) for name in classnames for template in templates]).to(device)
+    scores, labels, bad = [], [], 0
+    for batch in loader:
+        features = model.encode_image(batch["image"].to(device))
+        likelihoods = model.log_likelihoods(features, prompts).float().cpu()  # (B, classes x templates)
+        scores.append(likelihoods.view(len(features), len(classnames), len(templates)).mean(-1))
+        labels.append(batch["label"])
+        bad += int(batch["bad"].sum())
+    return torch.cat(scores), torch.cat(labels), bad
 
 
 def retrieval(model, tokenizer, spec, image_size, device, batch_size=256, workers=0, options=None) -> dict:
@@ -390,7 +414,7 @@ def vqa(model: BLIP, tokenizer, spec, image_size, device, batch_size=256, worker
     return {**results, "predictions": rows}
 
 
-TASKS = {"CLIP": ("zeroshot", "retrieval", "linear_probe"),
+TASKS = {"CLIP": ("zeroshot", "retrieval", "linear_probe"), "TextPredictor": ("zeroshot", "linear_probe"),
          "BLIP": ("retrieval", "caption", "vqa", "zeroshot", "linear_probe"), "Flamingo": fewshot.TASKS}
 TASK_PARTS = {"retrieval": ("text_encoder", "text_proj", "vision_proj", "itm_head"), "caption": ("text_decoder",),
               "vqa": ("text_decoder",), "zeroshot": ("text_encoder", "text_proj", "vision_proj"),
@@ -399,7 +423,8 @@ TASK_PARTS = {"retrieval": ("text_encoder", "text_proj", "vision_proj", "itm_hea
 
 def check_task(model, task: str) -> None:
     """Fail, saying why, for a task the model's family or the checkpoint's parts cannot do."""
-    family = "BLIP" if isinstance(model, BLIP) else "Flamingo" if hasattr(model, "perceiver") else "CLIP"
+    family = ("BLIP" if isinstance(model, BLIP) else "Flamingo" if hasattr(model, "perceiver") else
+              "TextPredictor" if isinstance(model, TextPredictor) else "CLIP")
     if task not in TASKS[family]:
         other = [name for name, tasks in TASKS.items() if task in tasks]
         why = "it has no text decoder" if task in ("caption", "vqa") else f"it does {', '.join(TASKS[family])}"
@@ -426,8 +451,9 @@ def evaluate_all(cfg, model, tokenizer, device) -> dict:
         for name, value in zeroshot(*args, cfg.data.val, size, device, cfg.eval.templates, batch,
                                     options=options).items():
             results[f"val/{name}"] = value
-    for name, value in retrieval(*args, cfg.data.val, size, device, batch, options=options).items():
-        results[f"val/{name}"] = value
+    if not isinstance(model, TextPredictor):  # (a predictive baseline would score every caption under every image)
+        for name, value in retrieval(*args, cfg.data.val, size, device, batch, options=options).items():
+            results[f"val/{name}"] = value
     if cfg.data.heldout:
         for name, value in zeroshot(*args, cfg.data.heldout, size, device, cfg.eval.templates, batch,
                                     options=options).items():

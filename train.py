@@ -37,7 +37,7 @@ from data.bad_samples import BadSampleCount
 from data.tokenizer import (PAD_ID, TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
                             train_sentencepiece)
 from losses import clip_loss, lm_labels, lm_loss, siglip_loss
-from models import BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, model_from_config, model_inputs
+from models import BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, PREDICTIVE_OBJECTIVES, model_from_config, model_inputs
 from models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from models.flamingo import freeze_for_training
 
@@ -76,6 +76,12 @@ def is_blip(cfg) -> bool:
 def is_decoder(cfg) -> bool:
     """A language model or a Flamingo: next-token prediction on interleaved specs (no temperature, no contrast)."""
     return cfg.model.name in LM_MODELS or cfg.model.name in FLAMINGO_MODELS
+
+
+def has_temperature(cfg) -> bool:
+    """A contrastive model (CLIP, SigLIP, BLIP's ITC): a language model, a Flamingo and the predictive baselines
+    (loss.name caption or bow) have none."""
+    return not is_decoder(cfg) and cfg.loss.name not in PREDICTIVE_OBJECTIVES
 
 
 def resolve_presets(cfg):
@@ -157,13 +163,14 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 
     """Forward and backward over one global batch (this process's share); returns its named losses (local,
     detached; train.py logs each and their sum). A model family turns a batch into its losses: CLIP one
     contrastive loss (`clip` or `siglip`), BLIP `itc`, `itm` and `lm`, a language model or Flamingo `lm`, a fine-tuned
-    classifier `ce` (finetune.py; LiT trains CLIP's contrastive loss with the image tower locked)."""
+    classifier `ce` (finetune.py; LiT trains CLIP's contrastive loss with the image tower locked), the predictive
+    baselines `caption` or `bow` (models/predictive.py)."""
     if cfg.finetune.strategy:
         finetune.train_mode(model, cfg, step)  # what trains at this step; frozen modules in eval mode
         if cfg.finetune.strategy != "lit":
             return finetune.train_step(model, micro_batches, device, autocast, scaler)
-    if is_decoder(cfg):
-        return decoder_step(model, micro_batches, device, autocast, scaler)
+    if is_decoder(cfg) or cfg.loss.name in PREDICTIVE_OBJECTIVES:
+        return own_loss_step(model, micro_batches, device, autocast, scaler)
     if not is_blip(cfg):
         return {cfg.loss.name: contrastive_step(cfg, model, micro_batches, device, autocast, scaler)}
     (batch,) = micro_batches  # check_config: BLIP trains without accumulation
@@ -179,20 +186,22 @@ def train_step(cfg, model, micro_batches, device, autocast, scaler, step: int = 
     return {name: value.detach() for name, value in losses.items()}
 
 
-def decoder_step(model, micro_batches, device, autocast, scaler) -> dict[str, torch.Tensor]:
-    """Next-token loss, averaged over micro-batches: a Flamingo's own (images and text), a language model's on the
-    text (pads left out)."""
-    total = 0.0
+def own_loss_step(model, micro_batches, device, autocast, scaler) -> dict[str, torch.Tensor]:
+    """A loss each sample has on its own (no batch negatives), averaged over micro-batches: a Flamingo's next-token
+    loss (images and text), a language model's on the text (pads left out), a predictive baseline's."""
+    totals = {}
     for i, batch in enumerate(micro_batches):
         tokens = batch["tokens"].to(device, non_blocking=True)
+        images = batch.get("images", batch.get("image"))  # interleaved sequences' images, or one per caption
         with parallel.gradient_sync(model, i == len(micro_batches) - 1), autocast:
-            if "images" in batch:
-                loss = model(batch["images"].to(device, non_blocking=True), tokens)["lm"]
+            if images is not None:
+                losses = model(images.to(device, non_blocking=True), tokens)
             else:
-                loss = lm_loss(model(tokens), lm_labels(tokens, pad_token_id=PAD_ID), label_smoothing=0.0)
-            scaler.scale(loss / len(micro_batches)).backward()
-        total += loss.detach() / len(micro_batches)
-    return {"lm": total}
+                losses = {"lm": lm_loss(model(tokens), lm_labels(tokens, pad_token_id=PAD_ID), label_smoothing=0.0)}
+            scaler.scale(sum(losses.values()) / len(micro_batches)).backward()
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + value.detach() / len(micro_batches)
+    return totals
 
 
 def image_ids(keys: list[str]) -> torch.Tensor:
@@ -294,7 +303,8 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         return (f"model.name={cfg.model.name} with data.train={cfg.data.train}: language models and Flamingo train on "
                 f"interleaved specs ({', '.join(INTERLEAVED)}) with data.tokenizer=sentencepiece, other models not")
     choices = {"train.precision": ("fp32", "bf16", "fp16"), "train.strategy": ("ddp", "fsdp"),
-               "loss.name": ("clip", "siglip"), "loss.impl": ("torch", "fused"), "data.tokenizer": tuple(TOKENIZERS)}
+               "loss.name": ("clip", "siglip", *PREDICTIVE_OBJECTIVES), "loss.impl": ("torch", "fused"),
+               "data.tokenizer": tuple(TOKENIZERS)}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -311,6 +321,11 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                 "encoders and fp16's grad scaler need train.strategy=ddp")
     if cfg.loss.name == "siglip" and cfg.loss.impl == "fused":
         return "loss.impl=fused implements the CLIP (softmax) loss only; use loss.impl=torch with siglip"
+    if cfg.loss.name in PREDICTIVE_OBJECTIVES and (
+            cfg.model.name not in MODELS or cfg.finetune.strategy or cfg.train.strategy == "fsdp"):
+        return (f"loss.name={cfg.loss.name} trains a CLIP preset's image tower to predict its captions (the objective "
+                f"ablation's baseline) with train.strategy=ddp and no finetune.strategy; model.name is "
+                f"'{cfg.model.name}'")
     for key in ("train", "val", "heldout"):  # a bad dataset spec fails now, not after training
         spec = getattr(cfg.data, key)
         if not spec:
@@ -432,7 +447,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
         model = model_from_config(cfg, tokenizer, pretrained=checkpoint is None).to(device)
         if cfg.model.name in FLAMINGO_MODELS:  # only the resampler, cross-attention and two embedding rows train
             freeze_for_training(model)
-        if not is_decoder(cfg):  # before the optimizer: it skips frozen ones
+        if has_temperature(cfg):  # before the optimizer: it skips frozen ones
             temperature_parameter(model).requires_grad_(cfg.train.learn_temperature)
     model = parallel.prepare(model, cfg.train, device)  # on the device; FSDP shards it here
     optimizer = build_optimizer(model, cfg.train, layers)
@@ -503,7 +518,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
         for batch in micro_batches:
             bad_samples.add_batch(batch)
         # what this step's loss multiplies similarities by (a decoder has no temperature)
-        scale = torch.ones(()) if is_decoder(cfg) else logit_multiplier(raw_model)
+        scale = logit_multiplier(raw_model) if has_temperature(cfg) else torch.ones(())
         losses = train_step(cfg, model, micro_batches, device, autocast, scaler, step)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
@@ -516,7 +531,7 @@ def train(cfg, checkpoint: dict | None) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        if not is_blip(cfg) and not is_decoder(cfg):  # after the step, as OpenAI does: a clamp in forward stops its gradient
+        if has_temperature(cfg) and not is_blip(cfg):  # after the step, as OpenAI does: a clamp in forward stops its gradient
             with torch.no_grad():  # (BLIP clamps its temperature at the start of each forward, as BLIP does)
                 raw_model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         step += 1

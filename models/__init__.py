@@ -16,7 +16,8 @@ the checkpoint has (see `load_pretrained_blip`).
 
 Decoder LMs (`models.lm.LM_MODELS`: `lm-tiny`, the MPT presets) and Flamingo presets (`models.flamingo.FLAMINGO_MODELS`)
 are built by `create_lm` and `create_flamingo`; a Flamingo takes its frozen parts from a language-model run or
-MPT folder and a CLIP run or checkpoint (see `create_flamingo`).
+MPT folder and a CLIP run or checkpoint (see `create_flamingo`). A run with loss.name caption or bow puts a CLIP
+preset's towers into a `models.predictive.TextPredictor` (the CLIP paper's predictive baselines).
 """
 import contextlib
 import dataclasses
@@ -36,6 +37,7 @@ from models.blip import BLIP, BLIP_MODELS, build_blip
 from models.clip import CLIP
 from models.flamingo import FLAMINGO_MODELS, Flamingo
 from models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt
+from models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor
 from models.layers import get_act_layer
 from models.resnet import ModifiedResNet
 from models.text import TextTransformer
@@ -190,6 +192,9 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
         drop_path=cfg.model.drop_path,
         **extra,
     )
+    if cfg.loss.name in PREDICTIVE_OBJECTIVES:  # the objective ablation's baselines: CLIP's towers, no contrast
+        model = TextPredictor(model.visual, cfg.loss.name, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id,
+                              tokenizer.eos_id, text=model.text if cfg.loss.name == "caption" else None)
     if run_checkpoint:
         load_run_weights(model, start)
     return convert_sync_batchnorm(model) if cfg.model.sync_bn else model

@@ -98,21 +98,21 @@ class TextTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids, T <= context_length -> normalised causal features (B, T, width)."""
+    def forward_features(self, tokens: torch.Tensor, first: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) token ids, T <= context_length -> normalised causal features (B, T, width). first: (B, width),
+        added to the first token's embedding (the predictive baselines' image, models/predictive.py)."""
         num_tokens = tokens.shape[1]
         if num_tokens > self.context_length:
             raise ValueError(f"got {num_tokens} tokens; the text tower was built for at most {self.context_length}")
         x = self.token_embedding(tokens) + self.pos_embed[:num_tokens]  # (B, T, width)
+        if first is not None:
+            x = torch.cat([x[:, :1] + first[:, None].to(x.dtype), x[:, 1:]], dim=1)
         x = self.transformer(x, is_causal=True)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> text embedding (B, output_dim), the last non-pad token projected."""
-        # Padding only trails the text, but the pad id may also occur inside it (CLIP's BPE: id 0 is "!"), so
-        # the end-of-text token is the last non-pad token, found from the end, not counted.
-        non_pad = (tokens != self.pad_id).flip(-1).int()  # (B, T) reversed
-        lengths = tokens.shape[1] - non_pad.argmax(dim=-1)  # (B,) the end-of-text token sits at lengths - 1
+        lengths = text_lengths(tokens, self.pad_id)  # (B,) the end-of-text token sits at lengths - 1
         if not torch.compiler.is_compiling():
             # Causal attention: no position sees a later one, so the padding after the batch's longest text
             # cannot change any pooled feature. Dropping it is exact and skips most of the tower's work on
@@ -121,6 +121,13 @@ class TextTransformer(nn.Module):
         x = self.forward_features(tokens)  # (B, T', width)
         pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # (B, width)
         return pooled @ self.proj
+
+
+def text_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T) padded token ids -> (B,) lengths up to the last non-pad token. Padding only trails the text, but the
+    pad id may also occur inside it (CLIP's BPE: id 0 is "!"), so the end is searched from the back, not counted."""
+    non_pad = (tokens != pad_id).flip(-1).int()  # (B, T) reversed
+    return tokens.shape[1] - non_pad.argmax(dim=-1)
 
 
 class TextEmbedding(nn.Module):
