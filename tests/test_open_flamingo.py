@@ -1,4 +1,5 @@
-"""Released OpenFlamingo weights through `create_model(name, pretrained=checkpoint.pt, vision=..., lm=...)`, on tiny random files laid out as the real ones are: an OpenFlamingo
+"""Released OpenFlamingo weights through `create_model(name, pretrained=checkpoint.pt, vision=..., lm=...)` and
+`eval.py --model ... --task fewshot_*`, on tiny random files laid out as the real ones are: an OpenFlamingo
 checkpoint.pt written from OpenFlamingo's own modules (its resampler, gated blocks and resized token embedding), a
 MosaicGPT folder like mpt-1b-redpajama-200b's (config.json, pytorch_model.bin, tokenizer.json) and an open_clip
 CLIP checkpoint. The loaded model holds exactly those tensors and runs; missing or unfitting files are named; the
@@ -11,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+import eval as eval_script
 from models import MODELS, OPEN_FLAMINGO_TRAINED, Flamingo, build_model, convert, create_model
 from models.flamingo import FLAMINGO_MODELS
 from models.lm import LM_MODELS, DecoderLM
@@ -205,3 +207,19 @@ def test_vision_final_norm_off_feeds_the_tokens_before_the_norm(released):
         expected = model.perceiver(tokens[:, None, None, 1:])
         torch.testing.assert_close(model.encode_media(images), expected)
 
+
+def test_eval_fewshot_caption_on_released_files(released, tmp_path):
+    out = tmp_path / "fewshot.json"
+    results = eval_script.main([
+        "--model", NAME, "--pretrained", str(released["folder"] / "checkpoint_wrappers.pt"),
+        "--vision", released["paths"]["vision"], "--lm", released["paths"]["lm"], "--task", "fewshot_caption",
+        "--data", "shapes:val:8", "--shots", "0", "2", "--seeds", "2", "--num-queries", "4", "--batch-size", "4",
+        "--out", str(out),
+    ])  # fmt: skip
+    written = json.loads(out.read_text())
+    assert written["model"] == NAME and written["prompts"] == "open_flamingo" and written["metric"] == "CIDEr"
+    assert set(written["shots"]) == {"0", "2"} == set(results["shots"])
+    for value in written["shots"].values():
+        assert {"mean", "std"} <= set(value) and len(value["runs"]) == 2 and value["mean"] >= 0
+    with pytest.raises(SystemExit, match="needs --lm .* and --vision"):
+        eval_script.main(["--model", NAME, "--pretrained", "x.pt", "--task", "fewshot_caption", "--data", "shapes:val:8"])
