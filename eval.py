@@ -673,7 +673,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", help="a preset for released weights, e.g. ViT-B-32-quickgelu, BLIP-base, "
                                         "OpenFlamingo-3B-vitl-mpt1b")
     parser.add_argument("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint (BLIP: "
-                                             "salesforce's .pth or a HF folder; Flamingo: OpenFlamingo's checkpoint.pt)")
+                                             "salesforce's .pth or a HF folder; Flamingo: OpenFlamingo's "
+                                             "checkpoint.pt)")
     parser.add_argument("--bpe", help=f"with --model: the CLIP vocabulary {BPE_FILE} "
                                       "(default: next to --pretrained, else open_clip's copy when installed)")
     parser.add_argument("--vocab", help="with a BLIP --model: BERT's vocab.txt (default: the one in or next to "

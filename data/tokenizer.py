@@ -5,8 +5,8 @@ added tokens (the language side of the released OpenFlamingo models), whose diff
 docstrings.
 
 Every row is [bos] + pieces + [eos], padded (with 0; GPT-NeoX: with OpenFlamingo's <PAD>), and long texts are cut
-so that eos is always kept (the text models pool at the eos position either way). `TOKENIZERS` names them for configs; `tokenizer_from_bytes`
-rebuilds one from the vocabulary a checkpoint carries.
+so that eos is always kept (the text models pool at the eos position either way). `TOKENIZERS` names them for
+configs; `tokenizer_from_bytes` rebuilds one from the vocabulary a checkpoint carries.
 
 SentencePieceTokenizer: text is lowercased before encoding, and the model normalises with NFKC + case folding,
 so "A Red Circle" and "a red circle" give the same tokens.

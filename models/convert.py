@@ -542,7 +542,8 @@ def load_open_flamingo_checkpoint(path: PathLike) -> StateDict:
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_state_dict"), dict):
         checkpoint = checkpoint["model_state_dict"]
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a state_dict or a dict with 'model_state_dict', got {type(checkpoint).__name__}")
+        raise ValueError(f"{path}: expected a state_dict or a dict with 'model_state_dict', got "
+                         f"{type(checkpoint).__name__}")
     return checkpoint
 
 

@@ -181,8 +181,9 @@ class GatedCrossAttentionBlock(nn.Module):
 # OpenFlamingo-3B: CLIP ViT-L/14 + MPT-1B, cross-attention in every layer, the resampler at the vision width
 # (OpenFlamingo report, Table 1; `open_flamingo/src/factory.py`). Flamingo-tiny: the CPU demo's.
 FLAMINGO_MODELS = {
-    "OpenFlamingo-3B-vitl-mpt1b": dict(vision="ViT-L-14-quickgelu", lm="mpt-1b-redpajama-200b", cross_attn_every_n_layers=1,
-                                       vision_final_norm=False),
+    "OpenFlamingo-3B-vitl-mpt1b": dict(
+        vision="ViT-L-14-quickgelu", lm="mpt-1b-redpajama-200b", cross_attn_every_n_layers=1, vision_final_norm=False,
+    ),
     "Flamingo-tiny": dict(  # a one-layer ViT-tiny: a random frozen encoder gains nothing from depth
         vision="ViT-tiny", vision_layers=1, lm="lm-tiny", cross_attn_every_n_layers=1, perceiver_depth=2, perceiver_heads=4,
         perceiver_dim_head=32, num_latents=8, heads=4, dim_head=32, ff_mult=2,

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 CORPUS = {
     **CLIP_CORPUS,
     "open_flamingo_caption": "<image>Output:A dog on a sofa.<|endofchunk|>\n<image>Output:",
-    "open_flamingo_vqa": "Question:what colour? Short answer:red<|endofchunk|>\n<image>Question:how many? Short answer:",
+    "open_flamingo_vqa": "Question:what colour? Short answer:red<|endofchunk|>\n<image>Question:how many? Short "
+                         "answer:",
     "specials_in_words": "x<image>y<|endoftext|>z<PAD>w<|padding|>v<|endofchunk|>",
     "space_runs": "a  b   c" + " " * 30 + "d" + " " * 24 + "e" + " " * 25,
     "tabs_and_newlines": "line one\n\nline two\r\n\tindented\t\ttwice\n",
@@ -71,7 +72,8 @@ def tokenizer(tokenizer_json):
 
 
 def test_ids_equal_hf(tokenizer, hf):
-    differ = {name for name, text in CORPUS.items() if tokenizer.encode(text) != hf.encode(text, add_special_tokens=False)}
+    differ = {name for name, text in CORPUS.items()
+              if tokenizer.encode(text) != hf.encode(text, add_special_tokens=False)}
     assert differ == set()
     assert hf.encode(CORPUS["caption"]) == hf.encode(CORPUS["caption"], add_special_tokens=False)  # HF adds no bos
 
@@ -90,20 +92,24 @@ def test_every_code_point_splits_and_normalises_as_tokenizers(tokenizer):
     pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     nfc = tokenizers.normalizers.NFC()
     code_points = [c for c in [*range(0x40000), *range(0xE0000, 0xE1000)] if not 0xD800 <= c <= 0xDFFF]
+    def ours(text: str) -> list[str]:
+        return [_symbols(word) for word in tokenizer._split.findall(text)]
+
+    def theirs(text: str) -> list[str]:
+        return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+
     split_differ, nfc_differ = [], []
     for start in range(0, len(code_points), 4096):
         chunk = code_points[start : start + 4096]
         text = "".join(f"x{chr(c)}y {chr(c)}{chr(c)} 1{chr(c)}" for c in chunk)
-        theirs = [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
-        if [_symbols(word) for word in tokenizer._split.findall(text)] != theirs:
-            for c in chunk:
-                one = f"x{chr(c)}y {chr(c)}{chr(c)} 1{chr(c)}"
-                if [_symbols(w) for w in tokenizer._split.findall(one)] != [p for p, _ in pre_tokenizer.pre_tokenize_str(one)]:
-                    split_differ.append(c)
+        if ours(text) != theirs(text):  # narrow down to the code points
+            split_differ += [c for c in chunk if ours(f"x{chr(c)}y {chr(c)}{chr(c)} 1{chr(c)}") !=
+                             theirs(f"x{chr(c)}y {chr(c)}{chr(c)} 1{chr(c)}")]
         if tokenizer._normalize(text) != nfc.normalize_str(text):
             nfc_differ += [c for c in chunk if tokenizer._normalize(f"a{chr(c)}") != nfc.normalize_str(f"a{chr(c)}")]
     # only code points that Rust's Unicode tables have and Python 3.11's (Unicode 14) do not yet
-    assert {unicodedata.category(chr(c)) for c in split_differ + nfc_differ} <= {"Cn"}, [hex(c) for c in split_differ[:9]]
+    categories = {unicodedata.category(chr(c)) for c in split_differ + nfc_differ}
+    assert categories <= {"Cn"}, [hex(c) for c in split_differ[:9]]
 
 
 def test_stdlib_pattern_gives_the_same_ids(tokenizer_json, tokenizer, monkeypatch):
@@ -116,7 +122,8 @@ def test_stdlib_pattern_gives_the_same_ids(tokenizer_json, tokenizer, monkeypatc
 def test_decode_equals_hf_and_round_trips(tokenizer, hf):
     for name, text in CORPUS.items():
         ids = tokenizer.encode(text)
-        assert tokenizer.decode(ids) == hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False), name
+        expected = hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert tokenizer.decode(ids) == expected, name
     plain = [text for name, text in CORPUS.items() if "<" not in text]
     assert all(tokenizer.decode(tokenizer.encode(text)) == tokenizer._normalize(text) for text in plain)
     assert tokenizer.decode(torch.tensor(tokenizer.encode("a red circle"))) == "a red circle"

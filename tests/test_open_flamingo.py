@@ -41,7 +41,8 @@ def mosaic_gpt_folder(folder, tokenizer_file) -> dict:
             prefix + "ln_1.weight": (LM_WIDTH,), prefix + "attn.Wqkv.weight": (3 * LM_WIDTH, LM_WIDTH),
             prefix + "attn.q_ln.weight": (LM_WIDTH,), prefix + "attn.k_ln.weight": (LM_WIDTH,),
             prefix + "attn.out_proj.weight": (LM_WIDTH, LM_WIDTH), prefix + "ln_2.weight": (LM_WIDTH,),
-            prefix + "mlp.mlp_up.weight": (4 * LM_WIDTH, LM_WIDTH), prefix + "mlp.mlp_down.weight": (LM_WIDTH, 4 * LM_WIDTH),
+            prefix + "mlp.mlp_up.weight": (4 * LM_WIDTH, LM_WIDTH),
+            prefix + "mlp.mlp_down.weight": (LM_WIDTH, 4 * LM_WIDTH),
         })  # fmt: skip
     weights = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
     weights = {name: 1 + 0.1 * value if value.ndim == 1 else 0.2 * value for name, value in weights.items()}
@@ -222,4 +223,5 @@ def test_eval_fewshot_caption_on_released_files(released, tmp_path):
     for value in written["shots"].values():
         assert {"mean", "std"} <= set(value) and len(value["runs"]) == 2 and value["mean"] >= 0
     with pytest.raises(SystemExit, match="needs --lm .* and --vision"):
-        eval_script.main(["--model", NAME, "--pretrained", "x.pt", "--task", "fewshot_caption", "--data", "shapes:val:8"])
+        eval_script.main(["--model", NAME, "--pretrained", "x.pt", "--task", "fewshot_caption",
+                          "--data", "shapes:val:8"])
