@@ -37,6 +37,12 @@ prompt and takes the best, after keeping the --answer-k best by first-token prob
 Accuracy is the official VQA soft accuracy (metrics/vqa.py); a question with one answer (shapes) counts it as ten
 identical human answers, normalised as predictions are: exact match after normalisation.
 
+Released OpenFlamingo weights (few-shot tasks; three local files, see README "Flamingo"; fewshot.py writes
+OpenFlamingo's own prompt strings for them):
+    python eval.py --model OpenFlamingo-3B-vitl-mpt1b --pretrained checkpoint.pt --vision ViT-L-14.pt \
+        --lm mpt-1b-redpajama-200b --task fewshot_caption --data coco:PATH/dataset_coco.json#test --shots 0 4 8 \
+        --batch-size 8 --precision bf16 --device cuda
+
 Extra `--data.KEY=VALUE` arguments override the data config (e.g. `--data.image_root=/data/coco`).
 """
 import argparse
@@ -58,10 +64,10 @@ import probe
 from config import Config, ConfigError, config_from_dict, load_config, parse_overrides
 from data import build_dataset, caption_loader, eval_loader, has_questions, question_loader, retrieval_loader
 from data.templates import load_classnames, load_templates
-from data.tokenizer import BertTokenizer, ClipTokenizer, tokenizer_from_bytes
+from data.tokenizer import BertTokenizer, ClipTokenizer, GPTNeoXTokenizer, tokenizer_from_bytes
 from data.vqa import VQA_PROMPT, VQADataset, text_ids
 from metrics import caption_scores, normalize_answer, vqa_score
-from models import BLIP_MODELS, BLIP_TEXT_LENGTH, MODELS, create_model, generation, model_from_config
+from models import BLIP_MODELS, BLIP_TEXT_LENGTH, FLAMINGO_MODELS, MODELS, create_model, generation, model_from_config
 from models.blip import BLIP
 from models.predictive import TextPredictor
 
@@ -606,10 +612,32 @@ def load_pretrained_blip(name: str, pretrained: str, vocab: str | None, device="
     return cfg, model.to(device).eval(), tokenizer
 
 
-def load_pretrained(name: str, pretrained: str, bpe: str | None, device="cpu", vocab: str | None = None):
-    """(config, model, tokenizer) for a preset with released weights and the CLIP BPE tokenizer (BLIP: BERT's)."""
+def load_pretrained_flamingo(name: str, pretrained: str, vision: str | None, lm: str | None, device="cpu"):
+    """(config, model, tokenizer) for a Flamingo preset with released OpenFlamingo weights: checkpoint.pt, the CLIP
+    file and the LM folder, whose tokenizer.json gives GPT-NeoX's tokenizer with OpenFlamingo's tokens."""
+    if not lm or not vision:
+        raise ValueError(f"--model {name} needs --lm (the language model's folder, with tokenizer.json) and --vision "
+                         f"(the CLIP checkpoint) besides --pretrained (OpenFlamingo's checkpoint.pt)")
+    tokenizer_path = os.path.join(lm, "tokenizer.json")
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"--lm: no tokenizer.json in '{lm}' (GPT-NeoX-20B's, which "
+                                f"anas-awadalla/mpt-1b-redpajama-200b holds)")
+    tokenizer = GPTNeoXTokenizer(tokenizer_path)
+    model = create_model(name, pretrained=pretrained, vision=vision, lm=lm, tokenizer=tokenizer)
+    cfg = Config()
+    cfg.model.name = name
+    cfg.data.image_size, cfg.data.context_length = model.vision_encoder.image_size, tokenizer.context_length
+    return cfg, model.to(device).eval(), tokenizer
+
+
+def load_pretrained(name: str, pretrained: str, bpe: str | None, device="cpu", vocab: str | None = None,
+                    vision: str | None = None, lm: str | None = None):
+    """(config, model, tokenizer) for a preset with released weights and the CLIP BPE tokenizer (BLIP: BERT's;
+    Flamingo: GPT-NeoX's)."""
     if name in BLIP_MODELS:
         return load_pretrained_blip(name, pretrained, vocab, device)
+    if name in FLAMINGO_MODELS:
+        return load_pretrained_flamingo(name, pretrained, vision, lm, device)
     if name not in MODELS:
         create_model(name)  # raises, naming the closest presets
     preset = MODELS[name]
@@ -642,12 +670,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a train.py checkpoint: RUN/checkpoint.pt, or an FSDP run's folder "
                                              "RUN/checkpoint")
-    parser.add_argument("--model", help="a preset (models.MODELS) for released weights, e.g. ViT-B-32-quickgelu")
-    parser.add_argument("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint")
+    parser.add_argument("--model", help="a preset for released weights, e.g. ViT-B-32-quickgelu, BLIP-base, "
+                                        "OpenFlamingo-3B-vitl-mpt1b")
+    parser.add_argument("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint (BLIP: "
+                                             "salesforce's .pth or a HF folder; Flamingo: OpenFlamingo's "
+                                             "checkpoint.pt)")
     parser.add_argument("--bpe", help=f"with --model: the CLIP vocabulary {BPE_FILE} "
                                       "(default: next to --pretrained, else open_clip's copy when installed)")
     parser.add_argument("--vocab", help="with a BLIP --model: BERT's vocab.txt (default: the one in or next to "
                                         "--pretrained)")
+    parser.add_argument("--vision", help="with a Flamingo --model: the CLIP checkpoint of its vision tower "
+                                         "(OpenAI's ViT-L-14.pt or open_clip's)")
+    parser.add_argument("--lm", help="with a Flamingo --model: the language model's HuggingFace folder (config.json, "
+                                     "weights, tokenizer.json), e.g. mpt-1b-redpajama-200b")
     parser.add_argument("--task", required=True,
                         choices=("zeroshot", "retrieval", "linear_probe", "caption", "vqa", *fewshot.TASKS),
                         help="CLIP: zeroshot, retrieval, linear_probe; BLIP: also caption and vqa; Flamingo: "
@@ -696,7 +731,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.checkpoint:
             cfg, model, tokenizer = load_checkpoint(args.checkpoint, args.device)
         else:
-            cfg, model, tokenizer = load_pretrained(args.model, args.pretrained, args.bpe, args.device, args.vocab)
+            cfg, model, tokenizer = load_pretrained(args.model, args.pretrained, args.bpe, args.device, args.vocab,
+                                                    args.vision, args.lm)
         check_task(model, args.task)
         answers = load_answer_list(args.answers) if args.answers else None
         data_cfg = load_config(None, overrides).data
@@ -712,7 +748,8 @@ def main(argv: list[str] | None = None) -> dict:
                 seeds = list(range(args.seeds[0])) if len(args.seeds) == 1 else args.seeds  # --seeds 3: 0, 1, 2
                 results = fewshot.evaluate(model, tokenizer, spec, args.task, size, args.device, args.shots or [0, 4, 8],
                                            seeds, args.rices, cfg.data, args.batch_size, args.num_beams,
-                                           num_queries=args.num_queries)
+                                           num_queries=args.num_queries,
+                                           prompts="open_flamingo" if args.model in FLAMINGO_MODELS else "ours")
             elif args.task == "caption":
                 results = caption(model, spec, size, args.device, **loading, num_beams=args.num_beams,
                                   max_length=args.max_length, min_length=args.min_length, prompt=args.prompt,

@@ -5,7 +5,11 @@ protocol (`open_flamingo/eval/evaluate.py`, Alayrac et al. 2022 section 3):
   split; here the same spec's examples other than the queries): drawn at random per (seed, query), or RICES,
   the k most similar by the frozen vision encoder's image embedding (cosine), ordered so the most similar is last;
 - prompts `<image> Output: {caption}<|endofchunk|>` and `<image> Question: {q} Short answer: {a}<|endofchunk|>`
-  (data/interleaved.py: a space after `<image>` for sentencepiece), the query's answer left open;
+  (data/interleaved.py: a space after `<image>` for sentencepiece), the query's answer left open, after bos;
+  `prompts="open_flamingo"` (released OpenFlamingo weights) writes OpenFlamingo's exact strings instead:
+  `<image>Output:{caption}<|endofchunk|>` and `<image>Question:{q} Short answer:{a}<|endofchunk|>`, a newline after
+  each demonstration (open_flamingo 2.0.1 `eval/evaluate.py`), no bos, and cuts answers as its `coco_metric.py`
+  and `vqa_metric.py` do;
 - 0 shots = two demonstrations with their images removed (OpenFlamingo's `compute_effective_num_shots`);
 - beam search (3 beams, length_penalty 0) with the media encoded once and the prompt's keys/values cached,
   stopping at `<|endofchunk|>`; at most 5 new tokens for VQA, 20 for captions;
@@ -16,6 +20,7 @@ protocol (`open_flamingo/eval/evaluate.py`, Alayrac et al. 2022 section 3):
 episode's made-up words (query i: episode i); every demonstration of query i is answered in episode i's words,
 so only the demonstrations reveal the answer. Its pool is the split's images after the first N.
 """
+import re
 import statistics
 from typing import Optional
 
@@ -30,6 +35,7 @@ from metrics.caption import caption_scores
 from metrics.vqa import normalize_answer, vqa_accuracy
 
 TASKS = ("fewshot_vqa", "fewshot_caption")
+PROMPTS = ("ours", "open_flamingo")  # see the module docstring
 
 
 class FewShotData:
@@ -94,8 +100,14 @@ def demonstrations(data: FewShotData, query_position: int, shots: int, seed: int
     return [data.pool[int(i)] for i in rng.choice(len(data.pool), size=count, replace=False)]
 
 
-def pair_text(task: str, example: dict, answer: Optional[str]) -> str:
+def pair_text(task: str, example: dict, answer: Optional[str], prompts: str = "ours") -> str:
     """One demonstration (with its answer and <|endofchunk|>) or the query (answer left open)."""
+    if prompts == "open_flamingo":
+        if task == "fewshot_vqa":
+            prompt = f"{MEDIA}Question:{example['question']} Short answer:{answer or ''}"
+        else:
+            prompt = f"{MEDIA}Output:{(answer or '').strip()}"
+        return prompt + END_OF_CHUNK + "\n" if answer is not None else prompt
     if task == "fewshot_vqa":
         prompt = vqa_prompt(example["question"], answer or "")
     else:
@@ -103,22 +115,32 @@ def pair_text(task: str, example: dict, answer: Optional[str]) -> str:
     return prompt + END_OF_CHUNK if answer is not None else prompt.rstrip()
 
 
-def build_prompt(task: str, data: FewShotData, query: int, demos: list[int], shots: int, rng) -> tuple[str, list]:
+def build_prompt(task: str, data: FewShotData, query: int, demos: list[int], shots: int, rng,
+                 prompts: str = "ours") -> tuple[str, list]:
     """(text, images) of one query's prompt."""
     texts, images = [], []
     for index in demos:
         demo = data.example(index, episode=query)
         answers = demo["answers"] if task == "fewshot_vqa" else demo["captions"]
-        text = pair_text(task, demo, answers[int(rng.integers(len(answers)))])
+        text = pair_text(task, demo, answers[int(rng.integers(len(answers)))], prompts)
         if shots:
             images.append(demo["image"])
         else:  # zero-shot: text-only demonstrations
-            text = text.replace(MEDIA + " ", "", 1)
+            text = text.replace(MEDIA + (" " if prompts == "ours" else ""), "", 1)
         texts.append(text)
     target = data.example(query, episode=query)
-    texts.append(pair_text(task, target, None))
+    texts.append(pair_text(task, target, None, prompts))
     images.append(target["image"])
     return "".join(texts), images
+
+
+def answer_text(task: str, text: str, prompts: str = "ours") -> str:
+    """A generated continuation -> the answer or caption: up to where the model starts the next pair."""
+    if prompts == "open_flamingo":  # open_flamingo/eval: vqa_metric.py, coco_metric.py
+        if task == "fewshot_vqa":
+            return re.split(", ", re.split("Question|Answer|Short", text, maxsplit=1)[0], maxsplit=1)[0].strip()
+        return text.split("Output", 1)[0].replace('"', "").strip()
+    return text.split("question:")[0].strip()
 
 
 def answer_accuracy(prediction: str, answers: list[str]) -> float:
@@ -130,32 +152,34 @@ def answer_accuracy(prediction: str, answers: list[str]) -> float:
 
 @torch.no_grad()
 def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, seed: int, device,
-                   similarity: Optional[torch.Tensor] = None, batch_size: int = 32, num_beams: int = 3) -> float:
+                   similarity: Optional[torch.Tensor] = None, batch_size: int = 32, num_beams: int = 3,
+                   prompts: str = "ours") -> float:
     """One (shots, seed) run over all queries: VQA accuracy (%) or CIDEr."""
     max_new_tokens = 5 if task == "fewshot_vqa" else 20
     predictions, truths = {}, {}
     for start in range(0, len(data.queries), batch_size):
-        prompts, images = [], []
+        prompt_ids, images = [], []
         for position in range(start, min(start + batch_size, len(data.queries))):
             query = data.queries[position]
             rng = np.random.default_rng([seed, query, 1])
             text, pictures = build_prompt(task, data, query, demonstrations(data, position, shots, seed, similarity),
-                                          shots, rng)
-            prompts.append([tokenizer.bos_id, *tokenizer.encode(text)])
+                                          shots, rng, prompts)
+            start_ids = [tokenizer.bos_id] if prompts == "ours" else []  # OpenFlamingo's tokenizer adds no bos
+            prompt_ids.append([*start_ids, *tokenizer.encode(text)])
             images.append(torch.stack(pictures))
             target = data.example(query, episode=query)
             truths[query] = target["answers"] if task == "fewshot_vqa" else target["captions"]
-        length = max(map(len, prompts))
+        length = max(map(len, prompt_ids))
         if length + max_new_tokens > model.lang_model.context_length:
             raise ValueError(f"{shots}-shot prompts reach {length} tokens, + {max_new_tokens} to generate: more than the "
                              f"language model's {model.lang_model.context_length}; use fewer --shots")
-        tokens = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompts])  # padded on the left
+        tokens = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompt_ids])  # padded on the left
         new = model.generate(torch.stack(images).to(device), tokens.to(device), max_new_tokens=max_new_tokens,
                              num_beams=num_beams, length_penalty=0.0)
-        for position, row in zip(range(start, start + len(prompts)), new.tolist()):
+        for position, row in zip(range(start, start + len(prompt_ids)), new.tolist()):
             row = row[: row.index(model.eoc_token_id)] if model.eoc_token_id in row else row
-            text = tokenizer._processor.decode([i for i in row if i != tokenizer.pad_id])
-            predictions[data.queries[position]] = text.split("question:")[0].strip()  # OpenFlamingo's postprocess
+            text = tokenizer.decode([i for i in row if i != tokenizer.pad_id])
+            predictions[data.queries[position]] = answer_text(task, text, prompts)
     if task == "fewshot_vqa":
         return 100 * sum(answer_accuracy(predictions[q], truths[q]) for q in predictions) / len(predictions)
     return caption_scores(predictions, truths)["CIDEr"]
@@ -163,10 +187,13 @@ def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, s
 
 def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, shots=(0, 4, 8), seeds=(0, 1, 2),
              rices: bool = False, options=None, batch_size: int = 32, num_beams: int = 3, pool_size: int = 2048,
-             num_queries: Optional[int] = None, log=print) -> dict:
-    """{"shots": {"0": {"mean", "std", "runs"}, ...}, "metric", "num_queries", "demonstrations"} (see module doc)."""
+             num_queries: Optional[int] = None, log=print, prompts: str = "ours") -> dict:
+    """{"shots": {"0": {"mean", "std", "runs"}, ...}, "metric", "num_queries", "demonstrations", "prompts"} (see
+    module doc; prompts: one of PROMPTS)."""
     if task not in TASKS:
         raise ValueError(f"few-shot tasks: {', '.join(TASKS)}; got {task!r}")
+    if prompts not in PROMPTS:
+        raise ValueError(f"few-shot prompts: {', '.join(PROMPTS)}; got {prompts!r}")
     if not hasattr(model, "perceiver"):
         raise ValueError(f"--task {task} needs a Flamingo checkpoint")
     data = FewShotData(spec, image_size, 0, options, pool_size, num_queries)
@@ -178,7 +205,8 @@ def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, sh
         similarity = query_features @ image_features(model, data, data.pool, device).T  # (queries, pool)
     results = {}
     for count in shots:
-        runs = [evaluate_shots(model, tokenizer, data, task, count, seed, device, similarity, batch_size, num_beams)
+        runs = [evaluate_shots(model, tokenizer, data, task, count, seed, device, similarity, batch_size, num_beams,
+                               prompts)
                 for seed in (seeds if not rices else seeds[:1])]  # RICES is deterministic
         results[str(count)] = {"mean": statistics.fmean(runs), "std": statistics.pstdev(runs) if len(runs) > 1 else 0.0,
                                "runs": runs}
@@ -186,7 +214,7 @@ def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, sh
             log(f"{task} {count} shots: {results[str(count)]['mean']:.2f} +- {results[str(count)]['std']:.2f} "
                 f"({', '.join(f'{run:.2f}' for run in runs)})")
     return {"metric": "accuracy" if task == "fewshot_vqa" else "CIDEr", "num_queries": len(data.queries),
-            "demonstrations": "rices" if rices else "random", "shots": results}
+            "demonstrations": "rices" if rices else "random", "prompts": prompts, "shots": results}
 
 
 def evaluate_run(cfg, model, tokenizer, device) -> dict:

@@ -1,10 +1,12 @@
 """Caption tokenizers: SentencePiece (Kudo & Richardson, 2018) trained on our own captions, CLIP's byte-level
-BPE (Radford et al., 2021, section 2.4; BPE of Sennrich et al., 2016 over UTF-8 bytes as in GPT-2), and BERT's
-uncased WordPiece with BLIP's [DEC]/[ENC] (Li et al., 2022), whose differences from HF are in its docstring.
+BPE (Radford et al., 2021, section 2.4; BPE of Sennrich et al., 2016 over UTF-8 bytes as in GPT-2), BERT's
+uncased WordPiece with BLIP's [DEC]/[ENC] (Li et al., 2022), and GPT-NeoX's byte-level BPE with OpenFlamingo's
+added tokens (the language side of the released OpenFlamingo models), whose differences from HF are in their
+docstrings.
 
-Every row is [bos] + pieces + [eos], padded with 0, and long texts are cut so that eos is always kept (the text
-models pool at the eos position either way). `TOKENIZERS` names them for configs; `tokenizer_from_bytes`
-rebuilds one from the vocabulary a checkpoint carries.
+Every row is [bos] + pieces + [eos], padded (with 0; GPT-NeoX: with OpenFlamingo's <PAD>), and long texts are cut
+so that eos is always kept (the text models pool at the eos position either way). `TOKENIZERS` names them for
+configs; `tokenizer_from_bytes` rebuilds one from the vocabulary a checkpoint carries.
 
 SentencePieceTokenizer: text is lowercased before encoding, and the model normalises with NFKC + case folding,
 so "A Red Circle" and "a red circle" give the same tokens.
@@ -22,12 +24,13 @@ import difflib
 import gzip
 import html
 import io
+import json
 import os
 import re
 import sys
 import unicodedata
 from functools import cache
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -166,6 +169,37 @@ def _byte_symbols() -> list[tuple[int, str]]:
     return [(byte, chr(byte)) for byte in printable] + [(byte, chr(256 + n)) for n, byte in enumerate(others)]
 
 
+# Byte-level BPE (CLIP, GPT-2, GPT-NeoX): UTF-8 bytes read as latin-1 -> symbols, and back (str.translate tables;
+# printable bytes map to themselves)
+_TO_SYMBOLS = {byte: symbol for byte, symbol in _byte_symbols() if chr(byte) != symbol}
+_FROM_SYMBOLS = {ord(symbol): byte for byte, symbol in _TO_SYMBOLS.items()}
+
+
+def _symbols(text: str) -> str:
+    """Text -> its UTF-8 bytes as byte-level BPE symbols, one character a byte."""
+    return text.encode("utf-8").decode("latin-1").translate(_TO_SYMBOLS)
+
+
+def _merge_pairs(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one pre-token (Sennrich et al., 2016, as GPT-2 applies it): merge the lowest-ranked
+    adjacent pair, every occurrence left to right, until no adjacent pair is in `ranks`."""
+    unranked = len(ranks)
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, unranked))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def _char_class(chars: Iterable[str]) -> str:
     """Characters -> the body of a regex character class, runs of consecutive code points as ranges."""
     spans: list[list[int]] = []
@@ -244,14 +278,10 @@ class ClipTokenizer(_VocabularyFile):
         merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGES + 1]]
         if len(merges) != CLIP_MERGES or any(len(merge) != 2 for merge in merges):
             raise ValueError(f"{self.model_path} needs {CLIP_MERGES} merges of two symbols after its header line")
-        byte_symbols = _byte_symbols()
-        symbols = [symbol for _, symbol in byte_symbols]
+        symbols = [symbol for _, symbol in _byte_symbols()]
         self._vocab = [*symbols, *(symbol + "</w>" for symbol in symbols), *("".join(merge) for merge in merges)]
         self._ids = {piece: i for i, piece in enumerate(self._vocab)}
         self._ranks = {merge: rank for rank, merge in enumerate(merges)}
-        # UTF-8 bytes read as latin-1 -> symbols, and back; printable bytes map to themselves
-        self._to_symbols = {byte: symbol for byte, symbol in byte_symbols if chr(byte) != symbol}
-        self._from_symbols = {ord(symbol): byte for byte, symbol in self._to_symbols.items()}
         self._cache: dict[str, tuple[int, ...]] = {}
         self.vocab_size = len(self._vocab) + 2  # 49408
         self.pad_id, self.bos_id, self.eos_id = 0, len(self._vocab), len(self._vocab) + 1
@@ -266,24 +296,9 @@ class ClipTokenizer(_VocabularyFile):
         return " ".join(text.split()).lower()
 
     def _bpe(self, word: str) -> tuple[int, ...]:
-        """One pre-token -> its piece ids, merging the lowest-ranked adjacent pair until none is in the table."""
-        symbols = word.encode("utf-8").decode("latin-1").translate(self._to_symbols)
-        parts = [*symbols[:-1], symbols[-1] + "</w>"]
-        ranks = self._ranks
-        while len(parts) > 1:
-            pair = min(zip(parts, parts[1:]), key=lambda pair: ranks.get(pair, CLIP_MERGES))
-            if pair not in ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):  # every occurrence, left to right
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return tuple(self._ids[part] for part in parts)
+        """One pre-token -> its piece ids; CLIP marks the end of a word on its last symbol."""
+        symbols = _symbols(word)
+        return tuple(self._ids[part] for part in _merge_pairs([*symbols[:-1], symbols[-1] + "</w>"], self._ranks))
 
     def _encode(self, text: str, limit: int) -> list[int]:
         """Piece ids of `text`, at most `limit` (the rest would be truncated anyway)."""
@@ -314,7 +329,190 @@ class ClipTokenizer(_VocabularyFile):
                 ids.pop()
         pieces = (self._vocab[i] for i in ids if i != self.bos_id)
         symbols = "".join(piece[:-4] + " " if piece.endswith("</w>") else piece for piece in pieces)
-        return symbols.translate(self._from_symbols).encode("latin-1").decode("utf-8", errors="replace").strip()
+        return symbols.translate(_FROM_SYMBOLS).encode("latin-1").decode("utf-8", errors="replace").strip()
+
+
+# GPT-2's pre-tokenisation, which GPT-NeoX keeps (tokenizers' ByteLevel with use_regex): contractions, then runs of
+# letters, of numbers and of other symbols, each with at most one leading space, then whitespace, where a run
+# followed by a word leaves its last space to that word. Case-sensitive, unlike CLIP's. Whitespace is spelled
+# out as Unicode's White_Space, what tokenizers' Oniguruma and `regex` mean by \s (`re`'s adds U+001C-U+001F).
+_WHITE_SPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def _byte_level_pattern() -> "re.Pattern | regex.Pattern":
+    if regex is not None:
+        letters, numbers, compile_pattern = r"\p{L}", r"\p{N}", regex.compile
+    else:
+        (letters, numbers), compile_pattern = _stdlib_classes(), re.compile
+    space = _WHITE_SPACE
+    return compile_pattern(rf"{_CONTRACTIONS}| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
+                           rf"|[{space}]+(?![^{space}])|[{space}]+")
+
+
+_BYTE_SYMBOLS = frozenset(symbol for _, symbol in _byte_symbols())
+
+
+def _token_bytes(token: str) -> bytes:
+    """What a vocabulary entry decodes to: the bytes its symbols stand for; an added token with other characters
+    (GPT-NeoX's runs of spaces) is its own UTF-8, as tokenizers' ByteLevel decoder does."""
+    if all(char in _BYTE_SYMBOLS for char in token):
+        return token.translate(_FROM_SYMBOLS).encode("latin-1")
+    return token.encode("utf-8")
+
+
+class GPTNeoXTokenizer(_VocabularyFile):
+    """GPT-NeoX-20B's byte-level BPE (Black et al., 2022), the tokenizer of MPT and so of OpenFlamingo-3B and -9B,
+    read from a HuggingFace `tokenizer.json` without the tokenizers library, plus OpenFlamingo's added tokens.
+
+    Gives the ids of transformers' `PreTrainedTokenizerFast(tokenizer_file=...)` after OpenFlamingo's
+    `add_special_tokens` (tests/test_gpt_neox_tokenizer.py, on a tokenizer.json configured like GPT-NeoX's). The
+    steps are tokenizers': added tokens are cut out of the text first (leftmost, the longest at a position; those
+    marked `normalized`, GPT-NeoX's runs of 2 to 24 spaces, from the NFC-normalised text), each stretch between
+    them is NFC-normalised, split by GPT-2's pattern (`_byte_level_pattern`), and each part is byte-pair encoded
+    over its UTF-8 bytes with the file's merges (`_merge_pairs`, shared with ClipTokenizer).
+
+    OpenFlamingo's factory (`open_flamingo/src/factory.py`) adds `<|endofchunk|>` and `<image>` as special tokens,
+    then `<PAD>` as the pad token since GPT-NeoX's tokenizer has none: after GPT-NeoX-20B's 50,277 ids they are
+    50277 (`eoc_id`), 50278 (`media_id`) and 50279 (`pad_id`), and `vocab_size` is 50280, the rows of
+    OpenFlamingo-3B's token embedding. A tokenizer.json that already holds them keeps their ids. `<|endoftext|>`
+    is `bos_id` and `eos_id`: rows are [bos] + pieces + [eos] + [PAD]s as the other tokenizers' rows are
+    (OpenFlamingo's prompts themselves start without it).
+
+    Unlike the other tokenizers here, an added token written in a text ("<image>", "<|endoftext|>") becomes its
+    id, as in HF: that is how an OpenFlamingo prompt places its images. Deliberate differences from HF:
+    - `decode` drops every special token (as HF's `skip_special_tokens=True`) and does not stop at eos; HF's
+      `clean_up_tokenization_spaces` is not applied (" ." stays " .");
+    - letters, numbers and NFC come from Python's Unicode tables (regex's when installed), tokenizers' from its
+      own: only code points unassigned in Python 3.11's Unicode 14 split differently (4,657 with regex 2026.5.9
+      against tokenizers 0.23.3, checked over every code point; NFC agrees on all).
+    Only the tokenizer.json options GPT-NeoX's file uses are implemented; a file that sets another (a normalizer
+    other than NFC, add_prefix_space, BPE dropout, an added token's lstrip, ...) is refused, naming it.
+    """
+
+    DEFAULT_CONTEXT_LENGTH = 2048  # MPT's max_seq_len
+    WHAT = "tokenizer.json (EleutherAI/gpt-neox-20b's; anas-awadalla/mpt-1b-redpajama-200b holds a copy)"
+    OPEN_FLAMINGO_TOKENS = ("<|endofchunk|>", "<image>", "<PAD>")  # in the order the factory adds them
+
+    def _load(self) -> None:
+        try:
+            spec = json.loads(self._blob)
+            model = spec["model"]
+            vocab, merges = model["vocab"], model["merges"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{self.model_path} is not a HuggingFace tokenizer.json with a BPE model") from error
+        self._refuse_unsupported(spec)
+        merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in merges]
+        self._ranks = {merge: rank for rank, merge in enumerate(merges)}
+        missing = [symbol for symbol in sorted(_BYTE_SYMBOLS) if symbol not in vocab]
+        missing += ["".join(merge) for merge in merges if "".join(merge) not in vocab]
+        if missing:
+            raise ValueError(f"{self.model_path}: byte-level BPE needs every byte and every merge's result in the "
+                             f"vocabulary; missing {missing[:5]}")
+        added = {token["content"]: token for token in spec.get("added_tokens") or []}
+        next_id = max([*vocab.values(), *(token["id"] for token in added.values())]) + 1
+        for content in self.OPEN_FLAMINGO_TOKENS:
+            if content not in added:
+                added[content] = {"id": next_id, "content": content, "special": True, "normalized": False}
+                next_id += 1
+        self._ids = vocab
+        self._vocab = [""] * next_id  # id -> entry
+        for piece, i in vocab.items():
+            self._vocab[i] = piece
+        for token in added.values():
+            self._vocab[token["id"]] = token["content"]
+        self._bytes = [_token_bytes(piece) for piece in self._vocab]
+        self._special = {token["id"] for token in added.values() if token.get("special")}
+        self._nfc = bool(spec.get("normalizer"))
+        # added tokens as they are matched: as written, or NFC-normalised when `normalized` (tokenizers' two tries)
+        raw = {token["content"]: token["id"] for token in added.values() if not token.get("normalized")}
+        normalized = {self._normalize(token["content"]): token["id"] for token in added.values()
+                      if token.get("normalized")}
+        self._added = [(self._alternation(tokens), tokens) for tokens in (raw, normalized)]
+        if "<|endoftext|>" not in added:
+            raise ValueError(f"{self.model_path}: no <|endoftext|> added token (GPT-NeoX's bos and eos)")
+        self.bos_id = self.eos_id = added["<|endoftext|>"]["id"]
+        self.eoc_id, self.media_id, self.pad_id = (added[content]["id"] for content in self.OPEN_FLAMINGO_TOKENS)
+        self.vocab_size = next_id
+        self._split = _byte_level_pattern()
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def _refuse_unsupported(self, spec: dict) -> None:
+        model, normalizer, pre_tokenizer = spec["model"], spec.get("normalizer"), spec.get("pre_tokenizer") or {}
+        unsupported = {
+            "model.type": model.get("type", "BPE") != "BPE",
+            "model.dropout": bool(model.get("dropout")),
+            "model.continuing_subword_prefix": bool(model.get("continuing_subword_prefix")),
+            "model.end_of_word_suffix": bool(model.get("end_of_word_suffix")),
+            "model.byte_fallback": bool(model.get("byte_fallback")),
+            "model.ignore_merges": bool(model.get("ignore_merges")),
+            "normalizer": normalizer is not None and normalizer.get("type") != "NFC",
+            "pre_tokenizer": pre_tokenizer.get("type") != "ByteLevel",
+            "pre_tokenizer.add_prefix_space": bool(pre_tokenizer.get("add_prefix_space")),
+            "pre_tokenizer.use_regex": not pre_tokenizer.get("use_regex", True),
+        }
+        for token in spec.get("added_tokens") or []:
+            for option in ("lstrip", "rstrip", "single_word"):
+                unsupported[f"added token {token['content']!r} {option}"] = bool(token.get(option))
+        refused = [name for name, is_set in unsupported.items() if is_set]
+        if refused:
+            raise ValueError(f"{self.model_path}: {', '.join(refused)} not implemented (GPT-NeoX's tokenizer.json "
+                             f"does not use them)")
+
+    def _normalize(self, text: str) -> str:
+        return unicodedata.normalize("NFC", text) if self._nfc else text
+
+    @staticmethod
+    def _alternation(tokens: dict[str, int]) -> "re.Pattern | None":
+        # longest first: at the leftmost position where any matches, the longest (tokenizers' LeftmostLongest)
+        ordered = sorted(tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    @staticmethod
+    def _cut(text: str, pattern: "re.Pattern | None", tokens: dict[str, int]) -> Iterator[tuple[str, int | None]]:
+        """Text -> (stretch, None) between added tokens and (token, its id) for each added token, in order."""
+        start = 0
+        for match in pattern.finditer(text) if pattern is not None else ():
+            if match.start() > start:
+                yield text[start : match.start()], None
+            yield match.group(), tokens[match.group()]
+            start = match.end()
+        if start < len(text):
+            yield text[start:], None
+
+    def _bpe(self, word: str) -> tuple[int, ...]:
+        pieces = self._cache.get(word)
+        if pieces is None:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            pieces = self._cache[word] = tuple(self._ids[part] for part in _merge_pairs([*_symbols(word)], self._ranks))
+        return pieces
+
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of `text` without bos, eos or padding, at most `limit` of them."""
+        (raw_pattern, raw), (normalized_pattern, normalized) = self._added
+        ids: list[int] = []
+        for stretch, token_id in self._cut(text, raw_pattern, raw):
+            if token_id is not None:
+                ids.append(token_id)
+                continue
+            for part, token_id in self._cut(self._normalize(stretch), normalized_pattern, normalized):
+                if token_id is not None:
+                    ids.append(token_id)
+                    continue
+                for word in self._split.findall(part):
+                    ids.extend(self._bpe(word))
+            if limit is not None and len(ids) >= limit:
+                break
+        return ids[:limit]
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """texts -> LongTensor (N, context_length) of [bos] + pieces + [eos] + [PAD]s, eos always kept."""
+        return self._rows(texts, self.bos_id, self.encode, self.eos_id)
+
+    def decode(self, tokens: Sequence[int] | torch.Tensor) -> str:
+        """Token ids -> text, special tokens (bos, eos, <image>, <|endofchunk|>, <PAD>) left out."""
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        return b"".join(self._bytes[i] for i in ids if i not in self._special).decode("utf-8", errors="replace")
 
 
 # tokenizers' BertNormalizer and BertPreTokenizer classify characters with the unicode_categories crate, whose

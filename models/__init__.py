@@ -16,8 +16,10 @@ the checkpoint has (see `load_pretrained_blip`).
 
 Decoder LMs (`models.lm.LM_MODELS`: `lm-tiny`, the MPT presets) and Flamingo presets (`models.flamingo.FLAMINGO_MODELS`)
 are built by `create_lm` and `create_flamingo`; a Flamingo takes its frozen parts from a language-model run or
-MPT folder and a CLIP run or checkpoint (see `create_flamingo`). A run with loss.name caption or bow puts a CLIP
-preset's towers into a `models.predictive.TextPredictor` (the CLIP paper's predictive baselines).
+MPT folder and a CLIP run or checkpoint (see `create_flamingo`). `create_model(name, pretrained=checkpoint.pt,
+vision=..., lm=...)` builds a Flamingo preset with released OpenFlamingo weights from three local files (see
+`create_open_flamingo`). A run with loss.name caption or bow puts a CLIP preset's towers into a
+`models.predictive.TextPredictor` (the CLIP paper's predictive baselines).
 """
 import contextlib
 import dataclasses
@@ -107,23 +109,30 @@ BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "g
                   "momentum_encoders", "momentum", "queue_size", "itm_uniform")
 
 
-def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> Union[CLIP, BLIP]:
-    """Build a CLIP or BLIP preset; `overrides` may set any key of OVERRIDES (CLIP) or BLIP_OVERRIDES (BLIP).
+FLAMINGO_OVERRIDES = ("vision", "lm", "tokenizer")
+
+
+def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> Union[CLIP, BLIP, Flamingo]:
+    """Build a CLIP, BLIP or Flamingo preset; `overrides` may set any key of OVERRIDES (CLIP), BLIP_OVERRIDES (BLIP)
+    or FLAMINGO_OVERRIDES (Flamingo).
 
     pretrained: an OpenAI CLIP `.pt` archive or an open_clip checkpoint, loaded as fp32 instead of the random init
-    (BLIP: see `load_pretrained_blip`).
+    (BLIP: see `load_pretrained_blip`; Flamingo: OpenFlamingo's checkpoint.pt, see `create_open_flamingo`).
     drop_path (stochastic depth, max rate over depth) applies to the transformer towers, not to the ResNet.
     """
-    if name not in MODELS and name not in BLIP_MODELS:
-        closest = difflib.get_close_matches(name, [*MODELS, *BLIP_MODELS], n=3, cutoff=0.4)
+    presets = [*MODELS, *BLIP_MODELS, *FLAMINGO_MODELS]
+    if name not in presets:
+        closest = difflib.get_close_matches(name, presets, n=3, cutoff=0.4)
         raise ValueError(f"unknown model {name!r}; closest presets: {closest or sorted(MODELS)}")
-    valid = BLIP_OVERRIDES if name in BLIP_MODELS else OVERRIDES
+    valid = BLIP_OVERRIDES if name in BLIP_MODELS else FLAMINGO_OVERRIDES if name in FLAMINGO_MODELS else OVERRIDES
     for key in overrides:
         if key not in valid:
             closest = difflib.get_close_matches(key, valid, n=3)
             raise ValueError(f"unknown create_model override {key!r}; closest: {closest}; valid: {list(valid)}")
     if name in BLIP_MODELS:
         return create_blip(name, pretrained, **overrides)
+    if name in FLAMINGO_MODELS:
+        return create_open_flamingo(name, pretrained, **overrides)
     grad_checkpointing = overrides.pop("grad_checkpointing", False)
     config = dataclasses.replace(MODELS[name], **overrides)
     # With weights to load, build on the meta device: no random initialisation to throw away.
@@ -377,6 +386,19 @@ def _run_weights(path: convert.PathLike) -> Optional[dict]:
     return checkpoint["model"] if isinstance(checkpoint, dict) and "config" in checkpoint else None
 
 
+def _flamingo_preset(name: str, image_size: int = 0) -> tuple[str, CLIPConfig, str, dict]:
+    """A Flamingo preset's (vision preset name, its CLIP config, LM preset name, `Flamingo` keywords)."""
+    preset = dict(FLAMINGO_MODELS[name])
+    vision_name, lm_name = preset.pop("vision"), preset.pop("lm")
+    vision_layers = preset.pop("vision_layers", None)
+    vision_config = MODELS[vision_name]
+    if vision_layers:
+        vision_config = dataclasses.replace(vision_config, vision_layers=vision_layers)
+    if image_size:
+        vision_config = dataclasses.replace(vision_config, image_size=image_size)
+    return vision_name, vision_config, lm_name, preset
+
+
 def create_flamingo(
     name: str, tokenizer, image_size: int = 0, context_length: int = 0, lm_checkpoint: str = "",
     vision_checkpoint: str = "",
@@ -386,16 +408,9 @@ def create_flamingo(
     lm_checkpoint: a train.py language-model run's checkpoint.pt (same tokenizer) or a HuggingFace MPT folder;
     vision_checkpoint: a train.py CLIP run's checkpoint.pt, or an OpenAI/open_clip checkpoint of the vision preset.
     Either left empty keeps that part's random initialisation (frozen all the same)."""
-    preset = dict(FLAMINGO_MODELS[name])
-    vision_name, lm_name = preset.pop("vision"), preset.pop("lm")
-    vision_layers = preset.pop("vision_layers", None)
+    vision_name, vision_config, lm_name, preset = _flamingo_preset(name, image_size)
     if tokenizer.media_id is None:
         raise ValueError(f"{name} needs a tokenizer with <image> and <|endofchunk|> (sentencepiece: flamingo_tokens)")
-    vision_config = MODELS[vision_name]
-    if vision_layers:
-        vision_config = dataclasses.replace(vision_config, vision_layers=vision_layers)
-    if image_size:
-        vision_config = dataclasses.replace(vision_config, image_size=image_size)
     run = _run_weights(vision_checkpoint) if vision_checkpoint else None
     if vision_checkpoint and run is None:
         vision = create_model(vision_name, pretrained=vision_checkpoint, image_size=vision_config.image_size).visual
@@ -417,3 +432,72 @@ def create_flamingo(
         raise ValueError(f"the language model has {lang_model.token_embedding.num_embeddings} token embeddings, the "
                          f"tokenizer {tokenizer.vocab_size} ids")
     return Flamingo(vision, lang_model, tokenizer.media_id, tokenizer.eoc_id, tokenizer.pad_id, **preset)
+
+
+# What an OpenFlamingo checkpoint.pt holds (its trainable parts): the resampler, the gated cross-attention blocks and
+# the LM's token embedding, resized by OpenFlamingo's factory to its tokenizer (the added tokens' rows trained).
+OPEN_FLAMINGO_TRAINED = ("perceiver.", "gated_cross_attn_layers.", "lang_model.token_embedding.")
+
+
+def _require(path: Optional[convert.PathLike], what: str, folder: bool = False) -> str:
+    if not path:
+        raise ValueError(f"create_model: no {what} given")
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise FileNotFoundError(f"{what}: no {'folder' if folder else 'file'} at '{path}'")
+    return os.fspath(path)
+
+
+def create_open_flamingo(
+    name: str, pretrained: Optional[convert.PathLike], vision: Optional[convert.PathLike] = None,
+    lm: Optional[convert.PathLike] = None, tokenizer=None,
+) -> Flamingo:
+    """A Flamingo preset with released OpenFlamingo weights, from three local files (no network):
+
+    pretrained: OpenFlamingo's `checkpoint.pt` (e.g. openflamingo/OpenFlamingo-3B-vitl-mpt1b's), which holds only
+        the parts OpenFlamingo trained: the resampler, the gated cross-attention blocks and the token embedding
+        (any other key, such as a full state dict's frozen parts, is ignored: those come from `vision` and `lm`);
+    vision: the checkpoint of the preset's CLIP (OpenAI's `ViT-L-14.pt` or an open_clip file of its weights), whose
+        image tower is taken;
+    lm: the language model's HuggingFace folder (config.json, pytorch_model.bin or model.safetensors, and
+        tokenizer.json), e.g. anas-awadalla/mpt-1b-redpajama-200b, read by `models.lm.load_mpt`;
+    tokenizer: the `data.tokenizer` tokenizer whose `<image>`, `<|endofchunk|>` and pad ids the model takes;
+        default: `GPTNeoXTokenizer` of lm/tokenizer.json, OpenFlamingo's tokens added as its factory adds them.
+
+    Every part is built on the meta device and takes its file's tensors, so nothing is initialised at random; the
+    LM's token embedding is replaced by the checkpoint's (OpenFlamingo resized it to its tokenizer's length, and
+    the output matrix is tied to it). A file that is missing, or does not fit the preset, fails naming it.
+    The model is returned in eval mode, fp32 (precision comes from autocast)."""
+    if pretrained is None:
+        raise ValueError(f"create_model({name!r}) loads released OpenFlamingo weights: pass pretrained=checkpoint.pt, "
+                         f"vision= and lm=; a randomly initialised Flamingo for training is models.create_flamingo")
+    pretrained = _require(pretrained, "pretrained (OpenFlamingo's checkpoint.pt)")
+    vision = _require(vision, "vision (the CLIP checkpoint, e.g. OpenAI's ViT-L-14.pt)")
+    lm = _require(lm, "lm (the language model's HuggingFace folder, e.g. mpt-1b-redpajama-200b/)", folder=True)
+    for file in ("config.json",) + (() if tokenizer is not None else ("tokenizer.json",)):
+        _require(os.path.join(lm, file), f"lm/{file}")
+    if tokenizer is None:
+        from data.tokenizer import GPTNeoXTokenizer  # here: models does not depend on data otherwise
+
+        tokenizer = GPTNeoXTokenizer(os.path.join(lm, "tokenizer.json"))
+    vision_name, vision_config, _, preset = _flamingo_preset(name)
+    with torch.device("meta"):
+        clip = build_model(vision_config)
+    load_pretrained(clip, vision_name, vision_config, vision)
+    lang_model = load_mpt(lm)
+    state_dict = convert.open_flamingo_to_ours(convert.load_open_flamingo_checkpoint(pretrained))
+    trained = {key: value for key, value in state_dict.items() if key.startswith(OPEN_FLAMINGO_TRAINED)}
+    embedding = trained.get("lang_model.token_embedding.weight")
+    if embedding is not None:
+        if embedding.shape[0] != tokenizer.vocab_size:  # the factory resizes the embedding to len(tokenizer)
+            raise ValueError(f"{pretrained}: its token embedding has {embedding.shape[0]} rows and the tokenizer "
+                             f"{tokenizer.vocab_size} ids; OpenFlamingo's are equal (another tokenizer.json?)")
+        lang_model.token_embedding = torch.nn.Embedding(*embedding.shape, device="meta")
+    with torch.device("meta"):
+        model = Flamingo(clip.visual, lang_model, tokenizer.media_id, tokenizer.eoc_id, tokenizer.pad_id, **preset)
+    expected = {key: value for key, value in model.state_dict().items() if key.startswith(OPEN_FLAMINGO_TRAINED)}
+    problems = convert.describe_mismatch(expected, trained)
+    if problems:
+        raise ValueError(f"checkpoint {pretrained!r} does not fit model {name!r} (an OpenFlamingo checkpoint.pt of "
+                         f"this preset holds its resampler, cross-attention blocks and token embedding):\n{problems}")
+    model.load_state_dict(trained, strict=False, assign=True)
+    return model.float().eval()

@@ -517,18 +517,34 @@ OPEN_FLAMINGO_BLOCK_PARTS = (
     (r"^ff\.3\.", "mlp.fc2."),
 )
 # Where a whole Flamingo checkpoint's parts go: `perceiver.` stays; gated block N (placed before LM layer N) goes
-# to `gated_cross_attn_layers.N.`; the rest of `lang_encoder.` (an MPT) to `lang_model.`. OpenFlamingo keeps every
-# gated block and decoder layer twice (`lang_encoder.gated_cross_attn_layers.N` and `old_decoder_blocks.N` besides
-# the `FlamingoLayer` wrappers in `transformer.blocks.N`); the copies in the wrappers are read.
-OPEN_FLAMINGO_BLOCK_PREFIX = re.compile(r"^lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\.")
+# to `gated_cross_attn_layers.N.`; the rest of `lang_encoder.` (an MPT) to `lang_model.`. OpenFlamingo's state
+# dict holds every gated block and decoder layer twice: in the `FlamingoLayer` wrappers (`transformer.blocks.N.
+# gated_cross_attn_layer`, `.decoder_layer`) and in `lang_encoder.gated_cross_attn_layers.N` and
+# `old_decoder_blocks.N`. Its `filter_state_dict_to_trainable` keeps only the wrappers' gated blocks, yet loading
+# the released OpenFlamingo-3B reports exactly those keys missing (open_flamingo issue #210): both copies map to
+# ours. Decoder layers are read from the wrappers.
+OPEN_FLAMINGO_BLOCK_PREFIX = re.compile(
+    r"^lang_encoder\.(?:transformer\.blocks\.(\d+)\.gated_cross_attn_layer|gated_cross_attn_layers\.(\d+))\.")
 OPEN_FLAMINGO_DECODER_LAYER = re.compile(r"^lang_encoder\.transformer\.blocks\.(\d+)\.decoder_layer\.")
-OPEN_FLAMINGO_COPIES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
+OPEN_FLAMINGO_COPIES = ("lang_encoder.old_decoder_blocks.",)
 
 
 def _substitute(key: str, parts: tuple[tuple[str, str], ...]) -> str:
     for pattern, replacement in parts:
         key = re.sub(pattern, replacement, key)
     return key
+
+
+def load_open_flamingo_checkpoint(path: PathLike) -> StateDict:
+    """The state dict of an OpenFlamingo `checkpoint.pt` (OpenFlamingo layout): the released files are one; a
+    training checkpoint of OpenFlamingo's train.py holds it under "model_state_dict"."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_state_dict"), dict):
+        checkpoint = checkpoint["model_state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a state_dict or a dict with 'model_state_dict', got "
+                         f"{type(checkpoint).__name__}")
+    return checkpoint
 
 
 def open_flamingo_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -544,7 +560,7 @@ def open_flamingo_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             key = "perceiver." + _substitute(key.removeprefix("perceiver."), OPEN_FLAMINGO_RESAMPLER_PARTS)
         elif block := OPEN_FLAMINGO_BLOCK_PREFIX.match(key):
             inner = _substitute(key[block.end() :], OPEN_FLAMINGO_BLOCK_PARTS)
-            key = f"gated_cross_attn_layers.{block.group(1)}.{inner}"
+            key = f"gated_cross_attn_layers.{block.group(1) or block.group(2)}.{inner}"
         elif key.startswith("lang_encoder."):
             key = OPEN_FLAMINGO_DECODER_LAYER.sub(r"lang_encoder.transformer.blocks.\1.", key)
             mpt_key = key.removeprefix("lang_encoder.")

@@ -30,6 +30,10 @@ differences from that file:
 layer has none). Deliberate differences from OpenFlamingo: the layers are composed in `logits` instead of mixed
 into a HuggingFace instance at run time (`extend_instance`), and the media of a prompt are passed explicitly
 (no `condition_vis_x` state); the loss masks what OpenFlamingo's MMC4 training masks, for every dataset.
+`vision_final_norm=False` (the OpenFlamingo presets) feeds the resampler the patch tokens before the ViT's final
+LayerNorm: OpenFlamingo takes the tokens of open_clip's `VisionTransformer(output_tokens=True)`, and the open_clip
+of its training (2023) applied `ln_post` to the pooled CLS token only; later open_clip versions
+(`final_ln_after_pool=False`) normalise every token, which the released weights never saw.
 `freeze_for_training` (called by train.py) leaves trainable only the resampler, the cross-attention blocks and
 the `<image>` and `<|endofchunk|>` rows of the token embedding.
 """
@@ -177,7 +181,9 @@ class GatedCrossAttentionBlock(nn.Module):
 # OpenFlamingo-3B: CLIP ViT-L/14 + MPT-1B, cross-attention in every layer, the resampler at the vision width
 # (OpenFlamingo report, Table 1; `open_flamingo/src/factory.py`). Flamingo-tiny: the CPU demo's.
 FLAMINGO_MODELS = {
-    "OpenFlamingo-3B-vitl-mpt1b": dict(vision="ViT-L-14-quickgelu", lm="mpt-1b-redpajama-200b", cross_attn_every_n_layers=1),
+    "OpenFlamingo-3B-vitl-mpt1b": dict(
+        vision="ViT-L-14-quickgelu", lm="mpt-1b-redpajama-200b", cross_attn_every_n_layers=1, vision_final_norm=False,
+    ),
     "Flamingo-tiny": dict(  # a one-layer ViT-tiny: a random frozen encoder gains nothing from depth
         vision="ViT-tiny", vision_layers=1, lm="lm-tiny", cross_attn_every_n_layers=1, perceiver_depth=2, perceiver_heads=4,
         perceiver_dim_head=32, num_latents=8, heads=4, dim_head=32, ff_mult=2,
@@ -204,9 +210,11 @@ class Flamingo(nn.Module):
         dim_head: int = 64,
         ff_mult: int = 4,
         only_attend_immediate_media: bool = True,
+        vision_final_norm: bool = True,
     ):
         super().__init__()
         self.media_token_id, self.eoc_token_id, self.pad_token_id = media_token_id, eoc_token_id, pad_token_id
+        self.vision_final_norm = vision_final_norm
         vis_dim = vision_encoder.transformer.width
         lang_dim = lang_model.token_embedding.embedding_dim
         self.vision_encoder = vision_encoder
@@ -226,7 +234,8 @@ class Flamingo(nn.Module):
         """images (B, T_media, 3, H, W) -> resampled visual tokens (B, T_media, num_latents, vis_dim)."""
         batch = images.shape[0]
         with torch.no_grad():  # the vision encoder is frozen: no activations kept for it
-            tokens = self.vision_encoder.forward_features(images.flatten(0, 1))[:, 1:]  # (B * T_media, HW, vis_dim)
+            tokens = self.vision_encoder.forward_features(images.flatten(0, 1), self.vision_final_norm)
+        tokens = tokens[:, 1:]  # (B * T_media, HW, vis_dim): the patch tokens
         tokens = rearrange(tokens, "(b t) v d -> b t 1 v d", b=batch)  # an image is a one-frame video
         return self.perceiver(tokens)
 

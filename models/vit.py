@@ -74,14 +74,15 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> normalised tokens (B, 1 + HW, width), CLS first."""
+    def forward_features(self, images: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) -> tokens (B, 1 + HW, width), CLS first, normalised unless `final_norm=False` (the patch
+        tokens OpenFlamingo's models were trained on: see `models.flamingo.Flamingo`)."""
         x = self.patch_embed(images)  # (B, HW, width)
         cls_token = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, width)
         x = torch.cat([cls_token, x], dim=1) + self.pos_embed  # (B, 1 + HW, width)
         x = self.norm_pre(x)
         x = self.transformer(x)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image embedding (B, output_dim), the CLS token projected."""
