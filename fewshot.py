@@ -27,9 +27,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data import has_questions, map_style_dataset
+from data import build_dataset, has_questions, map_style_dataset
 from data.image_files import ImageFiles
-from data.interleaved import END_OF_CHUNK, MEDIA, ShapesICL, caption_prompt, vqa_prompt
+from data.interleaved import END_OF_CHUNK, MEDIA, WORDS_QUESTION, ShapesICL, caption_prompt, vqa_prompt
 from data.transforms import image_transform
 from metrics.caption import caption_scores
 from metrics.vqa import normalize_answer, vqa_accuracy
@@ -217,11 +217,45 @@ def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, sh
             "demonstrations": "rices" if rices else "random", "prompts": prompts, "shots": results}
 
 
+@torch.no_grad()
+def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300, batch_size: int = 64) -> dict:
+    """Whether a language model (stage 1 of the Flamingo demo) reads shapes_icl's in-context rule from text: over the
+    `words` episodes among the first `episodes` of a shapes_icl spec, in the text the model trains on (each image
+    replaced by its colour word), the percentage of answers whose first token it predicts (teacher-forced, greedy):
+    `words_seen_accuracy` for answers whose colour an earlier pair of the episode showed (the context reveals the
+    word), `words_unseen_accuracy` for first occurrences (it cannot: 1 in 24 at chance, 0 for a model that copies).
+    A Flamingo can only learn in context what its frozen language model does here."""
+    data = build_dataset(spec)
+    if not isinstance(data, ShapesICL):
+        raise ValueError(f"words_rule_accuracy needs a shapes_icl spec; got {spec!r}")
+    chosen = [i for i in range(min(episodes, len(data))) if data.kind(i) == "words"]
+    marker = tokenizer.encode(vqa_prompt(WORDS_QUESTION).split(WORDS_QUESTION)[1].strip())  # "Short answer:"
+    hits = {"seen": [0, 0], "unseen": [0, 0]}
+    for start in range(0, len(chosen), batch_size):
+        indices = chosen[start : start + batch_size]
+        tokens = tokenizer([data.text_only(i) for i in indices])
+        predicted = model(tokens.to(device)).argmax(-1).cpu()  # (B, T): the next token at every position
+        for row, guesses, index in zip(tokens.tolist(), predicted.tolist(), indices):
+            ends = [p + len(marker) - 1 for p in range(len(row)) if row[p : p + len(marker)] == marker]
+            seen = set()
+            for end, color in zip(ends, data.colors(index)):  # one answer per pair, in order
+                if end + 1 < len(row) and row[end + 1] != tokenizer.pad_id:  # not cut by the context length
+                    bucket = hits["seen" if color in seen else "unseen"]
+                    bucket[0] += int(guesses[end] == row[end + 1])
+                    bucket[1] += 1
+                seen.add(color)
+    return {f"words_{name}_accuracy": 100.0 * right / max(count, 1) for name, (right, count) in hits.items()}
+
+
 def evaluate_run(cfg, model, tokenizer, device) -> dict:
-    """What train.py reports at the end of a Flamingo run: few-shot VQA on data.val (0 and 4 shots, one seed); a
-    language model's run reports nothing (its text task is measured through the Flamingo built on it)."""
-    if not hasattr(model, "perceiver") or not cfg.data.val:
+    """What train.py reports at the end of a run on shapes_icl: a Flamingo's few-shot VQA on data.val (0 and 4 shots,
+    one seed); a language model's `words_rule_accuracy` on data.val (what the Flamingo built on it can learn)."""
+    if not cfg.data.val:
         return {}
+    if not hasattr(model, "perceiver"):
+        if not cfg.data.val.startswith("shapes_icl:"):
+            return {}
+        return {f"val/{name}": value for name, value in words_rule_accuracy(model, tokenizer, cfg.data.val, device).items()}
     scores = evaluate(model, tokenizer, cfg.data.val, "fewshot_vqa", cfg.data.image_size, device, shots=(0, 4),
                       seeds=(0,), options=cfg.data, log=None)
     return {f"val/fewshot_vqa_{shots}": value["mean"] for shots, value in scores["shots"].items()}

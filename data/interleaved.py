@@ -103,22 +103,36 @@ class ShapesICL(Dataset):
             colors.append(color)
         return scenes, texts, colors
 
+    def kind(self, index: int) -> str:
+        """Episode `index`'s kind, one of EPISODE_KINDS."""
+        return self._episode(index)[0]
+
+    def colors(self, index: int) -> list[str]:
+        """The main shape's colour of each image of episode `index`, in order."""
+        return self._pairs(index)[2]
+
     def text_only(self, index: int) -> str:
         """The episode for a language model: each `<image>` replaced by the main shape's colour."""
         _, texts, colors = self._pairs(index)
-        return "".join(text.replace(MEDIA, color, 1) for text, color in zip(texts, colors))
+        return _text_only(texts, colors)
 
     def __getitem__(self, index: int) -> dict:
         scenes, texts, colors = self._pairs(index)
         return {"images": [render(scene, self.image_size) for scene in scenes], "text": "".join(texts),
-                "text_only": "".join(text.replace(MEDIA, color, 1) for text, color in zip(texts, colors)),
-                "key": f"shapes_icl/{self.split}/{self.seed}/{index}"}
+                "text_only": _text_only(texts, colors), "key": f"shapes_icl/{self.split}/{self.seed}/{index}"}
 
     def example(self, shape_index: int, episode: int) -> dict:
         """Shapes image `shape_index` (of the whole split) asked "what colour?", answered in episode's words."""
         scene, caption, _, _ = self._describe(shape_index)
         return {"image": render(scene, self.image_size), "question": WORDS_QUESTION, "caption": caption,
                 "answers": [self.words(episode)[scene.objects[0].color]]}
+
+
+def _text_only(texts: list[str], colors: list[str]) -> str:
+    """Pair texts with each `<image>` replaced by its colour word, after a space: sentencepiece then writes every
+    colour as the same word piece (`▁red`), also right after an `<|endofchunk|>`, where a bare `red` would be
+    another piece than the first pair's."""
+    return "".join(text.replace(MEDIA, f" {color}", 1) for text, color in zip(texts, colors))
 
 
 def document_text(texts: list, has_image: list[bool]) -> str:

@@ -134,3 +134,39 @@ def test_fewshot_evaluation_json(tokenizer):
     rices = fewshot.evaluate(model, tokenizer, "shapes:val:6", "fewshot_caption", 32, "cpu", shots=(2,), seeds=(0,),
                              rices=True, num_queries=3, log=None)
     assert rices["demonstrations"] == "rices" and rices["shots"]["2"]["mean"] >= 0
+
+
+def test_text_only_writes_every_colour_as_one_piece(tokenizer):
+    dataset = build_dataset("shapes_icl:train:50", 32)
+    for index in [i for i in range(30) if dataset.kind(i) == "words"]:  # (captions name colours too)
+        pieces = tokenizer._processor.encode_as_pieces(dataset.text_only(index))
+        colors = dataset.colors(index)
+        assert [piece for piece in pieces if piece.lstrip("▁") in set(colors)] == [f"▁{c}" for c in colors]
+
+
+class Oracle(torch.nn.Module):
+    """Predicts each next token right, reading it from the input (teacher forcing)."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        following = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+        return torch.nn.functional.one_hot(following, self.vocab_size).float()
+
+
+def test_words_rule_accuracy_counts_seen_and_unseen_answers(tokenizer):
+    oracle = fewshot.words_rule_accuracy(Oracle(tokenizer.vocab_size), tokenizer, "shapes_icl:val:60", "cpu",
+                                         batch_size=7)
+    assert oracle == {"words_seen_accuracy": 100.0, "words_unseen_accuracy": 100.0}
+
+    class Constant(Oracle):  # always the first colour word of WORDS: right only where that is the answer
+        def forward(self, tokens):
+            return torch.nn.functional.one_hot(torch.full_like(tokens, tokenizer.encode("dax")[-1]),
+                                               self.vocab_size).float()
+
+    constant = fewshot.words_rule_accuracy(Constant(tokenizer.vocab_size), tokenizer, "shapes_icl:val:60", "cpu")
+    assert 0 <= constant["words_seen_accuracy"] < 40 and 0 <= constant["words_unseen_accuracy"] < 40
+    with pytest.raises(ValueError, match="needs a shapes_icl spec"):
+        fewshot.words_rule_accuracy(Oracle(4), tokenizer, "shapes:val:4", "cpu")
