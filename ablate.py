@@ -377,6 +377,9 @@ def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
         axes.set_xticks(range(len(categories)), categories)
     elif options.get("xscale"):
         axes.set_xscale(options["xscale"])
+        ticks = sorted({_plot_x(x) for points in lines.values() for x, _ in points})
+        axes.set_xticks(ticks, [f"{tick:g}" for tick in ticks])  # the measured values, not 3x10^1, 4x10^1, ...
+        axes.minorticks_off()
     axes.set_xlabel(options.get("xlabel", x_key))
     axes.set_ylabel(options.get("ylabel", y_key))
     axes.set_title(f"{spec['name']} (mean ± std over seeds)")
