@@ -40,6 +40,7 @@ class TextPredictor(nn.Module):
         self.visual = visual
         if objective == "caption":
             self.text = text
+            self.text.proj = None  # CLIP's pooled-embedding projection: a caption decoder predicts every token
             self.image_proj = nn.Linear(visual.output_dim, text.token_embedding.embedding_dim)
         else:
             self.bow_head = nn.Linear(visual.output_dim, vocab_size)

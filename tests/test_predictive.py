@@ -107,3 +107,10 @@ def test_predictive_objectives_refuse_what_they_cannot_do():
     assert "loss.name=bow" in train.check_config(cfg) and "train.strategy=ddp" in train.check_config(cfg)
     cfg.train.strategy, cfg.model.name = "ddp", "BLIP-tiny"
     assert "model.name is 'BLIP-tiny'" in train.check_config(cfg)
+
+
+@pytest.mark.parametrize("objective", ["caption", "bow"])
+def test_every_parameter_gets_a_gradient(objective):  # what DDP without find_unused_parameters needs
+    model = predictor(objective).train()
+    model(torch.randn(2, 3, 32, 32), captions()[:2])[objective].backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
