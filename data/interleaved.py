@@ -13,9 +13,9 @@ image after the first closes the previous chunk, and the last chunk is closed at
 writes each pair in OpenFlamingo's few-shot prompts (`<image>Output: {caption}<|endofchunk|>`,
 `<image>Question: {q} Short answer: {a}<|endofchunk|>`), with one deliberate difference: a space after `<image>`,
 so that sentencepiece splits the next word as it does inside text. Episode kinds:
-- `words` (60%): the answer to "what colour?" is the main shape's colour in a made-up language drawn for the
+- `words` (80%, 5-9 pairs): the answer to "what colour?" is the main shape's colour in a made-up language drawn for the
   episode (a mapping of the six colours to six of WORDS); only the earlier pairs of the episode reveal it;
-- `vqa` (20%) and `caption` (20%): the shapes questions and captions.
+- `vqa` (10%) and `caption` (10%), 2-9 pairs: the shapes questions and captions.
 `text_only` (a language model's training text) replaces each `<image>` by the main shape's colour word: the
 language model learns the episodes' in-context rule from text, and Flamingo learns to put images in its place.
 
@@ -39,9 +39,10 @@ MEDIA, END_OF_CHUNK = "<image>", "<|endofchunk|>"
 WORDS = ("dax", "wug", "blick", "fep", "toma", "zup", "kiki", "bouba", "glorp", "mib", "rast", "yoff",
          "lorp", "snib", "vask", "tupa", "nerk", "pim", "quoz", "drel", "mog", "teb", "sorn", "gavo")
 EPISODE_KINDS = ("words", "vqa", "caption")
-EPISODE_WEIGHTS = (0.6, 0.2, 0.2)
+EPISODE_WEIGHTS = (0.8, 0.1, 0.1)
 WORDS_QUESTION = "what colour?"
 MAX_PAIRS = 9  # a query after 8 demonstrations
+MIN_PAIRS = {"words": 5, "vqa": 2, "caption": 2}  # words: at least 5, so most episodes repeat a colour
 
 
 def caption_prompt(caption: str = "") -> str:
@@ -84,7 +85,7 @@ class ShapesICL(Dataset):
     def _episode(self, index: int) -> tuple[str, list[int]]:
         rng = self._rng(index, 0)
         kind = EPISODE_KINDS[rng.choice(len(EPISODE_KINDS), p=EPISODE_WEIGHTS)]
-        shape_indices = rng.integers(len(self.shapes), size=int(rng.integers(2, MAX_PAIRS + 1)))
+        shape_indices = rng.integers(len(self.shapes), size=int(rng.integers(MIN_PAIRS[kind], MAX_PAIRS + 1)))
         return kind, [int(i) for i in shape_indices]
 
     def _pairs(self, index: int) -> tuple[list, list[str], list[str]]:
