@@ -29,7 +29,7 @@ import torch
 
 from data import build_dataset, has_questions, map_style_dataset
 from data.image_files import ImageFiles
-from data.interleaved import END_OF_CHUNK, MEDIA, WORDS_QUESTION, ShapesICL, caption_prompt, vqa_prompt
+from data.interleaved import ANSWER_CUE, END_OF_CHUNK, MEDIA, ShapesICL, caption_prompt, vqa_prompt
 from data.transforms import image_transform
 from metrics.caption import caption_scores
 from metrics.vqa import normalize_answer, vqa_accuracy
@@ -229,7 +229,7 @@ def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300
     if not isinstance(data, ShapesICL):
         raise ValueError(f"words_rule_accuracy needs a shapes_icl spec; got {spec!r}")
     chosen = [i for i in range(min(episodes, len(data))) if data.kind(i) == "words"]
-    marker = tokenizer.encode(vqa_prompt(WORDS_QUESTION).split(WORDS_QUESTION)[1].strip())  # "Short answer:"
+    marker = tokenizer.encode(ANSWER_CUE)
     hits = {"seen": [0, 0], "unseen": [0, 0]}
     for start in range(0, len(chosen), batch_size):
         indices = chosen[start : start + batch_size]
@@ -255,7 +255,8 @@ def evaluate_run(cfg, model, tokenizer, device) -> dict:
     if not hasattr(model, "perceiver"):
         if not cfg.data.val.startswith("shapes_icl:"):
             return {}
-        return {f"val/{name}": value for name, value in words_rule_accuracy(model, tokenizer, cfg.data.val, device).items()}
+        accuracies = words_rule_accuracy(model, tokenizer, cfg.data.val, device)
+        return {f"val/{name}": value for name, value in accuracies.items()}
     scores = evaluate(model, tokenizer, cfg.data.val, "fewshot_vqa", cfg.data.image_size, device, shots=(0, 4),
                       seeds=(0,), options=cfg.data, log=None)
     return {f"val/fewshot_vqa_{shots}": value["mean"] for shots, value in scores["shots"].items()}

@@ -37,7 +37,8 @@ from data.bad_samples import BadSampleCount
 from data.tokenizer import (PAD_ID, TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
                             train_sentencepiece)
 from losses import clip_loss, lm_labels, lm_loss, siglip_loss
-from models import BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, PREDICTIVE_OBJECTIVES, model_from_config, model_inputs
+from models import (BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, PREDICTIVE_OBJECTIVES, model_from_config,
+                    model_inputs)
 from models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from models.flamingo import freeze_for_training
 

@@ -41,6 +41,7 @@ WORDS = ("dax", "wug", "blick", "fep", "toma", "zup", "kiki", "bouba", "glorp", 
 EPISODE_KINDS = ("words", "vqa", "caption")
 EPISODE_WEIGHTS = (0.8, 0.1, 0.1)
 WORDS_QUESTION = "what colour?"
+ANSWER_CUE = "Short answer:"  # OpenFlamingo's VQA prompt: the answer follows it
 MAX_PAIRS = 9  # a query after 8 demonstrations
 MIN_PAIRS = {"words": 5, "vqa": 2, "caption": 2}  # words: at least 5, so most episodes repeat a colour
 
@@ -50,7 +51,7 @@ def caption_prompt(caption: str = "") -> str:
 
 
 def vqa_prompt(question: str, answer: str = "") -> str:
-    return f"{MEDIA} Question: {question} Short answer: {answer}"
+    return f"{MEDIA} Question: {question} {ANSWER_CUE} {answer}"
 
 
 class ShapesICL(Dataset):

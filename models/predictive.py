@@ -78,8 +78,8 @@ class TextPredictor(nn.Module):
 
     @torch.no_grad()
     def log_likelihoods(self, features: torch.Tensor, tokens: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """(B, D) image features, (M, T) texts -> (B, M): each text's mean log-probability per word given each image
-        (captions: of its tokens after bos, eos included; bags of words: of its words)."""
+        """(B, D) image features, (M, T) texts -> (B, M): each text's mean log-probability per token given each image
+        (captions: its tokens after bos, eos included; bags of words: its words, without bos and eos)."""
         if self.objective == "bow":
             log_probs = F.log_softmax(full_precision(self.bow_head(features)), dim=-1)  # (B, V)
             words = self.word_mask(tokens).to(log_probs.dtype)  # (M, T)
@@ -92,11 +92,11 @@ class TextPredictor(nn.Module):
         for image_features in features.split(chunk):  # every image against every text
             batch = image_features.repeat_interleave(len(tokens), dim=0)  # (b * M, D)
             logits = self.caption_logits(batch, tokens.repeat(len(image_features), 1))[:, :-1]
-            log_probs = full_precision(logits).log_softmax(-1).gather(-1, labels.clamp_min(0).repeat(len(image_features), 1)[..., None])
-            log_probs = log_probs.squeeze(-1).view(len(image_features), *labels.shape)  # (b, M, T-1)
+            targets = labels.clamp_min(0).repeat(len(image_features), 1)[..., None]  # (b * M, T-1, 1)
+            log_probs = full_precision(logits).log_softmax(-1).gather(-1, targets)
+            log_probs = log_probs.view(len(image_features), *labels.shape)  # (b, M, T-1)
             scores.append((log_probs * labelled).sum(-1) / labelled.sum(-1).clamp_min(1))
         return torch.cat(scores)
-
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ def test_caption_loss_is_next_token_cross_entropy_over_the_words():
     for row, caption in enumerate(tokens):  # one prefix at a time: position t sees the image and tokens <= t only
         length = int((caption != PAD).sum())
         for t in range(length - 1):
-            hidden = model.text.forward_features(caption[None, : t + 1], first=model.image_proj(features[row : row + 1]))
+            image = model.image_proj(features[row : row + 1])
+            hidden = model.text.forward_features(caption[None, : t + 1], first=image)
             logits = hidden[0, -1] @ model.text.token_embedding.weight.T
             total -= F.log_softmax(logits, -1)[caption[t + 1]].item()
             count += 1
