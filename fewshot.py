@@ -29,7 +29,8 @@ import torch
 
 from data import build_dataset, has_questions, map_style_dataset
 from data.image_files import ImageFiles
-from data.interleaved import ANSWER_CUE, END_OF_CHUNK, MEDIA, ShapesICL, caption_prompt, vqa_prompt
+from data.interleaved import (ANSWER_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
+                              vqa_prompt)
 from data.transforms import image_transform
 from metrics.caption import caption_scores
 from metrics.vqa import normalize_answer, vqa_accuracy
@@ -171,8 +172,8 @@ def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, s
             truths[query] = target["answers"] if task == "fewshot_vqa" else target["captions"]
         length = max(map(len, prompt_ids))
         if length + max_new_tokens > model.lang_model.context_length:
-            raise ValueError(f"{shots}-shot prompts reach {length} tokens, + {max_new_tokens} to generate: more than the "
-                             f"language model's {model.lang_model.context_length}; use fewer --shots")
+            raise ValueError(f"{shots}-shot prompts reach {length} tokens, + {max_new_tokens} to generate: more "
+                             f"than the language model's {model.lang_model.context_length}; use fewer --shots")
         tokens = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompt_ids])  # padded on the left
         new = model.generate(torch.stack(images).to(device), tokens.to(device), max_new_tokens=max_new_tokens,
                              num_beams=num_beams, length_penalty=0.0)
@@ -218,46 +219,78 @@ def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, sh
 
 
 @torch.no_grad()
-def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300, batch_size: int = 64) -> dict:
-    """Whether a language model (stage 1 of the Flamingo demo) reads shapes_icl's in-context rule from text: over the
-    `words` episodes among the first `episodes` of a shapes_icl spec, in the text the model trains on (each image
-    replaced by its colour word), the percentage of answers whose first token it predicts (teacher-forced, greedy):
+def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300, batch_size: int = 64,
+                        image_size: int = 64) -> dict:
+    """Whether a model reads shapes_icl's in-context rule: over the `words` episodes among the first `episodes` of a
+    shapes_icl spec, the percentage of answers whose first token it predicts (teacher-forced, greedy):
     `words_seen_accuracy` for answers whose colour an earlier pair of the episode showed (the context reveals the
     word), `words_unseen_accuracy` for first occurrences (it cannot: 1 in 24 at chance, 0 for a model that copies).
+
+    Two numbers say whether a seen-colour answer was read or guessed: `words_copy_rate`, the share of seen-colour
+    answers predicted as one of the episode's earlier answers, and `words_copy_chance`, the seen accuracy of a model
+    that copies one of the earlier distinct answers at random (ignoring the colours). A model reads the rule only
+    where words_seen_accuracy is well above words_copy_chance.
+
+    A language model (stage 1 of the Flamingo demo) reads the text it trains on (each image replaced by its colour
+    word); a Flamingo reads the interleaved episodes with their images, and again with each episode given the
+    images of the next episode in its batch (`*_shuffled`): if the two agree, the Flamingo does not use its images.
     A Flamingo can only learn in context what its frozen language model does here."""
     data = build_dataset(spec)
     if not isinstance(data, ShapesICL):
         raise ValueError(f"words_rule_accuracy needs a shapes_icl spec; got {spec!r}")
+    flamingo = hasattr(model, "perceiver")
     chosen = [i for i in range(min(episodes, len(data))) if data.kind(i) == "words"]
     marker = tokenizer.encode(ANSWER_CUE)
-    hits = {"seen": [0, 0], "unseen": [0, 0]}
+    runs = ("", "_shuffled") if flamingo else ("",)
+    hits = {run: {"seen": [0, 0], "unseen": [0, 0], "copied": [0, 0]} for run in runs}
+    chance = []
     for start in range(0, len(chosen), batch_size):
         indices = chosen[start : start + batch_size]
-        tokens = tokenizer([data.text_only(i) for i in indices])
-        predicted = model(tokens.to(device)).argmax(-1).cpu()  # (B, T): the next token at every position
-        for row, guesses, index in zip(tokens.tolist(), predicted.tolist(), indices):
+        if flamingo:
+            batch = InterleavedCollate(tokenizer, image_size, tokenizer.context_length)([data[i] for i in indices])
+            tokens, images = batch["tokens"].to(device), batch["images"].to(device)
+            predicted = {run: model.logits(tokens, model.encode_media(media)).argmax(-1).cpu()
+                         for run, media in (("", images), ("_shuffled", images.roll(1, dims=0)))}
+        else:
+            tokens = tokenizer([data.text_only(i) for i in indices])
+            predicted = {"": model(tokens.to(device)).argmax(-1).cpu()}  # (B, T): the next token at every position
+        for b, (row, index) in enumerate(zip(tokens.tolist(), indices)):
             ends = [p + len(marker) - 1 for p in range(len(row)) if row[p : p + len(marker)] == marker]
-            seen = set()
-            for end, color in zip(ends, data.colors(index)):  # one answer per pair, in order
-                if end + 1 < len(row) and row[end + 1] != tokenizer.pad_id:  # not cut by the context length
-                    bucket = hits["seen" if color in seen else "unseen"]
+            answers = [(end, color) for end, color in zip(ends, data.colors(index))  # one answer per pair, in order
+                       if end + 1 < len(row) and row[end + 1] != tokenizer.pad_id]  # not cut by the context length
+            for run in runs:
+                guesses, seen, earlier = predicted[run][b].tolist(), set(), set()
+                for end, color in answers:
+                    bucket = hits[run]["seen" if color in seen else "unseen"]
                     bucket[0] += int(guesses[end] == row[end + 1])
                     bucket[1] += 1
-                seen.add(color)
-    return {f"words_{name}_accuracy": 100.0 * right / max(count, 1) for name, (right, count) in hits.items()}
+                    if color in seen:
+                        hits[run]["copied"][0] += int(guesses[end] in earlier)
+                        hits[run]["copied"][1] += 1
+                        if not run:
+                            chance.append(1 / len(seen))  # the earlier distinct answers: one per distinct colour
+                    seen.add(color)
+                    earlier.add(row[end + 1])
+    names = {"seen": "seen_accuracy", "unseen": "unseen_accuracy", "copied": "copy_rate"}
+    scores = {f"words_{names[name]}{run}": 100.0 * right / max(count, 1)
+              for run, counts in hits.items() for name, (right, count) in counts.items()}
+    scores["words_copy_chance"] = 100.0 * sum(chance) / max(len(chance), 1)
+    return scores
 
 
 def evaluate_run(cfg, model, tokenizer, device) -> dict:
-    """What train.py reports at the end of a run on shapes_icl: a Flamingo's few-shot VQA on data.val (0 and 4 shots,
-    one seed); a language model's `words_rule_accuracy` on data.val (what the Flamingo built on it can learn)."""
+    """What train.py reports at the end of a run on shapes_icl: `words_rule_accuracy` on data.val (for a language
+    model, what the Flamingo built on it can learn; for a Flamingo, whether it uses its images) and a Flamingo's
+    few-shot VQA on data.val (0 and 4 shots, one seed)."""
     if not cfg.data.val:
         return {}
-    if not hasattr(model, "perceiver"):
-        if not cfg.data.val.startswith("shapes_icl:"):
-            return {}
-        accuracies = words_rule_accuracy(model, tokenizer, cfg.data.val, device)
-        return {f"val/{name}": value for name, value in accuracies.items()}
-    scores = evaluate(model, tokenizer, cfg.data.val, "fewshot_vqa", cfg.data.image_size, device, shots=(0, 4),
-                      seeds=(0,), options=cfg.data, log=None)
-    return {f"val/fewshot_vqa_{shots}": value["mean"] for shots, value in scores["shots"].items()}
+    scores = {}
+    if cfg.data.val.startswith("shapes_icl:"):
+        accuracies = words_rule_accuracy(model, tokenizer, cfg.data.val, device, image_size=cfg.data.image_size)
+        scores.update({f"val/{name}": value for name, value in accuracies.items()})
+    if hasattr(model, "perceiver"):
+        fewshot = evaluate(model, tokenizer, cfg.data.val, "fewshot_vqa", cfg.data.image_size, device, shots=(0, 4),
+                           seeds=(0,), options=cfg.data, log=None)
+        scores.update({f"val/fewshot_vqa_{shots}": value["mean"] for shots, value in fewshot["shots"].items()})
+    return scores
 

@@ -157,9 +157,16 @@ class Oracle(torch.nn.Module):
 
 
 def test_words_rule_accuracy_counts_seen_and_unseen_answers(tokenizer):
-    oracle = fewshot.words_rule_accuracy(Oracle(tokenizer.vocab_size), tokenizer, "shapes_icl:val:60", "cpu",
+    whole = SentencePieceTokenizer(tokenizer.model_path, context_length=160)  # no episode cut: every answer counts
+    oracle = fewshot.words_rule_accuracy(Oracle(tokenizer.vocab_size), whole, "shapes_icl:val:60", "cpu",
                                          batch_size=7)
-    assert oracle == {"words_seen_accuracy": 100.0, "words_unseen_accuracy": 100.0}
+    # copying one of the earlier distinct answers at random: 1 / (distinct colours before) per seen-colour answer
+    data, chances = build_dataset("shapes_icl:val:60"), []
+    for index in (i for i in range(60) if data.kind(i) == "words"):
+        colors = data.colors(index)
+        chances += [1 / len(set(colors[:k])) for k in range(len(colors)) if colors[k] in colors[:k]]
+    assert oracle.pop("words_copy_chance") == pytest.approx(100 * sum(chances) / len(chances))
+    assert oracle == {"words_seen_accuracy": 100.0, "words_unseen_accuracy": 100.0, "words_copy_rate": 100.0}
 
     class Constant(Oracle):  # always the first colour word of WORDS: right only where that is the answer
         def forward(self, tokens):
@@ -168,5 +175,33 @@ def test_words_rule_accuracy_counts_seen_and_unseen_answers(tokenizer):
 
     constant = fewshot.words_rule_accuracy(Constant(tokenizer.vocab_size), tokenizer, "shapes_icl:val:60", "cpu")
     assert 0 <= constant["words_seen_accuracy"] < 40 and 0 <= constant["words_unseen_accuracy"] < 40
+    assert constant["words_copy_rate"] < 60  # "dax" is an earlier answer only in episodes that drew it
     with pytest.raises(ValueError, match="needs a shapes_icl spec"):
         fewshot.words_rule_accuracy(Oracle(4), tokenizer, "shapes:val:4", "cpu")
+
+
+def test_words_rule_accuracy_of_a_flamingo_compares_true_and_shuffled_images(tokenizer):
+    class Reader(torch.nn.Module):  # a Flamingo that knows each answer from its image alone (the main colour)
+        perceiver = None
+
+        def __init__(self):
+            super().__init__()
+            self.data = build_dataset("shapes_icl:val:60")  # as words_rule_accuracy builds it
+
+        def encode_media(self, images):
+            return images
+
+        def logits(self, tokens, media):  # right wherever the images are the tokens' own (an identity check)
+            own = torch.stack([m.flatten(1).sum(1) for m in media])
+            following = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)
+            right = torch.nn.functional.one_hot(following, tokenizer.vocab_size).float()
+            wrong = torch.nn.functional.one_hot(torch.zeros_like(tokens), tokenizer.vocab_size).float()
+            matches = torch.tensor([bool(torch.equal(a, b)) for a, b in zip(own, self.own)])[:, None, None]
+            return torch.where(matches, right, wrong)
+
+    reader = Reader()
+    items = [reader.data[i] for i in range(60) if reader.data.kind(i) == "words"]
+    reader.own = torch.stack([m.flatten(1).sum(1) for m in InterleavedCollate(tokenizer, 32, 96)(items)["images"]])
+    scores = fewshot.words_rule_accuracy(reader, tokenizer, "shapes_icl:val:60", "cpu", batch_size=64, image_size=32)
+    assert scores["words_seen_accuracy"] == 100.0 and scores["words_unseen_accuracy"] == 100.0
+    assert scores["words_seen_accuracy_shuffled"] == 0.0 and scores["words_copy_rate_shuffled"] == 0.0
