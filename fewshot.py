@@ -233,7 +233,8 @@ def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300
 
     A language model (stage 1 of the Flamingo demo) reads the text it trains on (each image replaced by its colour
     word); a Flamingo reads the interleaved episodes with their images, and again with each episode given the
-    images of the next episode in its batch (`*_shuffled`): if the two agree, the Flamingo does not use its images.
+    images of the previous episode in its batch (`*_shuffled`; a batch of one episode has no other to borrow from):
+    if the two agree, the Flamingo does not use its images.
     A Flamingo can only learn in context what its frozen language model does here."""
     data = build_dataset(spec)
     if not isinstance(data, ShapesICL):
