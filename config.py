@@ -16,6 +16,7 @@ class ModelConfig:
     name: str = "ViT-tiny"  # a preset of models.MODELS
     grad_checkpointing: bool = False
     drop_path: float = 0.0
+    vit_stem: str = "patch"  # ViT image towers (CLIP, BLIP): patch (the papers') | conv (a convolutional stem, Xiao et al. 2021)
     sync_bn: bool = False  # BatchNorm statistics over all processes (the ResNet towers), so any world size trains one model
     init_temperature: float = 0.0  # softmax temperature at init; 0: the loss's default (clip 0.07, siglip 0.1)
     blip_momentum: float = 0.995  # BLIP: EMA rate of the momentum encoders

@@ -41,6 +41,7 @@ from models import (BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, PREDICTIVE_
                     model_inputs)
 from models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from models.flamingo import freeze_for_training
+from models.layers import VIT_STEMS
 
 ALL_MODELS = {**MODELS, **BLIP_MODELS, **LM_MODELS, **FLAMINGO_MODELS}
 
@@ -271,6 +272,10 @@ def check_config(cfg, world_size: int = 1) -> str | None:
     if cfg.train.batch_size % per_step:
         return (f"train.batch_size={cfg.train.batch_size} must divide evenly into {world_size} processes x "
                 f"{cfg.train.accum_steps} accumulation steps (train.accum_steps); e.g. {per_step * max(1, round(cfg.train.batch_size / per_step))}")
+    if cfg.model.vit_stem not in VIT_STEMS:
+        return f"model.vit_stem must be one of {', '.join(VIT_STEMS)}; got '{cfg.model.vit_stem}'"
+    if cfg.model.vit_stem != "patch" and not (is_blip(cfg) or getattr(MODELS.get(cfg.model.name), "patch_size", None)):
+        return f"model.vit_stem={cfg.model.vit_stem} needs a ViT image tower (a CLIP ViT or a BLIP preset); model.name is '{cfg.model.name}'"
     if is_blip(cfg):
         if cfg.train.accum_steps != 1:
             return ("train.accum_steps must be 1 for BLIP: every forward updates the momentum encoders and the "

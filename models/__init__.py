@@ -64,6 +64,7 @@ class CLIPConfig:
     drop_path: float = 0.0
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: Optional[float] = None
+    vision_stem: str = "patch"  # ViT: patch (one strided convolution) | conv (models.layers.ConvStem)
 
 
 # fmt: off
@@ -89,7 +90,7 @@ MODELS = {
 
 OVERRIDES = (
     "image_size", "vocab_size", "context_length", "pad_id", "act_layer", "embed_dim",
-    "init_logit_scale", "init_logit_bias", "drop_path", "grad_checkpointing",
+    "init_logit_scale", "init_logit_bias", "drop_path", "grad_checkpointing", "vision_stem",
 )  # fmt: skip
 
 
@@ -106,7 +107,7 @@ def infer_preset(state_dict: dict) -> Optional[str]:
 
 
 BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "grad_checkpointing", "tokenizer",
-                  "momentum_encoders", "momentum", "queue_size", "itm_uniform")
+                  "momentum_encoders", "momentum", "queue_size", "itm_uniform", "vision_stem")
 
 
 FLAMINGO_OVERRIDES = ("vision", "lm", "tokenizer")
@@ -180,7 +181,8 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
                              image_size=cfg.data.image_size, drop_path=cfg.model.drop_path,
                              grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
                              momentum_encoders=momentum and not run_checkpoint, momentum=cfg.model.blip_momentum,
-                             queue_size=queue_size, itm_uniform=cfg.model.blip_itm_uniform)
+                             queue_size=queue_size, itm_uniform=cfg.model.blip_itm_uniform,
+                             vision_stem=cfg.model.vit_stem)
         model.objectives = objectives
         if run_checkpoint:
             load_run_weights(model, start)
@@ -199,6 +201,7 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
         pad_id=tokenizer.pad_id,
         grad_checkpointing=cfg.model.grad_checkpointing,
         drop_path=cfg.model.drop_path,
+        vision_stem=cfg.model.vit_stem,
         **extra,
     )
     if cfg.loss.name in PREDICTIVE_OBJECTIVES:  # the objective ablation's baselines: CLIP's towers, no contrast
@@ -257,6 +260,7 @@ def build_model(config: CLIPConfig) -> CLIP:
             output_dim=config.embed_dim,
             act_layer=act_layer,
             drop_path=config.drop_path,
+            stem=config.vision_stem,
         )
     text = TextTransformer(
         vocab_size=config.vocab_size,

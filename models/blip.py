@@ -84,6 +84,7 @@ class BLIPConfig:
     momentum: float = 0.995
     queue_size: int = 57600
     itm_uniform: float = 0.0  # share of ITM negatives drawn uniformly instead of by ITC similarity (0 = BLIP)
+    vision_stem: str = "patch"  # ViT stem: patch (BLIP's) | conv (models.layers.ConvStem; for training from scratch)
 
 
 # Paper section 4.1 and salesforce/BLIP `models/blip.py::create_vit`: ViT-B/16 or ViT-L/16 (drop-path 0.1) with
@@ -418,6 +419,7 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         drop_path=config.drop_path,
         norm_pre=False,
         patch_bias=True,
+        stem=config.vision_stem,
     )
     return BLIP(
         visual_encoder,

@@ -287,6 +287,42 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "b c h w -> b (h w) c")
 
 
+class ConvStem(nn.Module):
+    """Image to patch tokens with a convolutional stem (Xiao et al., "Early Convolutions Help Transformers See
+    Better", NeurIPS 2021): log2(patch_size) 3x3 stride-2 convolutions (each with a norm and ReLU) then a 1x1
+    convolution to `dim`; the same tokens as `PatchEmbed` (B, H/p * W/p, dim), so the ViT around it is unchanged.
+
+    The paper's stem uses BatchNorm; here each convolution is followed by GroupNorm (8 groups), which does not
+    depend on the batch: the tower trains the same model on any number of processes without synchronisation, and
+    BLIP's momentum copy of it needs no running statistics. Channels double from `dim / 2^(n-1)` (at least 16) to
+    `dim` over the n strided convolutions.
+    """
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, in_chans: int = 3, dim: int = 768):
+        super().__init__()
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"a convolutional stem needs a power-of-two patch_size; got {patch_size}")
+        if image_size % patch_size != 0:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        strided = patch_size.bit_length() - 1
+        layers, channels = [], in_chans
+        for i in range(strided):
+            out = max(16, dim >> (strided - 1 - i))
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(8, out), nn.ReLU()]
+            channels = out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(channels, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.convs(x))  # (B, dim, H/p, W/p)
+        return rearrange(x, "b c h w -> b (h w) c")
+
+
+VIT_STEMS = ("patch", "conv")  # how a ViT turns pixels into tokens: PatchEmbed, ConvStem
+
+
 class Block(nn.Module):
     """Transformer block: self-attention, optional cross-attention to a context, MLP; each a residual sub-layer.
 

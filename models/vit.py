@@ -11,13 +11,15 @@ Deliberate differences from openai/CLIP `clip/model.py:VisionTransformer`:
 - `forward_features` applies the final norm to every token, not only CLS (layer norm is per token, so the
   pooled output is identical); BLIP and Flamingo consume these tokens.
 - `norm_pre=False, patch_bias=True` give the timm/DeiT ViT that BLIP builds on.
+- `stem="conv"` replaces the patch convolution by a convolutional stem (`models.layers.ConvStem`, Xiao et al.
+  2021), which trains far better than a patch convolution on small images and small budgets (the CPU demos).
 """
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from models.layers import PatchEmbed, Transformer
+from models.layers import VIT_STEMS, ConvStem, PatchEmbed, Transformer
 
 
 class VisionTransformer(nn.Module):
@@ -36,11 +38,17 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,
         norm_pre: bool = True,
         patch_bias: bool = False,
+        stem: str = "patch",
     ):
         super().__init__()
         self.image_size = image_size
         self.output_dim = output_dim
-        self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, dim=width, bias=patch_bias)
+        if stem not in VIT_STEMS:
+            raise ValueError(f"unknown ViT stem {stem!r}; valid: {', '.join(VIT_STEMS)}")
+        if stem == "patch":
+            self.patch_embed = PatchEmbed(image_size, patch_size, in_chans=3, dim=width, bias=patch_bias)
+        else:
+            self.patch_embed = ConvStem(image_size, patch_size, in_chans=3, dim=width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, width))
         self.norm_pre = norm_layer(width) if norm_pre else nn.Identity()

@@ -138,6 +138,21 @@ def test_vit_blip_style_stem_has_patch_bias_and_no_pre_norm():
     assert vit.cls_token.shape == (1, 1, 32) and vit.pos_embed.shape == (1, 5, 32)
 
 
+def test_vit_conv_stem_gives_the_patch_grid_and_is_independent_of_the_batch():
+    vit = VisionTransformer(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, output_dim=24, stem="conv")
+    strided = [m for m in vit.patch_embed.convs if isinstance(m, nn.Conv2d)]
+    assert [(m.stride, m.out_channels) for m in strided] == [((2, 2), 16), ((2, 2), 16), ((2, 2), 32)]
+    images = torch.randn(4, 3, 32, 32)
+    assert vit.patch_embed(images).shape == (4, 16, 32) and vit.pos_embed.shape == (1, 17, 32)
+    vit.train()  # GroupNorm, not BatchNorm: a sample's tokens do not depend on the rest of its batch
+    torch.testing.assert_close(vit(images)[:1], vit(images[:1]))
+    with pytest.raises(ValueError, match="power-of-two patch_size; got 12"):
+        VisionTransformer(image_size=36, patch_size=12, width=32, depth=1, num_heads=2, stem="conv")
+    with pytest.raises(ValueError, match="unknown ViT stem 'cnn'; valid: patch, conv"):
+        VisionTransformer(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, stem="cnn")
+    assert create_model("BLIP-tiny", vision_stem="conv").visual_encoder.patch_embed.num_patches == 64
+
+
 def test_resnet_shapes_and_zero_init_residuals():
     resnet = ModifiedResNet(layers=(1, 2, 1, 1), output_dim=24, heads=4, image_size=64, width=8)
     images = torch.randn(2, 3, 64, 64)

@@ -209,11 +209,13 @@ def test_a_preset_brings_its_input_size_and_context_length():
     ("--train.batch_size=130", r"train\.batch_size=130 must divide evenly into 1 processes x 4 accumulation steps"),
     ("--model.name=ViT-B32", r"model\.name: unknown model 'ViT-B32'; closest presets: ViT-B-32"),
     ("--train.lr=0", r"train\.lr must be > 0"),
+    ("--model.vit_stem=convs", r"model\.vit_stem must be one of patch, conv; got 'convs'"),
+    ("--model.name=RN-tiny --model.vit_stem=conv", r"model\.vit_stem=conv needs a ViT image tower"),
 ])
 def test_bad_numbers_fail_before_anything_runs(tmp_path, override, message):
     extra = ["--train.accum_steps=4"] if "batch_size" in override else []
     with pytest.raises(SystemExit, match=message):
-        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", override, *extra])
+        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", *override.split(), *extra])
     assert not os.listdir(tmp_path)
 
 
