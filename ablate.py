@@ -34,7 +34,8 @@ Outputs, rewritten after every cell, in TABLES_DIR (default docs/tables): NAME.m
 seeds per cell, failures, every command, wall time, commit, findings), NAME.json (a list of cells:
 overrides, seed, command, metrics = the last line of the run's eval.jsonl as train.py writes it, ...) and,
 when matplotlib is installed and the file asks for one, NAME.png. Plot x values are numbers, or the
-number after the last ':' of a string (`shapes:train:4000` -> 4000), else categories.
+number after the last ':' of a string (`shapes:train:4000` -> 4000), else categories. plot.series is a key or a
+list of keys: one line per combination of their values (`series: [model.name, model.vit_stem]`).
 
 Commands are recorded as shell lines run from the repository root (`python train.py ...`, `torchrun
 --standalone --nproc_per_node P train.py ...`); the runner starts `python` and `torchrun` as this
@@ -345,6 +346,21 @@ def _plot_x(value):
     return float(match.group(1)) if match else None
 
 
+def plot_lines(spec: dict, cells: list[dict], records: dict) -> dict[str, list]:
+    """{label: [(x value, [plot.y of each seed that finished]), ...]}: one line per combination of the values of
+    plot.series (a key or a list of keys; a key a cell does not set is left out of its label)."""
+    options = spec["plot"]
+    x_key, y_key, series = options["x"], options.get("y", spec["metrics"][0]), options.get("series")
+    series_keys = [series] if isinstance(series, str) else list(series or [])
+    lines = {}
+    for overrides, _, group_records in _groups(cells, records):
+        values = [v for r in group_records if r["status"] == "ok" and (v := metric_value(r, y_key)) is not None]
+        if values:
+            label = ", ".join(f"{key}={_arg(overrides[key])}" for key in series_keys if key in overrides)
+            lines.setdefault(label, []).append((overrides.get(x_key), values))
+    return lines
+
+
 def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
     """Mean and std over seeds of plot.y against plot.x, one line per plot.series; False without matplotlib."""
     try:
@@ -355,12 +371,8 @@ def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
     except ImportError:
         return False
     options = spec["plot"]
-    x_key, y_key, series_key = options["x"], options.get("y", spec["metrics"][0]), options.get("series")
-    lines = {}
-    for overrides, _, group_records in _groups(cells, records):
-        values = [v for r in group_records if r["status"] == "ok" and (v := metric_value(r, y_key)) is not None]
-        if values:
-            lines.setdefault(_arg(overrides.get(series_key, "")), []).append((overrides.get(x_key), values))
+    x_key, y_key = options["x"], options.get("y", spec["metrics"][0])
+    lines = plot_lines(spec, cells, records)
     if not lines:
         return False
     categories = list(dict.fromkeys(_arg(x) for points in lines.values() for x, _ in points))
@@ -371,8 +383,7 @@ def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
         xs = [_plot_x(x) if numeric else categories.index(_arg(x)) for x, _ in points]
         means = [statistics.mean(v) for _, v in points]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
-        axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3,
-                      label=f"{series_key}={label}" if series_key else None)
+        axes.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label or None)
     if not numeric:
         axes.set_xticks(range(len(categories)), categories)
     elif options.get("xscale"):
@@ -383,7 +394,7 @@ def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
     axes.set_xlabel(options.get("xlabel", x_key))
     axes.set_ylabel(options.get("ylabel", y_key))
     axes.set_title(f"{spec['name']} (mean ± std over seeds)")
-    if series_key:
+    if any(lines):
         axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()

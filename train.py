@@ -37,8 +37,8 @@ from data.bad_samples import BadSampleCount
 from data.tokenizer import (PAD_ID, TOKENIZERS, BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes,
                             train_sentencepiece)
 from losses import clip_loss, lm_labels, lm_loss, siglip_loss
-from models import (BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, PREDICTIVE_OBJECTIVES, model_from_config,
-                    model_inputs)
+from models import (BLIP_MODELS, FLAMINGO_MODELS, LM_MODELS, MODELS, PREDICTIVE_OBJECTIVES, is_run_checkpoint,
+                    model_from_config, model_inputs)
 from models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from models.flamingo import freeze_for_training
 from models.layers import VIT_STEMS
@@ -51,9 +51,18 @@ MAX_LOGIT_SCALE = math.log(100)  # OpenAI clamps the learned log-temperature to 
 def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> SentencePieceTokenizer | ClipTokenizer:
     """A resumed run's own tokenizer (the bytes its checkpoint carries). Otherwise data.tokenizer=clip: CLIP's
     byte-level BPE from data.tokenizer_path (bpe_simple_vocab_16e6.txt.gz); sentencepiece: the model at
-    data.tokenizer_path, or one trained on data.train captions and kept in out_dir."""
+    data.tokenizer_path, or one trained on data.train captions and kept in out_dir. A run that starts from another
+    run's checkpoint.pt (model.pretrained) takes that run's tokenizer unless data.tokenizer_path names one: its
+    weights are only meaningful with the ids they were trained on."""
     if checkpoint is not None:
         return tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
+    if cfg.model.pretrained and not cfg.data.tokenizer_path and is_run_checkpoint(cfg.model.pretrained):
+        start = torch.load(cfg.model.pretrained, map_location="cpu", weights_only=True, mmap=True)
+        kind = start["config"]["data"]["tokenizer"]
+        if kind != cfg.data.tokenizer:
+            raise ValueError(f"model.pretrained '{cfg.model.pretrained}' was trained with data.tokenizer={kind}; "
+                             f"this run has data.tokenizer={cfg.data.tokenizer}")
+        return tokenizer_from_bytes(kind, start["tokenizer"], cfg.data.context_length)
     if cfg.data.tokenizer == "clip":
         return ClipTokenizer(cfg.data.tokenizer_path, context_length=cfg.data.context_length)
     if cfg.data.tokenizer == "bert":

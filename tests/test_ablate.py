@@ -101,3 +101,23 @@ def test_sweep_stops_continues_records_failures_and_reproduces(tmp_path, tokeniz
         assert json.loads(f.readlines()[-1]) == entries[0]["metrics"]
     with open(again / "eval_ret.json") as f:
         assert json.load(f)["image_to_text_R@1"] == entries[0]["evals"]["ret"]["image_to_text_R@1"]
+
+
+def test_plot_lines_follow_one_or_several_series_keys():
+    import ablate
+
+    cells = [{"overrides": overrides, "run_dir": f"run{i}"} for i, overrides in enumerate([
+        {"model.name": "RN-tiny", "train.steps": 600},
+        {"model.name": "ViT-tiny", "train.steps": 300},
+        {"model.name": "ViT-tiny", "train.steps": 600},
+        {"model.name": "ViT-tiny", "model.vit_stem": "conv", "train.steps": 600},
+    ])]
+    records = {f"run{i}": {"status": "ok", "metrics": {"val/top1": float(i)}} for i in range(4)}
+    spec = {"metrics": ["val/top1"], "plot": {"x": "train.steps", "series": ["model.name", "model.vit_stem"]}}
+    assert ablate.plot_lines(spec, cells, records) == {
+        "model.name=RN-tiny": [(600, [0.0])],
+        "model.name=ViT-tiny": [(300, [1.0]), (600, [2.0])],
+        "model.name=ViT-tiny, model.vit_stem=conv": [(600, [3.0])],
+    }
+    spec["plot"]["series"] = "model.name"  # one key: the conv cell joins the ViT-tiny line
+    assert [len(points) for points in ablate.plot_lines(spec, cells, records).values()] == [1, 3]

@@ -3,6 +3,7 @@ checkpoint written as train.py writes one, against hand computations; and the me
 cannot do."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -184,6 +185,9 @@ def test_finetuning_starts_from_a_run_and_trains_what_it_is_told(blip_run, tmp_p
     assert "model.blip_qa_fraction=1" in train.check_config(vqa)
     vqa.model.blip_qa_fraction = 1.0
     assert train.check_config(vqa) is None
+    vqa.data.tokenizer_path = ""  # no tokenizer named: the run it starts from gives its own, not a new one
+    assert train.build_tokenizer(vqa, str(tmp_path)).model_bytes() == tokenizer.model_bytes()
+    assert not os.path.exists(tmp_path / "tokenizer.model")
     model = model_from_config(vqa, tokenizer)
     assert model.queue is None and model.visual_encoder_m is None  # no ITC: no momentum encoders
     assert model.visual_encoder.pos_embed.shape[1] == 1 + (96 // 8) ** 2
