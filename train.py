@@ -58,11 +58,7 @@ def build_tokenizer(cfg, out_dir: str, checkpoint: dict | None = None) -> Senten
         return tokenizer_from_bytes(cfg.data.tokenizer, checkpoint["tokenizer"], cfg.data.context_length)
     if cfg.model.pretrained and not cfg.data.tokenizer_path and is_run_checkpoint(cfg.model.pretrained):
         start = torch.load(cfg.model.pretrained, map_location="cpu", weights_only=True, mmap=True)
-        kind = start["config"]["data"]["tokenizer"]
-        if kind != cfg.data.tokenizer:
-            raise ValueError(f"model.pretrained '{cfg.model.pretrained}' was trained with data.tokenizer={kind}; "
-                             f"this run has data.tokenizer={cfg.data.tokenizer}")
-        return tokenizer_from_bytes(kind, start["tokenizer"], cfg.data.context_length)
+        return tokenizer_from_bytes(cfg.data.tokenizer, start["tokenizer"], cfg.data.context_length)  # kind: check_config
     if cfg.data.tokenizer == "clip":
         return ClipTokenizer(cfg.data.tokenizer_path, context_length=cfg.data.context_length)
     if cfg.data.tokenizer == "bert":
@@ -313,6 +309,12 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                 "decoder can: model.blip_losses=lm, model.blip_qa_fraction=1)")
     if cfg.model.pretrained and not os.path.exists(cfg.model.pretrained):
         return f"model.pretrained: no file or folder at '{cfg.model.pretrained}'"
+    if cfg.model.pretrained and not cfg.data.tokenizer_path and is_run_checkpoint(cfg.model.pretrained):
+        start = torch.load(cfg.model.pretrained, map_location="cpu", weights_only=True, mmap=True)
+        kind = start["config"]["data"]["tokenizer"]  # build_tokenizer takes this run's tokenizer
+        if kind != cfg.data.tokenizer:
+            return (f"model.pretrained '{cfg.model.pretrained}' was trained with data.tokenizer={kind}; this run has "
+                    f"data.tokenizer={cfg.data.tokenizer} (name one with data.tokenizer_path, or use {kind})")
     if is_decoder(cfg) != (cfg.data.train.partition(":")[0] in INTERLEAVED) or (
             is_decoder(cfg) and cfg.data.tokenizer != "sentencepiece"):
         return (f"model.name={cfg.model.name} with data.train={cfg.data.train}: language models and Flamingo train on "

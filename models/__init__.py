@@ -242,6 +242,8 @@ def load_run_weights(model: torch.nn.Module, path: str) -> None:
 
 def build_model(config: CLIPConfig) -> CLIP:
     act_layer = get_act_layer(config.act_layer)
+    if config.patch_size is None and config.vision_stem != "patch":
+        raise ValueError(f"vision_stem={config.vision_stem!r} is a ViT option; this preset has a ResNet image tower")
     if config.patch_size is None:
         vision = ModifiedResNet(
             layers=config.vision_layers,

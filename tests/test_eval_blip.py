@@ -188,6 +188,9 @@ def test_finetuning_starts_from_a_run_and_trains_what_it_is_told(blip_run, tmp_p
     vqa.data.tokenizer_path = ""  # no tokenizer named: the run it starts from gives its own, not a new one
     assert train.build_tokenizer(vqa, str(tmp_path)).model_bytes() == tokenizer.model_bytes()
     assert not os.path.exists(tmp_path / "tokenizer.model")
+    vqa.data.tokenizer = "bert"  # checked before anything runs: the run's tokenizer is a sentencepiece model
+    assert "was trained with data.tokenizer=sentencepiece; this run has data.tokenizer=bert" in train.check_config(vqa)
+    vqa.data.tokenizer = "sentencepiece"
     model = model_from_config(vqa, tokenizer)
     assert model.queue is None and model.visual_encoder_m is None  # no ITC: no momentum encoders
     assert model.visual_encoder.pos_embed.shape[1] == 1 + (96 // 8) ** 2

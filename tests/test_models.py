@@ -151,6 +151,8 @@ def test_vit_conv_stem_gives_the_patch_grid_and_is_independent_of_the_batch():
     with pytest.raises(ValueError, match="unknown ViT stem 'cnn'; valid: patch, conv"):
         VisionTransformer(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, stem="cnn")
     assert create_model("BLIP-tiny", vision_stem="conv").visual_encoder.patch_embed.num_patches == 64
+    with pytest.raises(ValueError, match="vision_stem='conv' is a ViT option"):
+        create_model("RN-tiny", vision_stem="conv")
 
 
 def test_resnet_shapes_and_zero_init_residuals():
