@@ -51,6 +51,8 @@ class DataConfig:
     shuffle_buffer: int = 1000  # wds: samples each reader shuffles among (as raw bytes: ~1000 x image size)
     jpeg_draft: bool = False  # decode JPEGs at a reduced scale still >= image_size (faster; changes pixels)
     max_bad_fraction: float = 0.01  # stop if more than this fraction of samples seen is unreadable (>= 10 of them)
+    induction_fraction: float = 0.0  # language models on interleaved text: this share of rows is a random token
+    # string written twice, with loss on the repeat only (seeds induction heads; see data/interleaved.py)
 
 
 @dataclass

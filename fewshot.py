@@ -16,9 +16,10 @@ protocol (`open_flamingo/eval/evaluate.py`, Alayrac et al. 2022 section 3):
 - VQA accuracy (the VQAv2 soft accuracy with ten answers, exact match with one) and CIDEr (metrics/caption.py),
   as mean and standard deviation over seeds.
 
-`shapes_icl:SPLIT[:N]` queries are the first N shapes images of the split, each asked "what colour?" in its own
-episode's made-up words (query i: episode i); every demonstration of query i is answered in episode i's words,
-so only the demonstrations reveal the answer. Its pool is the split's images after the first N.
+`shapes_icl:SPLIT[:N]` queries are the first N shapes images of the split, each to be named by its colour in its
+own episode's made-up words (query i: episode i), with the captioning prompt its episodes train on
+(`<image> Output: dax`) and scored as VQA accuracy; every demonstration of query i is answered in episode i's
+words, so only the demonstrations reveal the answer. Its pool is the split's images after the first N.
 """
 import re
 import statistics
@@ -29,7 +30,7 @@ import torch
 
 from data import build_dataset, has_questions, map_style_dataset
 from data.image_files import ImageFiles
-from data.interleaved import (ANSWER_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
+from data.interleaved import (WORDS_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
                               vqa_prompt)
 from data.transforms import image_transform
 from metrics.caption import caption_scores
@@ -109,7 +110,7 @@ def pair_text(task: str, example: dict, answer: Optional[str], prompts: str = "o
         else:
             prompt = f"{MEDIA}Output:{(answer or '').strip()}"
         return prompt + END_OF_CHUNK + "\n" if answer is not None else prompt
-    if task == "fewshot_vqa":
+    if task == "fewshot_vqa" and example.get("prompt") != "caption":  # shapes_icl's words: named as captions
         prompt = vqa_prompt(example["question"], answer or "")
     else:
         prompt = caption_prompt(answer or "")
@@ -241,7 +242,7 @@ def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300
         raise ValueError(f"words_rule_accuracy needs a shapes_icl spec; got {spec!r}")
     flamingo = hasattr(model, "perceiver")
     chosen = [i for i in range(min(episodes, len(data))) if data.kind(i) == "words"]
-    marker = tokenizer.encode(ANSWER_CUE)
+    marker = tokenizer.encode(WORDS_CUE)
     runs = ("", "_shuffled") if flamingo else ("",)
     hits = {run: {"seen": [0, 0], "unseen": [0, 0], "copied": [0, 0]} for run in runs}
     chance = []

@@ -204,7 +204,8 @@ def own_loss_step(model, micro_batches, device, autocast, scaler) -> dict[str, t
             if images is not None:
                 losses = model(images.to(device, non_blocking=True), tokens)
             else:
-                losses = {"lm": lm_loss(model(tokens), lm_labels(tokens, pad_token_id=PAD_ID), label_smoothing=0.0)}
+                labels = lm_labels(tokens, PAD_ID, batch.get("prompt_lengths", 0))  # induction rows: the repeat only
+                losses = {"lm": lm_loss(model(tokens), labels, label_smoothing=0.0)}
             scaler.scale(sum(losses.values()) / len(micro_batches)).backward()
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + value.detach() / len(micro_batches)
@@ -315,6 +316,11 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         if kind != cfg.data.tokenizer:
             return (f"model.pretrained '{cfg.model.pretrained}' was trained with data.tokenizer={kind}; this run has "
                     f"data.tokenizer={cfg.data.tokenizer} (name one with data.tokenizer_path, or use {kind})")
+    if cfg.data.induction_fraction and (cfg.model.name not in LM_MODELS or not 0 < cfg.data.induction_fraction < 1
+                                        or cfg.data.train.startswith("interleaved_wds:")):
+        return (f"data.induction_fraction must lie in [0, 1) and is for language models on map-style interleaved specs "
+                f"(shapes_icl, interleaved); got {cfg.data.induction_fraction} with model.name '{cfg.model.name}' and "
+                f"data.train '{cfg.data.train}'")
     if is_decoder(cfg) != (cfg.data.train.partition(":")[0] in INTERLEAVED) or (
             is_decoder(cfg) and cfg.data.tokenizer != "sentencepiece"):
         return (f"model.name={cfg.model.name} with data.train={cfg.data.train}: language models and Flamingo train on "

@@ -29,6 +29,7 @@ import weakref
 import zlib
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
@@ -361,14 +362,19 @@ def _loader(dataset: Dataset, collate, workers: int, **kwargs) -> DataLoader:
 class InterleavedItems(Dataset):
     """Items of an interleaved map-style dataset by (epoch, index) key; text_only: only the text (no images drawn)."""
 
-    def __init__(self, base: Dataset, text_only: bool = False):
+    def __init__(self, base: Dataset, text_only: bool = False, induction_fraction: float = 0.0, seed: int = 0):
         self.base, self.text_only = base, text_only
+        self.induction_fraction, self.seed = induction_fraction, seed
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.induction_fraction:  # by (seed, epoch, index) alone: the same rows for any number of processes
+            rng = np.random.default_rng([self.seed, epoch, index, 0x1D])
+            if rng.random() < self.induction_fraction:
+                return {"induction_seed": int(rng.integers(2**31)), "key": str(index)}
         if self.text_only and hasattr(self.base, "text_only"):
             return {"text_only": self.base.text_only(index), "key": str(index)}
         item, bad_fields = _read_or_next(self.base.__getitem__, index, len(self.base))
@@ -385,7 +391,8 @@ def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: i
     if kind == "interleaved_wds":
         stream = InterleavedShards(argument, rank, world_size)
         return _loader(stream, collate, min(data.workers, 1), batch_size=micro)
-    dataset = InterleavedItems(build_dataset(data.train, data.image_size, cfg.seed, data), text_only)
+    dataset = InterleavedItems(build_dataset(data.train, data.image_size, cfg.seed, data), text_only,
+                               data.induction_fraction, cfg.seed)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
     return _loader(dataset, collate, data.workers, batch_sampler=sampler)

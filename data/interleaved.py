@@ -13,8 +13,11 @@ image after the first closes the previous chunk, and the last chunk is closed at
 writes each pair in OpenFlamingo's few-shot prompts (`<image>Output: {caption}<|endofchunk|>`,
 `<image>Question: {q} Short answer: {a}<|endofchunk|>`), with one deliberate difference: a space after `<image>`,
 so that sentencepiece splits the next word as it does inside text. Episode kinds:
-- `words` (80%, 5-9 pairs): the answer to "what colour?" is the main shape's colour in a made-up language drawn for the
-  episode (a mapping of the six colours to six of WORDS); only the earlier pairs of the episode reveal it;
+- `words` (80%, 5-9 pairs): each image is named (`<image> Output: dax`) by its main shape's colour in a made-up
+  language drawn for the episode (a mapping of the six colours to six of WORDS); only the earlier pairs of the
+  episode reveal it. The naming uses the captioning prompt, not the VQA prompt with "what colour?": a two-layer
+  LM learns the rule when the colour stands two tokens before the answer, and only copies an earlier answer at
+  random when it stands eight before (docs/results.md, "Flamingo on shapes");
 - `vqa` (10%) and `caption` (10%), 2-9 pairs: the shapes questions and captions.
 `text_only` (a language model's training text) replaces each `<image>` by the main shape's colour word: the
 language model learns the episodes' in-context rule from text, and Flamingo learns to put images in its place.
@@ -40,18 +43,18 @@ WORDS = ("dax", "wug", "blick", "fep", "toma", "zup", "kiki", "bouba", "glorp", 
          "lorp", "snib", "vask", "tupa", "nerk", "pim", "quoz", "drel", "mog", "teb", "sorn", "gavo")
 EPISODE_KINDS = ("words", "vqa", "caption")
 EPISODE_WEIGHTS = (0.8, 0.1, 0.1)
-WORDS_QUESTION = "what colour?"
-ANSWER_CUE = "Short answer:"  # OpenFlamingo's VQA prompt: the answer follows it
+WORDS_QUESTION = "what colour?"  # what the words task asks, for prompts that need a question
+WORDS_CUE = "Output:"  # the words task's prompt is the captioning one: the answer follows this
 MAX_PAIRS = 9  # a query after 8 demonstrations
 MIN_PAIRS = {"words": 5, "vqa": 2, "caption": 2}  # words: at least 5, so most episodes repeat a colour
 
 
 def caption_prompt(caption: str = "") -> str:
-    return f"{MEDIA} Output: {caption}"
+    return f"{MEDIA} {WORDS_CUE} {caption}"
 
 
 def vqa_prompt(question: str, answer: str = "") -> str:
-    return f"{MEDIA} Question: {question} {ANSWER_CUE} {answer}"
+    return f"{MEDIA} Question: {question} Short answer: {answer}"
 
 
 class ShapesICL(Dataset):
@@ -97,7 +100,7 @@ class ShapesICL(Dataset):
             scene, caption, question, answer = self._describe(shape_index)
             color = scene.objects[0].color
             if kind == "words":
-                text = vqa_prompt(WORDS_QUESTION, words[color])
+                text = caption_prompt(words[color])
             else:
                 text = caption_prompt(caption) if kind == "caption" else vqa_prompt(question, answer)
             scenes.append(scene)
@@ -124,10 +127,11 @@ class ShapesICL(Dataset):
                 "text_only": _text_only(texts, colors), "key": f"shapes_icl/{self.split}/{self.seed}/{index}"}
 
     def example(self, shape_index: int, episode: int) -> dict:
-        """Shapes image `shape_index` (of the whole split) asked "what colour?", answered in episode's words."""
+        """Shapes image `shape_index` (of the whole split) named in episode's words; `prompt`: the words episodes'
+        prompt (captioning), which few-shot VQA uses for these examples."""
         scene, caption, _, _ = self._describe(shape_index)
         return {"image": render(scene, self.image_size), "question": WORDS_QUESTION, "caption": caption,
-                "answers": [self.words(episode)[scene.objects[0].color]]}
+                "answers": [self.words(episode)[scene.objects[0].color]], "prompt": "caption"}
 
 
 def _text_only(texts: list[str], colors: list[str]) -> str:
@@ -228,10 +232,15 @@ class InterleavedCollate:
 
     def __call__(self, items: list[dict]) -> dict:
         tokenizer = self.tokenizer
-        rows = []
+        rows, prompt_lengths = [], []
         for item in items:
-            ids = tokenizer.encode(item["text_only" if self.text_only else "text"])[: self.context_length - 2]
-            rows.append([tokenizer.bos_id, *ids, tokenizer.eos_id])
+            if "induction_seed" in item:
+                ids, prompt_length = self.induction_row(item["induction_seed"])
+            else:
+                text = tokenizer.encode(item["text_only" if self.text_only else "text"])[: self.context_length - 2]
+                ids, prompt_length = [tokenizer.bos_id, *text, tokenizer.eos_id], 0
+            rows.append(ids)
+            prompt_lengths.append(prompt_length)
         tokens = torch.full((len(rows), self.context_length), tokenizer.pad_id, dtype=torch.long)
         for row, ids in zip(tokens, rows):
             row[: len(ids)] = torch.tensor(ids)
@@ -239,6 +248,8 @@ class InterleavedCollate:
                  "bad": torch.tensor([item.get("bad", 0) for item in items]),
                  "seen": torch.tensor([item.get("seen", 1) for item in items]),
                  "bad_examples": [example for item in items for example in item.get("bad_examples", [])][:10]}
+        if any(prompt_lengths):
+            batch["prompt_lengths"] = torch.tensor(prompt_lengths)
         if self.text_only:
             return batch
         kept = (tokens == tokenizer.media_id).sum(dim=1).tolist()  # images whose <image> survived the cut
@@ -248,6 +259,19 @@ class InterleavedCollate:
                 images[b, t] = self.transform(image)
         batch["images"] = images
         return batch
+
+    def induction_row(self, seed: int) -> tuple[list[int], int]:
+        """A synthetic induction row (`data.induction_fraction`): bos, a string of 10-40 ordinary tokens drawn
+        uniformly, the same string again. Only an induction head (Olsson et al. 2022: find the earlier occurrence
+        of the current token, copy the one after it) predicts the repeat, and nothing predicts the first string,
+        so the loss starts at the repeat's second token: the row's prompt length."""
+        tokenizer, rng = self.tokenizer, np.random.default_rng(seed)
+        special = {getattr(tokenizer, name, None) for name in ("pad_id", "bos_id", "eos_id", "unk_id", "media_id",
+                                                                  "eoc_id", "dec_id", "enc_id")}
+        ordinary = [i for i in range(tokenizer.vocab_size) if i not in special]
+        length = int(rng.integers(10, min(40, (self.context_length - 1) // 2) + 1))
+        string = [ordinary[k] for k in rng.integers(len(ordinary), size=length)]
+        return [tokenizer.bos_id, *string, *string], length + 2
 
 
 def shapes_icl(argument: str, image_size: int, seed: int) -> ShapesICL:

@@ -118,6 +118,7 @@ class SentencePieceTokenizer(_VocabularyFile):
         self.pad_id = PAD_ID
         self.bos_id = self._processor.bos_id()
         self.eos_id = self._processor.eos_id()
+        self.unk_id = self._processor.unk_id()
         # BLIP's decoder and image-grounded-encoder first tokens, when trained with blip_tokens=True; else None
         last = self.vocab_size - 2
         blip = last >= 0 and [self._processor.id_to_piece(i) for i in (last, last + 1)] == list(BLIP_TOKENS)

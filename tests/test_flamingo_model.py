@@ -111,6 +111,31 @@ def test_shapes_icl_episodes_and_batches(tokenizer):
     assert data["images"].shape[:2] == (4, int(counts.max())) and data["images"].shape[2:] == (3, 32, 32)
 
 
+def test_induction_rows_repeat_a_string_and_train_on_the_repeat(tokenizer):
+    from data import InterleavedItems
+    from losses import lm_labels
+
+    base = build_dataset("shapes_icl:train:200")
+    items = InterleavedItems(base, text_only=True, induction_fraction=0.3, seed=5)
+    keys = [(1, i) for i in range(200)]
+    chosen = [key for key in keys if "induction_seed" in items[key]]
+    assert 40 <= len(chosen) <= 80  # ~30 %, by (seed, epoch, index) alone
+    assert [items[key] for key in chosen] == [InterleavedItems(base, True, 0.3, seed=5)[key] for key in chosen]
+    assert chosen != [key for key in keys if "induction_seed" in InterleavedItems(base, True, 0.3, seed=6)[key]]
+    text_row = next(key for key in keys if key not in chosen)
+    data = InterleavedCollate(tokenizer, 32, 96, text_only=True)([items[chosen[0]], items[text_row]])
+    row, length = data["tokens"][0].tolist(), int(data["prompt_lengths"][0])
+    n = length - 2
+    assert 10 <= n <= 40 and row[0] == tokenizer.bos_id and row[1 : n + 1] == row[n + 1 : 2 * n + 1]
+    assert set(row[2 * n + 1 :]) == {tokenizer.pad_id}
+    specials = {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.media_id, tokenizer.eoc_id}
+    assert not specials & set(row[1 : 2 * n + 1])
+    assert data["prompt_lengths"][1] == 0 and data["tokens"][1, 0] == tokenizer.bos_id
+    labels = lm_labels(data["tokens"], tokenizer.pad_id, data["prompt_lengths"])
+    assert (labels[0, :length] == -100).all() and labels[0, length : 2 * n + 1].tolist() == row[length : 2 * n + 1]
+    assert (labels[1] != -100).sum() == (data["tokens"][1] != tokenizer.pad_id).sum()
+
+
 def test_interleaved_documents(tmp_path, tokenizer):
     from PIL import Image
 
@@ -205,3 +230,22 @@ def test_words_rule_accuracy_of_a_flamingo_compares_true_and_shuffled_images(tok
     scores = fewshot.words_rule_accuracy(reader, tokenizer, "shapes_icl:val:60", "cpu", batch_size=64, image_size=32)
     assert scores["words_seen_accuracy"] == 100.0 and scores["words_unseen_accuracy"] == 100.0
     assert scores["words_seen_accuracy_shuffled"] == 0.0 and scores["words_copy_rate_shuffled"] == 0.0
+
+
+def test_language_model_and_flamingo_runs_start_from_an_earlier_run(tmp_path, tokenizer):
+    from config import load_config
+    from models import model_from_config
+
+    for name in ("lm-tiny", "Flamingo-tiny"):
+        cfg = load_config(None, [f"--model.name={name}", "--data.image_size=32"])
+        source = model_from_config(cfg, tokenizer)
+        path = tmp_path / f"{name}.pt"
+        torch.save({"model": source.state_dict(), "config": {}, "tokenizer": b"spm"}, path)
+        cfg.model.pretrained = str(path)
+        torch.manual_seed(1)
+        model = model_from_config(cfg, tokenizer)
+        assert all(torch.equal(mine, theirs) for mine, theirs in zip(model.state_dict().values(),
+                                                                     source.state_dict().values()))
+    cfg.model.pretrained = str(tmp_path)  # not a run's checkpoint
+    with pytest.raises(ValueError, match="a Flamingo run starts from another run's checkpoint.pt"):
+        model_from_config(cfg, tokenizer)

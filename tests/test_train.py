@@ -211,6 +211,9 @@ def test_a_preset_brings_its_input_size_and_context_length():
     ("--train.lr=0", r"train\.lr must be > 0"),
     ("--model.vit_stem=convs", r"model\.vit_stem must be one of patch, conv; got 'convs'"),
     ("--model.name=RN-tiny --model.vit_stem=conv", r"model\.vit_stem=conv needs a ViT image tower"),
+    ("--data.induction_fraction=0.3", r"data\.induction_fraction must lie in \[0, 1\) and is for language models"),
+    ("--model.name=lm-tiny --data.train=shapes_icl:train --data.induction_fraction=1",
+     r"data\.induction_fraction must lie in \[0, 1\).*got 1\.0"),
 ])
 def test_bad_numbers_fail_before_anything_runs(tmp_path, override, message):
     extra = ["--train.accum_steps=4"] if "batch_size" in override else []
