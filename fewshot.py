@@ -30,7 +30,7 @@ import torch
 
 from data import build_dataset, has_questions, map_style_dataset
 from data.image_files import ImageFiles
-from data.interleaved import (WORDS_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
+from data.interleaved import (CAPTION_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
                               vqa_prompt)
 from data.transforms import image_transform
 from metrics.caption import caption_scores
@@ -104,13 +104,14 @@ def demonstrations(data: FewShotData, query_position: int, shots: int, seed: int
 
 def pair_text(task: str, example: dict, answer: Optional[str], prompts: str = "ours") -> str:
     """One demonstration (with its answer and <|endofchunk|>) or the query (answer left open)."""
+    asked = task == "fewshot_vqa" and example.get("prompt") != "caption"  # shapes_icl's words: named as captions
     if prompts == "open_flamingo":
-        if task == "fewshot_vqa":
+        if asked:
             prompt = f"{MEDIA}Question:{example['question']} Short answer:{answer or ''}"
         else:
             prompt = f"{MEDIA}Output:{(answer or '').strip()}"
         return prompt + END_OF_CHUNK + "\n" if answer is not None else prompt
-    if task == "fewshot_vqa" and example.get("prompt") != "caption":  # shapes_icl's words: named as captions
+    if asked:
         prompt = vqa_prompt(example["question"], answer or "")
     else:
         prompt = caption_prompt(answer or "")
@@ -242,7 +243,7 @@ def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300
         raise ValueError(f"words_rule_accuracy needs a shapes_icl spec; got {spec!r}")
     flamingo = hasattr(model, "perceiver")
     chosen = [i for i in range(min(episodes, len(data))) if data.kind(i) == "words"]
-    marker = tokenizer.encode(WORDS_CUE)
+    marker = tokenizer.encode(CAPTION_CUE)  # shapes_icl names its words as captions
     runs = ("", "_shuffled") if flamingo else ("",)
     hits = {run: {"seen": [0, 0], "unseen": [0, 0], "copied": [0, 0]} for run in runs}
     chance = []

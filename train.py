@@ -316,6 +316,9 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         if kind != cfg.data.tokenizer:
             return (f"model.pretrained '{cfg.model.pretrained}' was trained with data.tokenizer={kind}; this run has "
                     f"data.tokenizer={cfg.data.tokenizer} (name one with data.tokenizer_path, or use {kind})")
+    if cfg.model.pretrained and cfg.model.name in FLAMINGO_MODELS and not is_run_checkpoint(cfg.model.pretrained):
+        return (f"model.pretrained '{cfg.model.pretrained}': a Flamingo run starts from another run's checkpoint.pt "
+                f"(its frozen parts come from model.lm_checkpoint and model.vision_checkpoint)")
     if cfg.data.induction_fraction and (cfg.model.name not in LM_MODELS or not 0 < cfg.data.induction_fraction < 1
                                         or cfg.data.train.startswith("interleaved_wds:")):
         return (f"data.induction_fraction must lie in [0, 1) and is for language models on map-style interleaved specs "

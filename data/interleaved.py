@@ -44,13 +44,13 @@ WORDS = ("dax", "wug", "blick", "fep", "toma", "zup", "kiki", "bouba", "glorp", 
 EPISODE_KINDS = ("words", "vqa", "caption")
 EPISODE_WEIGHTS = (0.8, 0.1, 0.1)
 WORDS_QUESTION = "what colour?"  # what the words task asks, for prompts that need a question
-WORDS_CUE = "Output:"  # the words task's prompt is the captioning one: the answer follows this
+CAPTION_CUE = "Output:"  # OpenFlamingo's captioning prompt, which the words task uses: the answer follows it
 MAX_PAIRS = 9  # a query after 8 demonstrations
 MIN_PAIRS = {"words": 5, "vqa": 2, "caption": 2}  # words: at least 5, so most episodes repeat a colour
 
 
 def caption_prompt(caption: str = "") -> str:
-    return f"{MEDIA} {WORDS_CUE} {caption}"
+    return f"{MEDIA} {CAPTION_CUE} {caption}"
 
 
 def vqa_prompt(question: str, answer: str = "") -> str:
@@ -229,6 +229,7 @@ class InterleavedCollate:
         self.tokenizer, self.image_size = tokenizer, image_size
         self.transform = image_transform(image_size, train=False)  # no augmentation: the vision encoder is frozen
         self.context_length, self.text_only = context_length, text_only
+        self._ordinary = None  # the token ids induction rows draw from (induction_row)
 
     def __call__(self, items: list[dict]) -> dict:
         tokenizer = self.tokenizer
@@ -266,9 +267,11 @@ class InterleavedCollate:
         of the current token, copy the one after it) predicts the repeat, and nothing predicts the first string,
         so the loss starts at the repeat's second token: the row's prompt length."""
         tokenizer, rng = self.tokenizer, np.random.default_rng(seed)
-        special = {getattr(tokenizer, name, None) for name in ("pad_id", "bos_id", "eos_id", "unk_id", "media_id",
-                                                                  "eoc_id", "dec_id", "enc_id")}
-        ordinary = [i for i in range(tokenizer.vocab_size) if i not in special]
+        if self._ordinary is None:  # once per collate: a scan of the whole vocabulary
+            special = {getattr(tokenizer, name, None) for name in ("pad_id", "bos_id", "eos_id", "unk_id", "media_id",
+                                                                      "eoc_id", "dec_id", "enc_id")}
+            self._ordinary = [i for i in range(tokenizer.vocab_size) if i not in special]
+        ordinary = self._ordinary
         length = int(rng.integers(10, min(40, (self.context_length - 1) // 2) + 1))
         string = [ordinary[k] for k in rng.integers(len(ordinary), size=length)]
         return [tokenizer.bos_id, *string, *string], length + 2

@@ -167,18 +167,18 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
     `create_model`, or the model of a train.py checkpoint (a new run starting from an earlier one)."""
     start = cfg.model.pretrained if pretrained else ""
     run_checkpoint = start and is_run_checkpoint(start)
-    if start and not run_checkpoint and cfg.model.name in FLAMINGO_MODELS:
-        raise ValueError(f"model.pretrained '{start}': a Flamingo run starts from another run's checkpoint.pt; "
-                         f"released OpenFlamingo files load through create_model (README, Flamingo)")
-    if cfg.model.name in LM_MODELS:  # model.pretrained: an earlier run's checkpoint or a HuggingFace MPT folder
-        if start and not run_checkpoint:
-            return create_lm(cfg.model.name, pretrained=start)
-        model = create_lm(cfg.model.name, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
-    elif cfg.model.name in FLAMINGO_MODELS:  # with `pretrained`, its frozen parts (lm_checkpoint, vision_checkpoint)
-        model = create_flamingo(cfg.model.name, tokenizer, cfg.data.image_size, tokenizer.context_length,
-                                cfg.model.lm_checkpoint if pretrained else "",
-                                cfg.model.vision_checkpoint if pretrained else "")
     if cfg.model.name in LM_MODELS or cfg.model.name in FLAMINGO_MODELS:
+        if start and not run_checkpoint:  # released weights: an LM's HuggingFace MPT folder
+            if cfg.model.name in LM_MODELS:
+                return create_lm(cfg.model.name, pretrained=start)
+            raise ValueError(f"model.pretrained '{start}': a Flamingo run starts from another run's checkpoint.pt; "
+                             f"released OpenFlamingo files load through create_model (README, Flamingo)")
+        if cfg.model.name in LM_MODELS:
+            model = create_lm(cfg.model.name, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
+        else:  # with `pretrained`, its frozen parts (model.lm_checkpoint, vision_checkpoint)
+            model = create_flamingo(cfg.model.name, tokenizer, cfg.data.image_size, tokenizer.context_length,
+                                    cfg.model.lm_checkpoint if pretrained else "",
+                                    cfg.model.vision_checkpoint if pretrained else "")
         if run_checkpoint:
             load_run_weights(model, start)
         return model

@@ -214,6 +214,8 @@ def test_a_preset_brings_its_input_size_and_context_length():
     ("--data.induction_fraction=0.3", r"data\.induction_fraction must lie in \[0, 1\) and is for language models"),
     ("--model.name=lm-tiny --data.train=shapes_icl:train --data.induction_fraction=1",
      r"data\.induction_fraction must lie in \[0, 1\).*got 1\.0"),
+    ("--model.name=Flamingo-tiny --model.pretrained=configs",
+     r"model\.pretrained 'configs': a Flamingo run starts from another run's checkpoint\.pt"),
 ])
 def test_bad_numbers_fail_before_anything_runs(tmp_path, override, message):
     extra = ["--train.accum_steps=4"] if "batch_size" in override else []
