@@ -288,9 +288,15 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                     "feature queue, so micro-batches cannot be cached and re-run as CLIP's exact accumulation does")
         if cfg.data.tokenizer == "clip":
             return "data.tokenizer=clip has no [DEC] and [ENC] tokens for BLIP; use bert or sentencepiece"
-        for key in ("blip_itm_uniform", "blip_qa_fraction"):
+        for key in ("blip_itm_uniform", "blip_qa_fraction", "blip_momentum"):
             if not 0 <= getattr(cfg.model, key) <= 1:
                 return f"model.{key} must lie in [0, 1]; got {getattr(cfg.model, key)}"
+        queue = cfg.model.blip_queue_size
+        if queue < -1 or (queue == -1 and BLIP_MODELS[cfg.model.name].queue_size % cfg.train.batch_size) or (
+                queue > 0 and queue % cfg.train.batch_size):
+            return (f"model.blip_queue_size must be 0 (no queue), a multiple of the global batch "
+                    f"train.batch_size={cfg.train.batch_size}, or -1 (the preset's "
+                    f"{BLIP_MODELS[cfg.model.name].queue_size}); got {queue}")
         if cfg.model.blip_qa_fraction and not cfg.data.train.startswith(("shapes:", "vqa:")):
             return (f"model.blip_qa_fraction needs training data with questions and answers (shapes, vqa); "
                     f"data.train is '{cfg.data.train}'")

@@ -214,6 +214,9 @@ def test_a_preset_brings_its_input_size_and_context_length():
     ("--data.induction_fraction=0.3", r"data\.induction_fraction must lie in \[0, 1\) and is for language models"),
     ("--model.name=lm-tiny --data.train=shapes_icl:train --data.induction_fraction=1",
      r"data\.induction_fraction must lie in \[0, 1\).*got 1\.0"),
+    ("--model.name=BLIP-tiny --model.blip_momentum=1.5", r"model\.blip_momentum must lie in \[0, 1\]; got 1\.5"),
+    ("--model.name=BLIP-tiny --model.blip_queue_size=1000",
+     r"model\.blip_queue_size must be 0 \(no queue\), a multiple of the global batch train\.batch_size=\d+.*got 1000"),
     ("--model.name=Flamingo-tiny --model.pretrained=configs",
      r"model\.pretrained 'configs': a Flamingo run starts from another run's checkpoint\.pt"),
 ])
