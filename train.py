@@ -291,12 +291,6 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         for key in ("blip_itm_uniform", "blip_qa_fraction", "blip_momentum"):
             if not 0 <= getattr(cfg.model, key) <= 1:
                 return f"model.{key} must lie in [0, 1]; got {getattr(cfg.model, key)}"
-        queue = cfg.model.blip_queue_size
-        if queue < -1 or (queue == -1 and BLIP_MODELS[cfg.model.name].queue_size % cfg.train.batch_size) or (
-                queue > 0 and queue % cfg.train.batch_size):
-            return (f"model.blip_queue_size must be 0 (no queue), a multiple of the global batch "
-                    f"train.batch_size={cfg.train.batch_size}, or -1 (the preset's "
-                    f"{BLIP_MODELS[cfg.model.name].queue_size}); got {queue}")
         if cfg.model.blip_qa_fraction and not cfg.data.train.startswith(("shapes:", "vqa:")):
             return (f"model.blip_qa_fraction needs training data with questions and answers (shapes, vqa); "
                     f"data.train is '{cfg.data.train}'")
@@ -305,6 +299,12 @@ def check_config(cfg, world_size: int = 1) -> str | None:
             return f"model.blip_losses must list some of {','.join(BLIP_OBJECTIVES)}, comma-separated; got '{cfg.model.blip_losses}'"
         if "itm" in objectives and "itc" not in objectives:
             return "model.blip_losses: itm samples its hard negatives from ITC's similarities; add itc"
+        preset_queue = BLIP_MODELS[cfg.model.name].queue_size
+        queue = preset_queue if cfg.model.blip_queue_size == -1 else cfg.model.blip_queue_size
+        if "itc" in objectives and (cfg.model.blip_queue_size < -1 or queue % cfg.train.batch_size):
+            return (f"model.blip_queue_size must be 0 (no queue), a multiple of the global batch "
+                    f"train.batch_size={cfg.train.batch_size}, or -1 (the preset's {preset_queue}); "
+                    f"got {cfg.model.blip_queue_size}")
         if cfg.data.train.startswith("vqa:") and (cfg.model.blip_qa_fraction != 1 or objectives != ["lm"]):
             return ("data.train: a vqa spec holds questions without captions: train it with model.blip_losses=lm "
                     "and model.blip_qa_fraction=1 (the decoder learns the answers)")
