@@ -308,9 +308,12 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         if cfg.data.train.startswith("vqa:") and (cfg.model.blip_qa_fraction != 1 or objectives != ["lm"]):
             return ("data.train: a vqa spec holds questions without captions: train it with model.blip_losses=lm "
                     "and model.blip_qa_fraction=1 (the decoder learns the answers)")
-    elif cfg.model.blip_itm_uniform or cfg.model.blip_qa_fraction or cfg.model.blip_prompt:
-        return (f"model.blip_itm_uniform, model.blip_qa_fraction and model.blip_prompt are BLIP settings; "
-                f"model.name is '{cfg.model.name}'")
+        if cfg.model.vision_checkpoint and not is_run_checkpoint(cfg.model.vision_checkpoint):
+            return (f"model.vision_checkpoint: no train.py checkpoint at '{cfg.model.vision_checkpoint}' (a BLIP's image "
+                    f"tower starts from a CLIP run of the same tower; for BLIP-RN-tiny run configs/clip/tiny_shapes.yaml first)")
+    elif cfg.model.blip_itm_uniform or cfg.model.blip_qa_fraction or cfg.model.blip_prompt or cfg.model.blip_lock_vision:
+        return (f"model.blip_itm_uniform, model.blip_qa_fraction, model.blip_prompt and model.blip_lock_vision are "
+                f"BLIP settings; model.name is '{cfg.model.name}'")
     if cfg.data.train.startswith("vqa:") and not is_blip(cfg):
         return ("data.train: vqa specs hold questions and answers, not captions; CLIP cannot train on them (a BLIP "
                 "decoder can: model.blip_losses=lm, model.blip_qa_fraction=1)")

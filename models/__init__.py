@@ -10,7 +10,7 @@ names use nn.GELU (open_clip's convention).
 `create_model(name, pretrained=PATH)` loads OpenAI's `.pt` archives and open_clip checkpoints through the key
 maps of `models/convert.py`, into fp32 parameters.
 
-BLIP presets (`BLIP-base`, `BLIP-large`, `BLIP-tiny`; table in `models/blip.py`) build a `models.blip.BLIP`;
+BLIP presets (`BLIP-base`, `BLIP-large`, `BLIP-tiny`, `BLIP-RN-tiny`; table in `models/blip.py`) build a `models.blip.BLIP`;
 `pretrained` takes salesforce/BLIP `.pth` files and HuggingFace BLIP folders or weight files, loading the parts
 the checkpoint has (see `load_pretrained_blip`).
 
@@ -186,18 +186,23 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
         queue_size = cfg.model.blip_queue_size if cfg.model.blip_queue_size >= 0 else BLIP_MODELS[cfg.model.name].queue_size
         objectives = tuple(cfg.model.blip_losses.split(","))
         momentum = "itc" in objectives or "itm" in objectives
+        vision_start = cfg.model.vision_checkpoint if pretrained else ""  # a resumed run has it in its own weights
         model = create_model(cfg.model.name, pretrained=None if run_checkpoint else start or None,
                              image_size=cfg.data.image_size, drop_path=cfg.model.drop_path,
                              grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
-                             momentum_encoders=momentum and not run_checkpoint, momentum=cfg.model.blip_momentum,
+                             momentum_encoders=False, momentum=cfg.model.blip_momentum,
                              queue_size=queue_size, itm_uniform=cfg.model.blip_itm_uniform,
                              vision_stem=cfg.model.vit_stem)
         model.objectives = objectives
         if run_checkpoint:
             load_run_weights(model, start)
-            if momentum:
-                model.add_momentum_encoders(cfg.model.blip_momentum, queue_size)
-        return model
+        if vision_start:
+            load_blip_vision(model, vision_start)
+        if cfg.model.blip_lock_vision:
+            model.lock_vision()
+        if momentum:  # copies of the final online weights
+            model.add_momentum_encoders(cfg.model.blip_momentum, queue_size)
+        return convert_sync_batchnorm(model) if cfg.model.sync_bn else model  # a ResNet tower (BLIP-RN-tiny)
     extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
     if cfg.model.init_temperature:
         extra["init_logit_scale"] = math.log(1 / cfg.model.init_temperature)
@@ -219,6 +224,24 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
     if run_checkpoint:
         load_run_weights(model, start)
     return convert_sync_batchnorm(model) if cfg.model.sync_bn else model
+
+
+def load_blip_vision(model: BLIP, path: str) -> None:
+    """A BLIP's image tower from a train.py CLIP run's checkpoint.pt whose image tower has the same architecture
+    (BLIP-RN-tiny: an RN-tiny run), the way BLIP starts from an ImageNet-trained ViT."""
+    weights = _run_weights(path)
+    if weights is None:
+        raise FileNotFoundError(f"model.vision_checkpoint: no train.py checkpoint at '{path}'")
+    visual = {key[len("visual."):]: value for key, value in weights.items() if key.startswith("visual.")}
+    expected = model.visual_encoder.state_dict()
+    missing, unexpected = sorted(set(expected) - set(visual)), sorted(set(visual) - set(expected))
+    shapes = [f"{key} {tuple(visual[key].shape)} (needs {tuple(value.shape)})" for key, value in expected.items()
+              if key in visual and visual[key].shape != value.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"model.vision_checkpoint '{path}': its image tower does not fit this BLIP's "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}); it needs a CLIP "
+                         f"run of the same tower (BLIP-RN-tiny: RN-tiny)")
+    model.visual_encoder.load_state_dict(visual)
 
 
 def is_run_checkpoint(path: str) -> bool:

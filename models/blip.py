@@ -24,6 +24,9 @@ Deliberate differences from salesforce/BLIP `models/blip*.py`:
 - the ITM positives and both kinds of negatives go through the image-grounded encoder in one (3B) batch.
 - the ViT is `models.vit.VisionTransformer` without CLIP's `norm_pre`, with a biased patch convolution and
   LayerNorm eps 1e-6, initialised as CLIP's (BLIP starts from DeiT/timm weights instead);
+- `vision_tower="resnet"` (the `BLIP-RN-tiny` preset) puts CLIP's ResNet in the ViT's place: its attention pool
+  lets every position query (`AttentionPool2d(all_tokens=True)`), so the pooled token stands first as the CLS
+  token does and the grid cells follow; a tower that learns shape within the CPU demo's budget;
 - generation goes through `models/generation.py`, with HuggingFace transformers 5.x's conventions (BLIP's own
   code ran transformers 4.15, whose beam search normalised scores by the length including the prompt).
 """
@@ -53,6 +56,7 @@ from losses.blip import (
 )
 from models import generation
 from models.layers import KVCache
+from models.resnet import ModifiedResNet
 from models.text import BertTextEncoder, LMHead
 from models.vit import VisionTransformer
 
@@ -85,6 +89,12 @@ class BLIPConfig:
     queue_size: int = 57600
     itm_uniform: float = 0.0  # share of ITM negatives drawn uniformly instead of by ITC similarity (0 = BLIP)
     vision_stem: str = "patch"  # ViT stem: patch (BLIP's) | conv (models.layers.ConvStem; for training from scratch)
+    # The image tower: "vit" (BLIP's) or "resnet", CLIP's ModifiedResNet with `resnet_layers` bottlenecks per stage
+    # and stem width `resnet_width`, whose attention pool gives every position a token of vision_width (the
+    # pooled one first, as the ViT's CLS). Not in the paper: a tower that learns shape within a CPU demo's budget.
+    vision_tower: str = "vit"
+    resnet_layers: tuple[int, ...] = (1, 1, 1, 1)
+    resnet_width: int = 16
 
 
 # Paper section 4.1 and salesforce/BLIP `models/blip.py::create_vit`: ViT-B/16 or ViT-L/16 (drop-path 0.1) with
@@ -96,6 +106,8 @@ BLIP_MODELS = {
     # CPU demos and tests (not from the paper); a small tokenizer's vocabulary and ids replace the BERT ones. The
     # queue of 1024 divides every power-of-two global batch up to 1024.
     "BLIP-tiny":  BLIPConfig(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4, text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=64, queue_size=1024),
+    # BLIP-tiny's text side on CLIP's RN-tiny image tower (5 image tokens of width 128 at 64x64)
+    "BLIP-RN-tiny": BLIPConfig(image_size=64, vision_tower="resnet", vision_width=128, text_width=128, text_layers=3, text_heads=4, embed_dim=128, context_length=64, queue_size=1024),
 }
 # fmt: on
 
@@ -108,7 +120,7 @@ class BLIP(nn.Module):
 
     def __init__(
         self,
-        visual_encoder: VisionTransformer,
+        visual_encoder: VisionTransformer | ModifiedResNet,
         text_encoder: BertTextEncoder,
         text_decoder: BertTextEncoder,
         embed_dim: int = 256,
@@ -125,7 +137,10 @@ class BLIP(nn.Module):
         itm_uniform: float = 0.0,
     ):
         super().__init__()
-        vision_width = visual_encoder.pos_embed.shape[-1]
+        if isinstance(visual_encoder, ModifiedResNet):
+            vision_width = visual_encoder.attnpool.c_proj.out_features
+        else:
+            vision_width = visual_encoder.pos_embed.shape[-1]
         text_width = text_encoder.width
         vocab_size = text_encoder.embed.token_embedding.num_embeddings
         self.pad_id, self.eos_id, self.dec_id, self.enc_id = pad_id, eos_id, dec_id, enc_id
@@ -145,6 +160,7 @@ class BLIP(nn.Module):
         self.itm_uniform = itm_uniform  # losses.sample_hard_negatives(uniform=...)
         self.objectives = OBJECTIVES  # what `forward` computes, of the parts the model has
         self.visual_encoder_m = self.text_encoder_m = self.vision_proj_m = self.text_proj_m = self.queue = None
+        self.vision_locked = False  # `lock_vision()`
         if momentum_encoders:
             self.add_momentum_encoders(momentum, queue_size)
 
@@ -159,6 +175,23 @@ class BLIP(nn.Module):
             if hasattr(online, "set_grad_checkpointing"):  # the copies run without gradient
                 getattr(self, f"{name}_m").set_grad_checkpointing(False)
         self.queue = FeatureQueue(self.vision_proj.out_features, queue_size).to(self.temp.device)
+
+    def lock_vision(self) -> None:
+        """Freeze the image tower (a pretrained one; LiT's "locked image tower"): no gradient, and eval mode whatever
+        `train()` says, so BatchNorm keeps its running statistics. Its momentum copy is then the tower itself:
+        ITC's momentum image features come from the online image tokens and only `vision_proj_m` follows by EMA."""
+        self.vision_locked = True
+        for name in ("visual_encoder", "visual_encoder_m"):
+            if getattr(self, name) is not None:
+                getattr(self, name).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "BLIP":
+        super().train(mode)
+        if self.vision_locked:
+            for name in ("visual_encoder", "visual_encoder_m"):
+                if getattr(self, name) is not None:
+                    getattr(self, name).eval()
+        return self
 
     def part(self, name: str) -> nn.Module:
         """The submodule `name`, or an error saying that the checkpoint loaded into this model had none."""
@@ -176,7 +209,7 @@ class BLIP(nn.Module):
 
     def forward_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image tokens (B, 1 + HW, vision_width), CLS first."""
-        return self.visual_encoder.forward_features(images)
+        return tower_tokens(self.visual_encoder, images)
 
     def forward_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Unimodal text encoder: (B, T) ids, [CLS] first, pad_id after the text -> (B, T, text_width)."""
@@ -265,7 +298,9 @@ class BLIP(nn.Module):
         text_feat = F.normalize(self.text_proj(self.forward_text(tokens)[:, 0]), dim=-1)  # (B, D)
         with torch.no_grad():
             momentum_update(self.momentum_pairs(online=True), self.momentum_pairs(online=False), self.momentum)
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m.forward_features(images)[:, 0]), dim=-1)
+            # a locked tower is its own momentum copy (exactly: an EMA of equal weights can move them by rounding)
+            cls_m = image_tokens[:, 0] if self.vision_locked else tower_tokens(self.visual_encoder_m, images)[:, 0]
+            image_feat_m = F.normalize(self.vision_proj_m(cls_m), dim=-1)
             text_states_m = self.text_encoder_m(tokens, padding_mask=tokens != self.pad_id)  # (B, T, text_width)
             text_feat_m = F.normalize(self.text_proj_m(text_states_m[:, 0]), dim=-1)  # (B, D)
             image_feat_m_all, text_feat_m_all = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
@@ -299,7 +334,8 @@ class BLIP(nn.Module):
     def momentum_pairs(self, online: bool) -> list[torch.Tensor]:
         """The online parameters of MOMENTUM_PARTS, or their momentum copies in the same order."""
         suffix = "" if online else "_m"
-        return [param for name in self.MOMENTUM_PARTS for param in getattr(self, name + suffix).parameters()]
+        parts = [name for name in self.MOMENTUM_PARTS if not (self.vision_locked and name == "visual_encoder")]
+        return [param for name in parts for param in getattr(self, name + suffix).parameters()]
 
     # ---------------------------------------------------------------- inference
 
@@ -386,6 +422,13 @@ class BLIP(nn.Module):
         return captions
 
 
+def tower_tokens(encoder: VisionTransformer | ModifiedResNet, images: torch.Tensor) -> torch.Tensor:
+    """An image tower's tokens (B, 1 + HW, width), the one ITC reads first."""
+    if isinstance(encoder, ModifiedResNet):
+        return encoder.forward_tokens(images)
+    return encoder.forward_features(images)
+
+
 def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
     """A `BLIP` from a config; a tokenizer of `data.tokenizer` (BertTokenizer, or SentencePieceTokenizer trained
     with BLIP's tokens) sets the vocabulary size and the pad, eos, [DEC] and [ENC] ids."""
@@ -409,18 +452,31 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
             attn_drop=config.text_drop,
         )
 
-    visual_encoder = VisionTransformer(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        width=config.vision_width,
-        depth=config.vision_layers,
-        num_heads=config.vision_heads,
-        norm_layer=functools.partial(nn.LayerNorm, eps=config.vision_eps),
-        drop_path=config.drop_path,
-        norm_pre=False,
-        patch_bias=True,
-        stem=config.vision_stem,
-    )
+    if config.vision_tower not in ("vit", "resnet"):
+        raise ValueError(f"vision_tower must be vit or resnet, got {config.vision_tower!r}")
+    if config.vision_tower == "resnet" and config.vision_stem != "patch":
+        raise ValueError(f"vision_stem={config.vision_stem!r} is a ViT option; this preset has a ResNet image tower")
+    if config.vision_tower == "resnet":
+        visual_encoder = ModifiedResNet(
+            layers=config.resnet_layers,
+            output_dim=config.vision_width,
+            heads=config.resnet_width * 32 // 64,  # CLIP's: head width 64
+            image_size=config.image_size,
+            width=config.resnet_width,
+        )
+    else:
+        visual_encoder = VisionTransformer(
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            width=config.vision_width,
+            depth=config.vision_layers,
+            num_heads=config.vision_heads,
+            norm_layer=functools.partial(nn.LayerNorm, eps=config.vision_eps),
+            drop_path=config.drop_path,
+            norm_pre=False,
+            patch_bias=True,
+            stem=config.vision_stem,
+        )
     return BLIP(
         visual_encoder,
         text_transformer(),

@@ -62,7 +62,9 @@ class Bottleneck(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
-    """Pool (B, HW, C) tokens to (B, output_dim): the mean token attends over [mean; tokens]."""
+    """Pool (B, HW, C) tokens to (B, output_dim): the mean token attends over [mean; tokens]. With
+    `all_tokens`, every position queries too: (B, 1 + HW, output_dim), the pooled token first (BLIP's image
+    tokens from a ResNet)."""
 
     def __init__(self, spatial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None):
         super().__init__()
@@ -73,15 +75,17 @@ class AttentionPool2d(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, all_tokens: bool = False) -> torch.Tensor:
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1 + HW, C)
         x = x + self.positional_embedding
-        q = rearrange(self.q_proj(x[:, :1]), "b t (h d) -> b h t d", h=self.num_heads)  # (B, heads, 1, head_dim)
+        queries = x if all_tokens else x[:, :1]
+        q = rearrange(self.q_proj(queries), "b t (h d) -> b h t d", h=self.num_heads)  # (B, heads, T, head_dim)
         k = rearrange(self.k_proj(x), "b s (h d) -> b h s d", h=self.num_heads)  # (B, heads, 1 + HW, head_dim)
         v = rearrange(self.v_proj(x), "b s (h d) -> b h s d", h=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, head_dim)
-        x = rearrange(x, "b h 1 d -> b (h d)")  # (B, C)
-        return self.c_proj(x)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), T = 1 or 1 + HW
+        if all_tokens:
+            return self.c_proj(rearrange(x, "b h t d -> b t (h d)"))  # (B, 1 + HW, output_dim)
+        return self.c_proj(rearrange(x, "b h 1 d -> b (h d)"))  # (B, output_dim)
 
 
 class ModifiedResNet(nn.Module):
@@ -160,3 +164,7 @@ class ModifiedResNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image embedding (B, output_dim)."""
         return self.attnpool(self.forward_features(images))
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> attention-pooled tokens (B, 1 + H/32 * W/32, output_dim), the image embedding first."""
+        return self.attnpool(self.forward_features(images), all_tokens=True)

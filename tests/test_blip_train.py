@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.shapes import ShapesDataset
 from data.tokenizer import BertTokenizer
-from models import create_model
+from models import create_model, load_blip_vision
 from models.blip import BLIP, BLIP_MODELS, build_blip
 from tests.multiprocess import run_on_processes
 
@@ -33,9 +33,9 @@ def shapes_batch(tmp_path, size: int) -> tuple[torch.Tensor, torch.Tensor, BertT
     return images, tokenizer([item["caption"] for item in items]), tokenizer
 
 
-def tiny(tokenizer, queue_size: int = 16, seed: int = 0, **overrides) -> BLIP:
+def tiny(tokenizer, queue_size: int = 16, seed: int = 0, preset: str = "BLIP-tiny", **overrides) -> BLIP:
     torch.manual_seed(seed)
-    config = dataclasses.replace(BLIP_MODELS["BLIP-tiny"], momentum_encoders=True, queue_size=queue_size, **overrides)
+    config = dataclasses.replace(BLIP_MODELS[preset], momentum_encoders=True, queue_size=queue_size, **overrides)
     return build_blip(config, tokenizer=tokenizer)
 
 
@@ -44,9 +44,13 @@ def batch(tmp_path_factory):
     return shapes_batch(tmp_path_factory.mktemp("shapes"), 8)
 
 
-def test_losses_are_finite_and_only_online_parameters_get_gradients(batch):
+TOWERS = ["BLIP-tiny", "BLIP-RN-tiny"]  # ViT; CLIP's ResNet with attention-pooled tokens
+
+
+@pytest.mark.parametrize("preset", TOWERS)
+def test_losses_are_finite_and_only_online_parameters_get_gradients(batch, preset):
     images, tokens, tokenizer = batch
-    model = tiny(tokenizer)
+    model = tiny(tokenizer, preset=preset)
     losses = model(images, tokens, alpha=0.4)
     assert sorted(losses) == ["itc", "itm", "lm"]
     assert all(loss.ndim == 0 and loss.isfinite() for loss in losses.values())
@@ -57,7 +61,10 @@ def test_losses_are_finite_and_only_online_parameters_get_gradients(batch):
         if name in momentum:
             assert not param.requires_grad and param.grad is None, name
         else:
-            assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name  # DDP: all used
+            assert param.requires_grad and param.grad is not None, name  # DDP: all used
+            # CLIP's ResNet init zeroes each bottleneck's last BatchNorm gamma: its branch gets gradient from step 2
+            in_branch = name.startswith("visual_encoder.layer") and ".bn3." not in name and ".downsample." not in name
+            assert in_branch or param.grad.abs().sum() > 0, name
 
 
 def test_momentum_encoders_follow_the_ema_and_the_queue_holds_their_features(batch):
@@ -117,8 +124,8 @@ def test_hard_negatives_follow_the_global_rng(batch):
     torch.testing.assert_close(model(images, tokens)["itm"], first, rtol=0, atol=0)
 
 
-def _ddp_step(rank, world_size, images, tokens, tokenizer):
-    model = tiny(tokenizer, queue_size=8).eval()  # same seed on every rank: the same weights and queue
+def _ddp_step(rank, world_size, images, tokens, tokenizer, preset):
+    model = tiny(tokenizer, queue_size=8, preset=preset).eval()  # same seed on every rank: the same weights and queue
     ddp = DistributedDataParallel(model)  # find_unused_parameters=False: every trainable parameter is used
     local = slice(rank * 2, (rank + 1) * 2)
     losses = ddp(images[local], tokens[local])
@@ -128,13 +135,14 @@ def _ddp_step(rank, world_size, images, tokens, tokenizer):
     return {name: loss.detach() for name, loss in losses.items()}, grads
 
 
-def test_two_ddp_processes_equal_one_with_the_whole_batch(batch):
+@pytest.mark.parametrize("preset", TOWERS)  # eval mode: dropout off, BatchNorm on its running statistics
+def test_two_ddp_processes_equal_one_with_the_whole_batch(batch, preset):
     """ITC's columns are the gathered global batch, so its loss and gradient equal one process's; ITM is
     deterministic with two pairs per rank (each has one negative candidate) and is compared per half."""
     images, tokens, tokenizer = batch
     images, tokens = images[:4], tokens[:4]
-    per_rank = run_on_processes(_ddp_step, 2, images, tokens, tokenizer)
-    model = tiny(tokenizer, queue_size=8).eval()
+    per_rank = run_on_processes(_ddp_step, 2, images, tokens, tokenizer, preset)
+    model = tiny(tokenizer, queue_size=8, preset=preset).eval()
     itc = model(images, tokens)["itc"]
     itc.backward()  # before the next forward, which clamps `temp` in place
     for half in (slice(0, 2), slice(2, 4)):
@@ -147,9 +155,10 @@ def test_two_ddp_processes_equal_one_with_the_whole_batch(batch):
                 torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_overfit_lowers_every_loss(batch):
+@pytest.mark.parametrize("preset", TOWERS)
+def test_overfit_lowers_every_loss(batch, preset):
     images, tokens, tokenizer = batch
-    model = tiny(tokenizer, queue_size=16)
+    model = tiny(tokenizer, queue_size=16, preset=preset)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=0.05)
     history = []
     for step in range(30):
@@ -201,6 +210,42 @@ def test_released_weights_get_momentum_encoders_after_loading(batch, tmp_path):
     losses = model(images, tokens)
     assert sorted(losses) == ["itc", "itm", "lm"]
     sum(losses.values()).backward()
+
+
+def test_resnet_tower_starts_from_a_clip_run_and_its_pooled_token_is_clips_embedding(batch, tmp_path):
+    """model.vision_checkpoint: a CLIP RN-tiny run's image tower loads into BLIP-RN-tiny's, whose first image token is
+    then exactly CLIP's image embedding (the attention pool's mean-token query); a tower of another kind is refused."""
+    images, tokens, tokenizer = batch
+    torch.manual_seed(3)
+    clip = create_model("RN-tiny").eval()
+    torch.save({"model": clip.state_dict(), "config": {}}, tmp_path / "clip.pt")  # what train.py writes, in short
+    model = tiny(tokenizer, preset="BLIP-RN-tiny").eval()
+    load_blip_vision(model, str(tmp_path / "clip.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_image(images)[:, 0], clip.visual(images), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_blip_vision(tiny(tokenizer), str(tmp_path / "clip.pt"))
+
+
+def test_locked_tower_does_not_move_and_is_its_own_momentum_copy(batch):
+    """lock_vision: no gradient, BatchNorm statistics frozen through train(), and ITC's momentum image features are
+    the online tower's CLS token through vision_proj_m."""
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, preset="BLIP-RN-tiny", queue_size=16)
+    model.lock_vision()
+    before = {key: value.clone() for key, value in model.visual_encoder.state_dict().items()}  # BN buffers too
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model.train()
+        optimizer.zero_grad()
+        sum(model(images, tokens).values()).backward()
+        optimizer.step()
+    assert not model.visual_encoder.training and all(param.grad is None for param in model.visual_encoder.parameters())
+    for key, value in model.visual_encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with torch.no_grad():
+        expected = F.normalize(model.vision_proj_m(model.forward_image(images)[:, 0]), dim=-1)
+    torch.testing.assert_close(model.queue.image_queue[:, 8:16].T, expected, rtol=1e-6, atol=1e-6)  # the last enqueue
 
 
 def test_bfloat16_autocast_gives_finite_losses(batch):

@@ -178,6 +178,18 @@ def test_attention_pool_matches_naive_reference():
     torch.testing.assert_close(pool(tokens), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_pool_all_tokens_matches_naive_reference():
+    """Every position queries (BLIP's image tokens from a ResNet); the first output is the pooled embedding."""
+    pool = AttentionPool2d(spatial_dim=3, embed_dim=16, num_heads=4, output_dim=10)
+    tokens = torch.randn(2, 9, 16)
+    x = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + pool.positional_embedding
+    q, k, v = (F.linear(x, proj.weight, proj.bias) for proj in (pool.q_proj, pool.k_proj, pool.v_proj))
+    expected = pool.c_proj(naive_multihead(q, k, v, num_heads=4))  # (B, 1 + HW, 10)
+    out = pool(tokens, all_tokens=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 0], pool(tokens), atol=1e-6, rtol=1e-6)
+
+
 def small_text_tower(**kwargs):
     return TextTransformer(vocab_size=50, context_length=12, width=32, depth=2, num_heads=4, output_dim=16, **kwargs).eval()
 
