@@ -29,7 +29,7 @@ class ModelConfig:
     blip_prompt: str = ""  # BLIP: text put before every caption for the decoder, not learned ("a picture of " to finetune)
     pretrained: str = ""  # weights to start from: released CLIP/BLIP files, or a train.py checkpoint.pt of the same model
     lm_checkpoint: str = ""  # Flamingo: the frozen LM, a language-model run's checkpoint.pt or an MPT folder
-    vision_checkpoint: str = ""  # Flamingo: the frozen vision encoder, a CLIP run's checkpoint.pt ("": random); BLIP: its image tower's start
+    vision_checkpoint: str = ""  # Flamingo: the frozen vision encoder, a CLIP run's checkpoint.pt ("": random); BLIP: its image tower's start (unless model.pretrained)
     blip_lock_vision: bool = False  # BLIP: the image tower frozen (LiT's locked tower; with model.vision_checkpoint)
 
 

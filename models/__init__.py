@@ -186,7 +186,8 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
         queue_size = cfg.model.blip_queue_size if cfg.model.blip_queue_size >= 0 else BLIP_MODELS[cfg.model.name].queue_size
         objectives = tuple(cfg.model.blip_losses.split(","))
         momentum = "itc" in objectives or "itm" in objectives
-        vision_start = cfg.model.vision_checkpoint if pretrained else ""  # a resumed run has it in its own weights
+        # a resumed run, or one from model.pretrained, has its image tower in those weights
+        vision_start = cfg.model.vision_checkpoint if pretrained and not start else ""
         model = create_model(cfg.model.name, pretrained=None if run_checkpoint else start or None,
                              image_size=cfg.data.image_size, drop_path=cfg.model.drop_path,
                              grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
@@ -198,11 +199,13 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
             load_run_weights(model, start)
         if vision_start:
             load_blip_vision(model, vision_start)
+        if cfg.model.sync_bn:  # a ResNet tower (BLIP-RN-tiny); before locking, as new modules' parameters train
+            convert_sync_batchnorm(model)
         if cfg.model.blip_lock_vision:
             model.lock_vision()
         if momentum:  # copies of the final online weights
             model.add_momentum_encoders(cfg.model.blip_momentum, queue_size)
-        return convert_sync_batchnorm(model) if cfg.model.sync_bn else model  # a ResNet tower (BLIP-RN-tiny)
+        return model
     extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
     if cfg.model.init_temperature:
         extra["init_logit_scale"] = math.log(1 / cfg.model.init_temperature)

@@ -248,6 +248,27 @@ def test_locked_tower_does_not_move_and_is_its_own_momentum_copy(batch):
     torch.testing.assert_close(model.queue.image_queue[:, 8:16].T, expected, rtol=1e-6, atol=1e-6)  # the last enqueue
 
 
+def test_run_config_loads_and_locks_the_tower_with_sync_bn(batch, tmp_path):
+    """model_from_config: model.vision_checkpoint fills the tower, model.sync_bn converts its BatchNorm and
+    model.blip_lock_vision then freezes all of it (converted layers included) before the momentum copies."""
+    from config import Config
+    from models import model_from_config
+    from models.batchnorm import SyncBatchNorm2d
+
+    _, _, tokenizer = batch
+    torch.manual_seed(3)
+    clip = create_model("RN-tiny")
+    torch.save({"model": clip.state_dict(), "config": {}}, tmp_path / "clip.pt")
+    cfg = Config()
+    cfg.model.name, cfg.model.vision_checkpoint, cfg.model.sync_bn = "BLIP-RN-tiny", str(tmp_path / "clip.pt"), True
+    cfg.model.blip_lock_vision, cfg.model.blip_queue_size, cfg.data.image_size = True, 0, 64
+    model = model_from_config(cfg, tokenizer)
+    assert any(isinstance(module, SyncBatchNorm2d) for module in model.visual_encoder.modules())
+    assert not any(param.requires_grad for param in model.visual_encoder.parameters())
+    assert torch.equal(model.visual_encoder.conv1.weight, clip.visual.conv1.weight)
+    assert torch.equal(model.visual_encoder_m.attnpool.c_proj.weight, clip.visual.attnpool.c_proj.weight)
+
+
 def test_bfloat16_autocast_gives_finite_losses(batch):
     images, tokens, tokenizer = batch
     model = tiny(tokenizer)
