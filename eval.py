@@ -341,11 +341,12 @@ def generate_answers(model: BLIP, image_tokens: torch.Tensor, prompts: list[list
         by_length.setdefault(len(prompt), []).append(i)
     for length, members in by_length.items():
         index = torch.tensor(members, device=image_tokens.device)
-        ids = generation.generate(
-            model.decode, torch.tensor([prompts[i] for i in members], device=image_tokens.device), image_tokens[index],
-            num_layers=model.part("text_decoder").transformer.depth, eos_id=model.eos_id, pad_id=model.pad_id,
-            max_length=length + max_answer_length, min_length=length + min_answer_length, num_beams=num_beams,
-        )  # fmt: skip
+        with model.packed_linears():
+            ids = generation.generate(
+                model.decode, torch.tensor([prompts[i] for i in members], device=image_tokens.device), image_tokens[index],
+                num_layers=model.part("text_decoder").transformer.depth, eos_id=model.eos_id, pad_id=model.pad_id,
+                max_length=length + max_answer_length, min_length=length + min_answer_length, num_beams=num_beams,
+            )  # fmt: skip
         for i, row in zip(members, ids[:, length:].tolist()):
             row = row[: row.index(model.eos_id)] if model.eos_id in row else row
             answers[i] = tokenizer.decode([token for token in row if token != model.pad_id])

@@ -30,6 +30,7 @@ Deliberate differences from salesforce/BLIP `models/blip*.py`:
 - generation goes through `models/generation.py`, with HuggingFace transformers 5.x's conventions (BLIP's own
   code ran transformers 4.15, whose beam search normalised scores by the length including the prompt).
 """
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -56,6 +57,7 @@ from losses.blip import (
 )
 from models import generation
 from models.layers import KVCache
+from models.packed import LinearPacking, linear_weights
 from models.resnet import ModifiedResNet
 from models.text import BertTextEncoder, LMHead
 from models.vit import VisionTransformer
@@ -161,6 +163,7 @@ class BLIP(nn.Module):
         self.objectives = OBJECTIVES  # what `forward` computes, of the parts the model has
         self.visual_encoder_m = self.text_encoder_m = self.vision_proj_m = self.text_proj_m = self.queue = None
         self.vision_locked = False  # `lock_vision()`
+        self.linear_packing: Optional[LinearPacking] = LinearPacking()  # `generate_ids` on a CPU (models/packed.py); None: off
         if momentum_encoders:
             self.add_momentum_encoders(momentum, queue_size)
 
@@ -356,6 +359,16 @@ class BLIP(nn.Module):
         enc_token = self.forward_multimodal(tokens, self.forward_image(images))[:, 0]  # (B, text_width)
         return self.part("itm_head")(enc_token)
 
+    def packed_linears(self) -> contextlib.AbstractContextManager:
+        """Inside: on a CPU, the image tower's, the decoder's and the output layer's products run oneDNN on weights
+        reordered once (models/packed.py): decoding's few-row products 2.5x faster; `self.linear_packing = None` turns
+        it off."""
+        if self.linear_packing is None:
+            return contextlib.nullcontext()
+        decoder = self.part("text_decoder")
+        weights = linear_weights(self.visual_encoder, decoder, self.part("lm_head"))
+        return self.linear_packing(weights + [decoder.embed.token_embedding.weight])  # the tied output layer
+
     @torch.no_grad()
     def generate_ids(
         self,
@@ -369,20 +382,22 @@ class BLIP(nn.Module):
         """Token ids (B, L), prompt included, for the prompt ids ([DEC] first). Lengths count the prompt;
         `options` are those of `models.generation.generate` (top_p, top_k, temperature, repetition_penalty,
         length_penalty, generator, use_cache)."""
-        image_tokens = self.forward_image(images)  # (B, 1 + HW, vision_width)
-        prompt = torch.tensor(list(prompt_ids), device=images.device).expand(images.shape[0], -1)  # (B, P)
-        return generation.generate(
-            self.decode,
-            prompt,
-            image_tokens,
-            num_layers=self.part("text_decoder").transformer.depth,
-            eos_id=self.eos_id,
-            pad_id=self.pad_id,
-            max_length=max_length,
-            min_length=min_length,
-            num_beams=num_beams,
-            **options,
-        )
+        decoder = self.part("text_decoder")
+        with self.packed_linears():
+            image_tokens = self.forward_image(images)  # (B, 1 + HW, vision_width)
+            prompt = torch.tensor(list(prompt_ids), device=images.device).expand(images.shape[0], -1)  # (B, P)
+            return generation.generate(
+                self.decode,
+                prompt,
+                image_tokens,
+                num_layers=decoder.transformer.depth,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                max_length=max_length,
+                min_length=min_length,
+                num_beams=num_beams,
+                **options,
+            )
 
     @torch.no_grad()
     def generate(
