@@ -27,6 +27,7 @@ class ModelConfig:
     blip_qa_fraction: float = 0.0  # BLIP: share of images (data with questions) whose decoder learns "question: q answer: a"
     blip_losses: str = "itc,itm,lm"  # BLIP: the objectives trained (retrieval finetuning: itc,itm; captioning: lm)
     blip_prompt: str = ""  # BLIP: text put before every caption for the decoder, not learned ("a picture of " to finetune)
+    blip_text_drop: float = 0.1  # BLIP: the text stack's hidden and attention dropout (BERT's 0.1)
     pretrained: str = ""  # weights to start from: released CLIP/BLIP files, or a train.py checkpoint.pt of the same model
     lm_checkpoint: str = ""  # Flamingo: the frozen LM, a language-model run's checkpoint.pt or an MPT folder
     vision_checkpoint: str = ""  # Flamingo: the frozen vision encoder, a CLIP run's checkpoint.pt ("": random); BLIP: its image tower's start (unless model.pretrained)

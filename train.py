@@ -258,6 +258,7 @@ MINIMUMS = {
     "train.eval_every": 0, "train.warmup_steps": 0, "train.lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
     "train.grad_clip": 0.0, "model.init_temperature": 0.0, "data.workers": 0, "data.image_size": 1, "data.context_length": 2, "data.vocab_size": 8,
     "data.tokenizer_captions": 1, "data.shuffle_buffer": 1, "data.max_bad_fraction": 0.0, "model.drop_path": 0.0,
+    "model.blip_text_drop": 0.0,
     "eval.batch_size": 1,
 }
 
@@ -272,8 +273,8 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         value = getattr(getattr(cfg, section), name)
         if value < minimum or (key == "train.lr" and value == 0):
             return f"{key} must be {'>' if key == 'train.lr' else '>='} {minimum}; got {value}"
-    if cfg.data.max_bad_fraction > 1 or cfg.model.drop_path >= 1:
-        return "data.max_bad_fraction must be at most 1 and model.drop_path below 1"
+    if cfg.data.max_bad_fraction > 1 or cfg.model.drop_path >= 1 or cfg.model.blip_text_drop >= 1:
+        return "data.max_bad_fraction must be at most 1, and model.drop_path and model.blip_text_drop below 1"
     per_step = world_size * cfg.train.accum_steps
     if cfg.train.batch_size % per_step:
         return (f"train.batch_size={cfg.train.batch_size} must divide evenly into {world_size} processes x "

@@ -193,7 +193,7 @@ def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Modul
                              grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
                              momentum_encoders=False, momentum=cfg.model.blip_momentum,
                              queue_size=queue_size, itm_uniform=cfg.model.blip_itm_uniform,
-                             vision_stem=cfg.model.vit_stem)
+                             vision_stem=cfg.model.vit_stem, text_drop=cfg.model.blip_text_drop)
         model.objectives = objectives
         if run_checkpoint:
             load_run_weights(model, start)

@@ -269,6 +269,25 @@ def test_run_config_loads_and_locks_the_tower_with_sync_bn(batch, tmp_path):
     assert torch.equal(model.visual_encoder_m.attnpool.c_proj.weight, clip.visual.attnpool.c_proj.weight)
 
 
+def test_text_dropout_comes_from_the_run_config(batch):
+    """model.blip_text_drop sets the text stack's hidden and attention dropout (BERT's 0.1 by default); 1 is refused."""
+    import train
+    from config import Config
+    from models import model_from_config
+
+    _, _, tokenizer = batch
+    cfg = Config()
+    cfg.model.name, cfg.model.blip_queue_size, cfg.data.image_size = "BLIP-tiny", 0, 64
+    for rate in (0.1, 0.0):
+        cfg.model.blip_text_drop = rate
+        model = model_from_config(cfg, tokenizer)
+        for stack in (model.text_encoder, model.text_decoder, model.text_encoder_m):
+            assert {m.p for m in stack.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
+            assert {m.attn_drop for m in stack.modules() if hasattr(m, "attn_drop")} == {rate}
+    cfg.model.blip_text_drop = 1.0
+    assert "model.blip_text_drop below 1" in train.check_config(train.resolve_presets(cfg))
+
+
 def test_bfloat16_autocast_gives_finite_losses(batch):
     images, tokens, tokenizer = batch
     model = tiny(tokenizer)
