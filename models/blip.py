@@ -163,7 +163,7 @@ class BLIP(nn.Module):
         self.objectives = OBJECTIVES  # what `forward` computes, of the parts the model has
         self.visual_encoder_m = self.text_encoder_m = self.vision_proj_m = self.text_proj_m = self.queue = None
         self.vision_locked = False  # `lock_vision()`
-        self.linear_packing: Optional[LinearPacking] = LinearPacking()  # `generate_ids` on a CPU (models/packed.py); None: off
+        self.linear_packing: Optional[LinearPacking] = LinearPacking()  # `packed_linears()`, for generation; None: off
         if momentum_encoders:
             self.add_momentum_encoders(momentum, queue_size)
 

@@ -1,11 +1,12 @@
 """Faster `F.linear` for inference on a CPU: oneDNN's matmul on weights reordered once, for decoding.
 
 A decoding step multiplies a few rows (batch x beams) by every weight of the decoder, so its time is the time to
-read the weights. MKL's GEMM behind `F.linear` reads them at 2-6 GB/s at 6 rows on the AVX2 CPUs measured here;
-oneDNN's matmul on a copy of the weight laid out for it (`torch.ops.mkldnn._reorder_linear_weight`, what
-torch.compile's CPU backend does with frozen weights) at 15-20 GB/s, and it is also faster at a ViT's few hundred
-rows (`benchmarks/bench_blip.py`, docs/results.md). The products equal `F.linear`'s up to float32 rounding (about
-1e-6 relative: another summation order).
+read the weights. In BLIP-base's beam search (6 rows) on the 2-core AVX2 machine measured here, MKL's GEMM behind
+`F.linear` read them at 2-3 GB/s; oneDNN's matmul on a copy of each weight laid out for it
+(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does with frozen weights) at about
+6 GB/s, the memory's speed there (15-20 GB/s on weights that stay in cache). At a ViT's few hundred rows the two
+were about even. (`benchmarks/bench_blip.py`, docs/results.md.) The products equal `F.linear`'s up to float32
+rounding (about 1e-6 relative: another summation order).
 
     packing = LinearPacking()                      # owns the reordered copies, made again when a weight changes
     with packing(linear_weights(decoder) + [tied_embedding_weight]):
