@@ -13,8 +13,8 @@ Two measurements, each run alternately for HF and ours `--rounds` times (median 
   parameter. Momentum encoders and queue run on both sides.
 - beam-3 captioning as BLIP evaluates (prompt "a picture of ", max_length 20, min_length 5): image encoder and
   decoding, `BlipForConditionalGeneration.generate` against ours `generate_ids` as users get it (on a CPU, the
-  linear layers on oneDNN with weights reordered once, models/packed.py: ours' first round also makes those
-  copies, which the median leaves out).
+  decoding steps' linear layers on the few-row kernel and the image tower's on oneDNN with weights reordered once,
+  models/packed.py: ours' first round also makes those copies, which the median leaves out).
 
 HF has no BLIP pretraining module, so its side is assembled from its parts the way salesforce/BLIP ties them:
 `BlipForImageTextRetrieval` (vision_model, text_encoder, vision_proj, text_proj, itm_head) and

@@ -1,4 +1,8 @@
-"""Fused, memory-lean contrastive loss (C++/CUDA op `torch.ops.crossmodal.*`) with a pure-PyTorch fallback."""
+"""C++/CUDA ops with pure-PyTorch fallbacks: the fused, memory-lean contrastive loss (`torch.ops.crossmodal.*`) and
+the few-row linear layer of CPU decoding."""
+from .linear import few_row_linear, few_row_linear_available
 from .ops import available_backends, contrastive_loss, contrastive_loss_local
 
-__all__ = ["available_backends", "contrastive_loss", "contrastive_loss_local"]
+__all__ = [
+    "available_backends", "contrastive_loss", "contrastive_loss_local", "few_row_linear", "few_row_linear_available"
+]

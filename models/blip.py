@@ -57,7 +57,7 @@ from losses.blip import (
 )
 from models import generation
 from models.layers import KVCache
-from models.packed import LinearPacking, linear_weights
+from models.packed import LinearPacking, linear_modules
 from models.resnet import ModifiedResNet
 from models.text import BertTextEncoder, LMHead
 from models.vit import VisionTransformer
@@ -360,14 +360,13 @@ class BLIP(nn.Module):
         return self.part("itm_head")(enc_token)
 
     def packed_linears(self) -> contextlib.AbstractContextManager:
-        """Inside: on a CPU, the image tower's, the decoder's and the output layer's products run oneDNN on weights
-        reordered once (models/packed.py): decoding's few-row products 2.5x faster; `self.linear_packing = None` turns
-        it off."""
+        """Inside: on a CPU, the image tower's, the decoder's and the output layer's products run on the few-row
+        kernel or oneDNN (models/packed.py): decoding's products 2-3x faster than MKL's; `self.linear_packing = None`
+        turns it off."""
         if self.linear_packing is None:
             return contextlib.nullcontext()
-        decoder = self.part("text_decoder")
-        weights = linear_weights(self.visual_encoder, decoder, self.part("lm_head"))
-        return self.linear_packing(weights + [decoder.embed.token_embedding.weight])  # the tied output layer
+        lm_head = self.part("lm_head")  # its F.linear on the tied embedding too
+        return self.linear_packing(linear_modules(self.visual_encoder, self.part("text_decoder"), lm_head) + [lm_head])
 
     @torch.no_grad()
     def generate_ids(
