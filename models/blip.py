@@ -361,7 +361,7 @@ class BLIP(nn.Module):
 
     def packed_linears(self) -> contextlib.AbstractContextManager:
         """Inside: on a CPU, the image tower's, the decoder's and the output layer's products run on the few-row
-        kernel or oneDNN (models/packed.py): decoding's products 2-3x faster than MKL's; `self.linear_packing = None`
+        kernel or oneDNN (models/packed.py): decoding's products 3-4x faster than MKL's; `self.linear_packing = None`
         turns it off."""
         if self.linear_packing is None:
             return contextlib.nullcontext()

@@ -3,11 +3,11 @@ weights reordered once for the rest.
 
 A decoding step multiplies a few rows (batch x beams) by every weight of the decoder, so its time is the time to
 read the weights. On the 2-core AVX2 machine of docs/results.md, MKL's GEMM behind `F.linear` read BLIP-base's
-decoder weights at 4-6 GB/s with 6 rows, oneDNN's matmul on a copy of each weight laid out for it
-(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does with frozen weights) at 8-9 GB/s,
-and this codebase's few-row kernel (kernels/csrc/few_row_linear.cpp) at 11-14 GB/s, on the weights as they are; a
-plain sum reads them at 17-20 GB/s. So calls of up to `kernels.linear.MAX_ROWS` rows go to the kernel, larger ones
-(an image tower's hundreds of rows, where oneDNN and MKL are about even) to oneDNN. The products equal `F.linear`'s
+decoder weights at 3-6 GB/s with 6 rows, oneDNN's matmul on a copy of each weight laid out for it
+(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does with frozen weights) at 7-9 GB/s,
+and this codebase's few-row kernel (kernels/csrc/few_row_linear.cpp) at 12-14 GB/s, on the weights as they are; a
+plain sum reads them at 15-20 GB/s (benchmarks/bench_linear.py). So calls of up to `kernels.linear.MAX_ROWS` rows
+go to the kernel, larger ones (an image tower's hundreds of rows, where oneDNN and MKL are about even) to oneDNN. The products equal `F.linear`'s
 up to float32 rounding (about 1e-6 relative: another summation order).
 
     packing = LinearPacking()                      # owns the reordered copies, made again when a weight changes
