@@ -7,8 +7,8 @@ decoder weights at 3-6 GB/s with 6 rows, oneDNN's matmul on a copy of each weigh
 (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does with frozen weights) at 7-9 GB/s,
 and this codebase's few-row kernel (kernels/csrc/few_row_linear.cpp) at 12-14 GB/s, on the weights as they are; a
 plain sum reads them at 15-20 GB/s (benchmarks/bench_linear.py). So calls of up to `kernels.linear.MAX_ROWS` rows
-go to the kernel, larger ones (an image tower's hundreds of rows, where oneDNN and MKL are about even) to oneDNN. The products equal `F.linear`'s
-up to float32 rounding (about 1e-6 relative: another summation order).
+go to the kernel, larger ones (an image tower's hundreds of rows, where oneDNN and MKL are about even) to oneDNN.
+The products equal `F.linear`'s up to float32 rounding (about 1e-6 relative: another summation order).
 
     packing = LinearPacking()                      # owns the reordered copies, made again when a weight changes
     with packing(linear_modules(decoder) + [lm_head]):
