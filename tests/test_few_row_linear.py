@@ -35,6 +35,8 @@ def test_leading_dimensions_and_non_contiguous_input():
     assert_matches_float64_linear(kernels.few_row_linear(x, weight), x, weight)
     assert_matches_float64_linear(kernels.few_row_linear(x_t, weight), x_t, weight)
     assert kernels.few_row_linear(torch.randn(0, 64), weight).shape == (0, 40)
+    bias = torch.randn(40)
+    assert torch.equal(kernels.few_row_linear(torch.randn(3, 0), torch.randn(40, 0), bias), bias.expand(3, 40))
 
 
 def test_falls_back_to_f_linear_where_the_op_does_not_run():
@@ -45,6 +47,8 @@ def test_falls_back_to_f_linear_where_the_op_does_not_run():
 def test_rejects_what_it_cannot_multiply():
     with pytest.raises(RuntimeError, match="input \\(..., K\\) and weight \\(N, K\\)"):
         torch.ops.crossmodal.few_row_linear(torch.randn(2, 8), torch.randn(3, 9), None)
+    with pytest.raises(RuntimeError, match="bias of N = 3"):
+        torch.ops.crossmodal.few_row_linear(torch.randn(2, 8), torch.randn(3, 8), torch.randn(4))
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.crossmodal.few_row_linear(torch.randn(2, 8).double(), torch.randn(3, 8).double(), None)
 

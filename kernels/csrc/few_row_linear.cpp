@@ -43,10 +43,10 @@ __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(sum);
 }
 
-// out[m * out_stride + j] = sum_k input[m * K + k] * weight[j * K + k] for m < Rows, j < Cols.
+// out[m * out_stride + j] = sum_k input[m * K + k] * weight[j * K + k] (+ bias[j]) for m < Rows, j < Cols.
 template <int Rows, int Cols>
-__attribute__((target("avx2,fma"))) inline void tile(const float* input, const float* weight, int64_t K, float* out,
-                                                     int64_t out_stride) {
+__attribute__((target("avx2,fma"))) inline void tile(const float* input, const float* weight, const float* bias,
+                                                     int64_t K, float* out, int64_t out_stride) {
   __m256 acc[Rows][Cols];
   for (int m = 0; m < Rows; ++m) {
     for (int j = 0; j < Cols; ++j) acc[m][j] = _mm256_setzero_ps();
@@ -64,7 +64,7 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* input, const f
     for (int j = 0; j < Cols; ++j) {
       float sum = horizontal_sum(acc[m][j]);
       for (int64_t tail = k; tail < K; ++tail) sum += input[m * K + tail] * weight[j * K + tail];
-      out[m * out_stride + j] = sum;
+      out[m * out_stride + j] = bias ? sum + bias[j] : sum;
     }
   }
 }
@@ -72,22 +72,23 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* input, const f
 // Outputs [begin, end) of every input row: each tile of weight rows is read from memory once, then from L1 for
 // the other input rows.
 template <int Cols>
-__attribute__((target("avx2,fma"))) void output_columns(const float* input, const float* weight, int64_t M,
-                                                        int64_t K, int64_t N, int64_t column, float* out) {
+__attribute__((target("avx2,fma"))) void output_columns(const float* input, const float* weight, const float* bias,
+                                                        int64_t M, int64_t K, int64_t N, int64_t column, float* out) {
   const float* w = weight + column * K;
+  const float* b = bias ? bias + column : nullptr;
   int64_t m = 0;
-  for (; m + kInputRows <= M; m += kInputRows) tile<kInputRows, Cols>(input + m * K, w, K, out + m * N + column, N);
-  for (; m < M; ++m) tile<1, Cols>(input + m * K, w, K, out + m * N + column, N);
+  for (; m + kInputRows <= M; m += kInputRows) tile<kInputRows, Cols>(input + m * K, w, b, K, out + m * N + column, N);
+  for (; m < M; ++m) tile<1, Cols>(input + m * K, w, b, K, out + m * N + column, N);
 }
 
-__attribute__((target("avx2,fma"))) void few_row_products(const float* input, const float* weight, int64_t M,
-                                                          int64_t K, int64_t begin, int64_t end, int64_t N,
-                                                          float* out) {
+__attribute__((target("avx2,fma"))) void few_row_products(const float* input, const float* weight,
+                                                          const float* bias, int64_t M, int64_t K, int64_t begin,
+                                                          int64_t end, int64_t N, float* out) {
   int64_t column = begin;
   for (; column + kWeightRows <= end; column += kWeightRows) {
-    output_columns<kWeightRows>(input, weight, M, K, N, column, out);
+    output_columns<kWeightRows>(input, weight, bias, M, K, N, column, out);
   }
-  for (; column < end; ++column) output_columns<1>(input, weight, M, K, N, column, out);
+  for (; column < end; ++column) output_columns<1>(input, weight, bias, M, K, N, column, out);
 }
 #endif
 
@@ -106,17 +107,23 @@ Tensor few_row_linear(const Tensor& input, const Tensor& weight, const std::opti
   std::vector<int64_t> out_sizes(input.sizes().begin(), input.sizes().end());
   out_sizes.back() = N;
   Tensor out = at::empty(out_sizes, x.options());
+  Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N,
+                "few_row_linear: a float32 bias of N = ", N, " values, got ", bias->scalar_type(), " ", bias->sizes());
+    b = bias->contiguous();
+  }
   const float* x_data = x.const_data_ptr<float>();
   const float* w_data = w.const_data_ptr<float>();
+  const float* b_data = b.defined() ? b.const_data_ptr<float>() : nullptr;
   float* out_data = out.mutable_data_ptr<float>();
-  if (K == 0) {
-    out.zero_();
+  if (K == 0) {  // no products: the bias alone
+    b.defined() ? out.copy_(b.expand_as(out)) : out.zero_();
   } else if (M > 0) {
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      few_row_products(x_data, w_data, M, K, begin, end, N, out_data);
+      few_row_products(x_data, w_data, b_data, M, K, begin, end, N, out_data);
     });
   }
-  if (bias.has_value() && bias->defined()) out.add_(*bias);
   return out;
 #else
   TORCH_CHECK(false, "few_row_linear: built without the x86-64 AVX2 path; use F.linear");
