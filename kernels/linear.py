@@ -16,9 +16,10 @@ def few_row_linear_available() -> bool:
 
 
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for a float32 CPU `x` (..., K), weight (N, K), without gradient; `F.linear`
-    where the op does not run."""
-    if not few_row_linear_available() or x.device.type != "cpu" or x.dtype != torch.float32:
+    """`F.linear(x, weight, bias)` for a float32 CPU `x` (..., K) and weight (N, K); `F.linear` itself where the
+    op does not run, or where a gradient is needed (the op has none)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if needs_grad or not few_row_linear_available() or x.device.type != "cpu" or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     return torch.ops.crossmodal.few_row_linear(x, weight, bias)
 

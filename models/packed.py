@@ -55,11 +55,13 @@ class LinearPacking:
 
     @contextlib.contextmanager
     def __call__(self, modules: Iterable[nn.Module]) -> Iterator[None]:
-        modules = list({id(m): m for m in modules}.values())
+        # an instance attribute hides the class's forward until it is deleted; modules that already have one (an
+        # enclosing block's) keep it
+        modules = [m for m in {id(m): m for m in modules}.values() if "forward" not in vars(m)]
         if not (onednn_available() or few_row_linear_available()):
             yield
             return
-        for module in modules:  # an instance attribute hides the class's forward until it is deleted
+        for module in modules:
             module.forward = self._serving(module)
         try:
             yield

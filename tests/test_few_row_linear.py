@@ -42,6 +42,9 @@ def test_leading_dimensions_and_non_contiguous_input():
 def test_falls_back_to_f_linear_where_the_op_does_not_run():
     x, weight = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
     assert torch.equal(kernels.few_row_linear(x, weight), F.linear(x, weight))  # float64: F.linear itself
+    weight = torch.randn(3, 8, requires_grad=True)
+    kernels.few_row_linear(torch.randn(4, 8), weight).sum().backward()  # a gradient: F.linear, which has one
+    assert weight.grad is not None
 
 
 def test_rejects_what_it_cannot_multiply():

@@ -62,6 +62,17 @@ def test_runs_only_where_it_may_and_leaves_the_modules_as_they_were():
     assert all("forward" not in vars(module) for module in model.modules())  # the class's forward again
 
 
+def test_nested_blocks_leave_the_outer_one_serving():
+    model, packing = mlp(), LinearPacking()
+    layers = linear_modules(model)
+    with torch.no_grad(), packing(layers):
+        served = [vars(layer)["forward"] for layer in layers]
+        with packing(layers):  # e.g. generate_ids called inside packed_linears()
+            model(torch.randn(2, 48))
+        assert [vars(layer).get("forward") for layer in layers] == served
+    assert all("forward" not in vars(layer) for layer in layers)
+
+
 def test_a_changed_weight_is_copied_again():
     model, packing = mlp(), LinearPacking()
     x = torch.randn(4 * MAX_ROWS, 48)
