@@ -343,8 +343,9 @@ def generate_answers(model: BLIP, image_tokens: torch.Tensor, prompts: list[list
         index = torch.tensor(members, device=image_tokens.device)
         with model.packed_linears():
             ids = generation.generate(
-                model.decode, torch.tensor([prompts[i] for i in members], device=image_tokens.device), image_tokens[index],
-                num_layers=model.part("text_decoder").transformer.depth, eos_id=model.eos_id, pad_id=model.pad_id,
+                model.decode, torch.tensor([prompts[i] for i in members], device=image_tokens.device),
+                image_tokens[index], num_layers=model.part("text_decoder").transformer.depth, eos_id=model.eos_id,
+                pad_id=model.pad_id,
                 max_length=length + max_answer_length, min_length=length + min_answer_length, num_beams=num_beams,
             )  # fmt: skip
         for i, row in zip(members, ids[:, length:].tolist()):

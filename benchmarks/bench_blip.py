@@ -9,8 +9,8 @@ Two measurements, each run alternately for HF and ours `--rounds` times (median 
   encoders (EMA 0.995, updated before their forward), momentum distillation (alpha 0.4) and a 57600-feature
   queue; ITM on the positives and one hard negative text per image and image per text (3B rows through the
   image-grounded encoder); LM with label smoothing 0.1 through the decoder that shares all but self-attention
-  with the encoder; loss = sum; backward; one fused AdamW step (lr 1e-5, weight decay 0.05; train.py's) over every trained
-  parameter. Momentum encoders and queue run on both sides.
+  with the encoder; loss = sum; backward; one fused AdamW step (lr 1e-5, weight decay 0.05; train.py's) over every
+  trained parameter. Momentum encoders and queue run on both sides.
 - beam-3 captioning as BLIP evaluates (prompt "a picture of ", max_length 20, min_length 5): image encoder and
   decoding, `BlipForConditionalGeneration.generate` against ours `generate_ids` as users get it (on a CPU, the
   decoding steps' linear layers on the few-row kernel and the image tower's on oneDNN with weights reordered once,

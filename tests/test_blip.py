@@ -15,6 +15,7 @@ from models import convert, create_model
 from models.blip import BLIP_MODELS, build_blip
 from models.generation import beam_search, generate, nucleus_filter
 from models.layers import Block, KVCache, Transformer
+from kernels.linear import few_row_linear_available
 from models.packed import linear_modules, onednn_available
 
 transformers = pytest.importorskip("transformers")  # test-only reference
@@ -284,6 +285,9 @@ def test_generation_on_packed_weights_equals_plain_linear(num_beams):
     if onednn_available():  # the image tower's products have many rows: oneDNN on reordered weights
         tower = {id(module.weight) for module in linear_modules(model.visual_encoder)}
         assert tower <= set(model.linear_packing.copies)
+    if few_row_linear_available():  # the decoding steps' (at most 12 rows): the few-row kernel, no copies
+        steps = {id(block.mlp.fc1.weight) for block in model.text_decoder.transformer.blocks}
+        assert not steps & set(model.linear_packing.copies)
     model.linear_packing = None
     assert torch.equal(packed, model.generate_ids(images, [62, 5, 6], **options))
 
