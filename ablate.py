@@ -405,7 +405,7 @@ def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
 
 def _config_problem(spec: dict, cell: dict) -> str | None:
     """What config.py says about a cell's overrides (unknown keys, wrong types), without running anything."""
-    from config import ConfigError, load_config
+    from crossmodal.config import ConfigError, load_config
 
     train_argv = cell["steps"][0]
     overrides = train_argv[train_argv.index("train.py") + 3:]

@@ -14,6 +14,7 @@ a DDP run, and eval.py reads it on one process without a process group. The opti
 loads into a plain or DDP model; an FSDP run resumes from a folder only (resume a file with train.strategy=ddp).
 """
 import os
+import pickle
 import shutil
 import warnings
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-import distributed
+from crossmodal import distributed
 
 FILE, FOLDER = "checkpoint.pt", "checkpoint"
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -52,6 +53,43 @@ def read(path: str) -> dict:
     if os.path.isdir(path):
         return {**torch.load(os.path.join(path, "meta.pt"), map_location="cpu", weights_only=True), "folder": path}
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_RUNS: dict = {}  # (path, modification time, size) -> what read_run found there
+
+
+def read_run(path: str) -> dict | None:
+    """The dict of a train.py checkpoint file (model, config, and a run's tokenizer, ...), or None when `path` is not
+    one (released weights, a folder, nothing). Memory-mapped and read once per process, however many parts of a run
+    ask (its tokenizer, its config's checks, its weights)."""
+    if not (os.path.isfile(path) and path.endswith(".pt")):
+        return None
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _RUNS:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError):  # OpenAI's TorchScript archives, other formats
+            checkpoint = None
+        is_run = isinstance(checkpoint, dict) and {"model", "config"} <= set(checkpoint)
+        _RUNS[key] = checkpoint if is_run else None
+    return _RUNS[key]
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (CPU, and CUDA on a GPU), which a checkpoint keeps per rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before CUDA states were saved
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, sharded: bool,

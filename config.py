@@ -5,6 +5,7 @@ before anything runs, naming the key and the closest valid keys.
 import copy
 import dataclasses
 import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -13,25 +14,39 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    name: str = "ViT-tiny"  # a preset of models.MODELS
+    name: str = "ViT-tiny"  # a preset: the architecture, and through it the family (recipes/__init__.py)
     grad_checkpointing: bool = False
     drop_path: float = 0.0
     vit_stem: str = "patch"  # ViT image towers (CLIP, BLIP): patch (the papers') | conv (a convolutional stem, Xiao et al. 2021)
     sync_bn: bool = False  # BatchNorm statistics over all processes (the ResNet towers), so any world size trains one model
     init_temperature: float = 0.0  # softmax temperature at init; 0: the loss's default (clip 0.07, siglip 0.1)
-    blip_momentum: float = 0.995  # BLIP: EMA rate of the momentum encoders
-    blip_queue_size: int = -1  # BLIP: momentum features kept for ITC (a multiple of the global batch); -1: the preset's
-    blip_alpha: float = 0.4  # BLIP: momentum-distillation weight, ramped from 0 over blip_alpha_steps
-    blip_alpha_steps: int = 0  # 0: two epochs of data.train (BLIP's ramp), or train.steps // 10 for a stream
-    blip_itm_uniform: float = 0.0  # BLIP: share of ITM negatives drawn uniformly at step 0, falling linearly to 0 (BLIP's) at the end
-    blip_qa_fraction: float = 0.0  # BLIP: share of images (data with questions) whose decoder learns "question: q answer: a"
-    blip_losses: str = "itc,itm,lm"  # BLIP: the objectives trained (retrieval finetuning: itc,itm; captioning: lm)
-    blip_prompt: str = ""  # BLIP: text put before every caption for the decoder, not learned ("a picture of " to finetune)
-    blip_text_drop: float = 0.1  # BLIP: the text stack's hidden and attention dropout (BERT's 0.1)
     pretrained: str = ""  # weights to start from: released CLIP/BLIP files, or a train.py checkpoint.pt of the same model
-    lm_checkpoint: str = ""  # Flamingo: the frozen LM, a language-model run's checkpoint.pt or an MPT folder
-    vision_checkpoint: str = ""  # Flamingo: the frozen vision encoder, a CLIP run's checkpoint.pt ("": random); BLIP: its image tower's start (unless model.pretrained)
-    blip_lock_vision: bool = False  # BLIP: the image tower frozen (LiT's locked tower; with model.vision_checkpoint)
+    vision_checkpoint: str = ""  # the image tower's start, a CLIP run's checkpoint.pt: Flamingo's frozen tower ("": random); BLIP's (unless model.pretrained)
+
+
+@dataclass
+class BlipConfig:  # recipes/blip.py
+    momentum: float = 0.995  # EMA rate of the momentum encoders
+    queue_size: int = -1  # momentum features kept for ITC (a multiple of the global batch); -1: the preset's
+    alpha: float = 0.4  # momentum-distillation weight, ramped from 0 over alpha_steps
+    alpha_steps: int = 0  # 0: two epochs of data.train (BLIP's ramp), or train.steps // 10 for a stream
+    itm_uniform: float = 0.0  # share of ITM negatives drawn uniformly at step 0, falling linearly to 0 (BLIP's) at the end
+    qa_fraction: float = 0.0  # share of images (data with questions) whose decoder learns "question: q answer: a"
+    losses: str = "itc,itm,lm"  # the objectives trained (retrieval finetuning: itc,itm; captioning: lm)
+    prompt: str = ""  # text put before every caption for the decoder, not learned ("a picture of " to finetune)
+    text_drop: float = 0.1  # the text stack's hidden and attention dropout (BERT's 0.1)
+    lock_vision: bool = False  # the image tower frozen (LiT's locked tower; with model.vision_checkpoint)
+
+
+@dataclass
+class LMConfig:  # recipes/lm.py, language models
+    induction_fraction: float = 0.0  # on interleaved text: this share of rows is a random token string written twice,
+    # with loss on the repeat only (seeds induction heads; see data/interleaved.py)
+
+
+@dataclass
+class FlamingoConfig:  # recipes/lm.py, Flamingo
+    lm_checkpoint: str = ""  # the frozen LM, a language-model run's checkpoint.pt or an MPT folder
 
 
 @dataclass
@@ -53,8 +68,6 @@ class DataConfig:
     shuffle_buffer: int = 1000  # wds: samples each reader shuffles among (as raw bytes: ~1000 x image size)
     jpeg_draft: bool = False  # decode JPEGs at a reduced scale still >= image_size (faster; changes pixels)
     max_bad_fraction: float = 0.01  # stop if more than this fraction of samples seen is unreadable (>= 10 of them)
-    induction_fraction: float = 0.0  # language models on interleaved text: this share of rows is a random token
-    # string written twice, with loss on the repeat only (seeds induction heads; see data/interleaved.py)
 
 
 @dataclass
@@ -92,7 +105,7 @@ class EvalConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig:  # recipes/finetune.py
     strategy: str = ""  # "": contrastive pre-training; linear | full | gradual | llrd | lit (finetune.py)
     init: str = ""  # a train.py checkpoint to start from (its model and tokenizer settings are adopted)
     pretrained: str = ""  # or released weights for model.name (OpenAI .pt, open_clip); data.tokenizer_path: the BPE
@@ -113,11 +126,44 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # the families' own sections (a family without settings of its own needs none)
+    blip: BlipConfig = field(default_factory=BlipConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+# Keys that moved to a family's section: configs and checkpoints written before still load (a YAML file or the command
+# line gets a one-line note naming the new place; a checkpoint's config is mapped silently).
+RENAMED = {
+    **{f"model.blip_{key}": f"blip.{key}" for key in ("momentum", "queue_size", "alpha", "alpha_steps", "itm_uniform",
+                                                       "qa_fraction", "losses", "prompt", "text_drop", "lock_vision")},
+    "model.lm_checkpoint": "flamingo.lm_checkpoint",
+    "data.induction_fraction": "lm.induction_fraction",
+}
+_noted: set = set()  # old keys already noted in this process
 
 
 class ConfigError(ValueError):
     pass
+
+
+class Failure(SystemExit):
+    """A known failure of a command-line entry point (bad file, bad value, wrong family): one line on stderr and
+    exit status 2; a traceback means a bug. str() is the message (what tests match)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message: str) -> None:
+    """Print `message` as one line on stderr and stop with exit status 2."""
+    print(message.replace("\n", " "), file=sys.stderr, flush=True)
+    raise Failure(message)
 
 
 def valid_keys(cls=Config, prefix: str = "") -> dict[str, type]:
@@ -158,6 +204,11 @@ def _coerce(key: str, value, expected: type, source: str):
 
 
 def _set(cfg: Config, key: str, value, source: str) -> None:
+    if key in RENAMED:
+        if source != "checkpoint" and key not in _noted:
+            print(f"note: config key '{key}' ({source}) is now '{RENAMED[key]}'", file=sys.stderr, flush=True)
+            _noted.add(key)
+        key = RENAMED[key]
     keys = valid_keys()
     if key not in keys:
         raise _unknown_key(key, source)
@@ -215,7 +266,7 @@ def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     cfg = copy.deepcopy(cfg)
     for key, value in parse_overrides(list(overrides)):
         parsed = yaml.safe_load(value) if value != "" else ""
-        if valid_keys().get(key) is str and not isinstance(parsed, str):
+        if valid_keys().get(RENAMED.get(key, key)) is str and not isinstance(parsed, str):
             parsed = value  # '--out_dir=2024' stays a string
         _set(cfg, key, parsed, source="command line")
     return cfg

@@ -26,8 +26,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-import distributed
-from models.layers import Block
+from crossmodal import distributed
+from crossmodal.models.layers import Block
 
 
 def is_sharded(model: nn.Module) -> bool:

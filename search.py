@@ -58,9 +58,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.bad_samples import BadSample, open_image
-from data.image_files import IMAGE_EXTENSIONS
-from data.transforms import image_transform
+from crossmodal.data.bad_samples import BadSample, open_image
+from crossmodal.data.image_files import IMAGE_EXTENSIONS
+from crossmodal.data.transforms import image_transform
+from crossmodal import recipes
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv")
 FORMAT, VERSION = "crossmodal-search-index", 1
@@ -476,13 +477,11 @@ figcaption {{ font-size: 12px; word-break: break-all; margin-top: 6px; }}
 
 
 def load_model(source: dict, device: str):
-    import eval as evaluation
-
     if "checkpoint" in source:
-        cfg, model, tokenizer = evaluation.load_checkpoint(source["checkpoint"], device)
+        cfg, model, tokenizer = recipes.load_run(source["checkpoint"], device)
     else:
-        cfg, model, tokenizer = evaluation.load_pretrained(source["model"], source["pretrained"], source["bpe"],
-                                                           device)
+        cfg, model, tokenizer = recipes.load_released(source["model"], source["pretrained"], device,
+                                                         bpe=source["bpe"])
     return model, tokenizer, cfg.data.image_size
 
 

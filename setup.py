@@ -13,7 +13,8 @@ CROSSMODAL_NO_EXTENSION=1 skips the extension entirely (the pure-PyTorch loss is
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
 RUNTIME = [
     "torch==2.14.1",
@@ -60,7 +61,7 @@ def extension_modules() -> list:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         return [
             cpp_extension.CUDAExtension(
-                "kernels._C",
+                "crossmodal.kernels._C",
                 cpu_sources + cuda_sources,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
@@ -70,7 +71,7 @@ def extension_modules() -> list:
         ]
     return [
         cpp_extension.CppExtension(
-            "kernels._C",
+            "crossmodal.kernels._C",
             cpu_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
@@ -87,18 +88,28 @@ def build_ext_class():
     return {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPy(build_py):
+    """The repository root is the package `crossmodal`: every module in it but this file is installed."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [module for module in modules if (module[0], module[1]) != ("crossmodal", "setup")]
+
+
+# One import name: the repository root is the package `crossmodal` (its top-level folders are its subpackages), so
+# the installed distribution adds no top-level name but `crossmodal` (no `config`, `data`, `distributed`, `kernels`).
+LIBRARY = ["models", "losses", "data", "kernels", "metrics", "evaluation", "recipes"]
+
 setup(
     name="crossmodal",
     version="0.1.0",
     description="Readable, fast vision-language research in pure PyTorch: CLIP, BLIP, Flamingo",
     python_requires=">=3.11",
-    packages=find_packages(include=["models", "models.*", "losses", "losses.*", "data", "data.*", "kernels", "kernels.*",
-                                    "metrics", "metrics.*"]),
-    py_modules=["config", "distributed", "parallel", "checkpointing", "train", "eval", "ablate", "search", "probe",
-                "finetune", "fewshot"],
-    package_data={"data": ["prompts/*.txt"]},
+    packages=["crossmodal", *(f"crossmodal.{package}" for package in LIBRARY)],
+    package_dir={"crossmodal": "."},
+    package_data={"crossmodal.data": ["prompts/*.txt"]},
     install_requires=RUNTIME,
     extras_require={"dev": DEV, "plots": PLOTS},
     ext_modules=extension_modules(),
-    cmdclass=build_ext_class(),
+    cmdclass={"build_py": BuildPy, **build_ext_class()},
 )

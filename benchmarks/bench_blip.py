@@ -80,9 +80,9 @@ def main() -> None:
     import torch
     import transformers
 
-    from losses.blip import (FeatureQueue, diagonal_positives, itc_loss, itm_loss, lm_labels, momentum_update,
+    from crossmodal.losses.blip import (FeatureQueue, diagonal_positives, itc_loss, itm_loss, lm_labels, momentum_update,
                              sample_hard_negatives)
-    from models import create_model
+    from crossmodal.models import create_model
 
     torch.manual_seed(0)
     config, retrieval, captioner = build_hf(transformers, torch)

@@ -75,11 +75,11 @@ def main() -> None:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from config import load_config
-    from data import train_loader
-    from data.make_shards import make_shards
-    from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-    from data.transforms import image_transform
+    from crossmodal.config import load_config
+    from crossmodal.data import train_loader
+    from crossmodal.data.make_shards import make_shards
+    from crossmodal.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from crossmodal.data.transforms import image_transform
 
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()

@@ -34,8 +34,8 @@ def main() -> None:
     import torch
     from open_flamingo.src import helpers
 
-    from models.convert import open_flamingo_to_ours
-    from models.flamingo import GatedCrossAttentionBlock, PerceiverResampler
+    from crossmodal.models.convert import open_flamingo_to_ours
+    from crossmodal.models.flamingo import GatedCrossAttentionBlock, PerceiverResampler
 
     size = PRESETS[args.preset]
     torch.manual_seed(0)

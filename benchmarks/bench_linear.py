@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
+from crossmodal import kernels  # noqa: E402
 
 WIDTH, MLP, VOCAB, DEPTH = 768, 3072, 30524, 12
 

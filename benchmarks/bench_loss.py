@@ -63,7 +63,7 @@ def run_case(
     import torch
     import torch.nn.functional as F
 
-    import kernels
+    from crossmodal import kernels
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
     feature_dtype = getattr(torch, dtype)

@@ -43,8 +43,8 @@ def model_state_bytes(model) -> dict[str, int]:
 
 
 def build(name: str, device):
-    from config import load_config
-    from train import model_from_config
+    from crossmodal.config import load_config
+    from crossmodal.recipes import model_from_config
 
     class Tokenizer:  # what model_from_config reads: the preset's vocabulary and context
         vocab_size, context_length, pad_id = 49408, 77, 0
@@ -55,7 +55,7 @@ def build(name: str, device):
 
 
 def state_row(name: str, strategy: str) -> dict:
-    import parallel
+    from crossmodal import parallel
 
     with torch.device("meta"):
         model = build(name, torch.device("meta"))
@@ -68,10 +68,11 @@ def state_row(name: str, strategy: str) -> dict:
 
 
 def step_row(name: str, strategy: str, batch: int, steps: int, device, precision: str) -> dict:
-    import parallel
-    from losses import clip_loss
-    from models import model_inputs
-    from train import build_optimizer, load_config
+    from crossmodal import parallel
+    from crossmodal.losses import clip_loss
+    from crossmodal.config import load_config
+    from crossmodal.recipes import recipe_for
+    from crossmodal.train import build_optimizer
     from torch.nn.parallel import DistributedDataParallel
 
     def peak_rss() -> int:
@@ -89,7 +90,7 @@ def step_row(name: str, strategy: str, batch: int, steps: int, device, precision
     model = parallel.prepare(build(name, torch.device("cpu")), cfg.train, device)
     optimizer = build_optimizer(model, cfg.train)
     wrapped = DistributedDataParallel(model) if strategy == "ddp" else model
-    image_size, context_length = model_inputs(name)
+    image_size, context_length = recipe_for(cfg).inputs()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
     for _ in range(steps):
@@ -114,7 +115,7 @@ def step_row(name: str, strategy: str, batch: int, steps: int, device, precision
 def run(rank: int, world_size: int, args, port: int) -> list[dict]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    import distributed
+    from crossmodal import distributed
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
     device = distributed.init(args.device)

@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import search  # noqa: E402
-from models import MODELS, create_model  # noqa: E402
+from crossmodal import search  # noqa: E402
+from crossmodal.models import MODELS, create_model  # noqa: E402
 
 
 def median_seconds(function, repeats: int) -> float:

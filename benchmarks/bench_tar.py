@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.webdataset import iter_tar_members  # noqa: E402
+from crossmodal.data.webdataset import iter_tar_members  # noqa: E402
 
 FORMATS = {"GNU": tarfile.GNU_FORMAT, "USTAR": tarfile.USTAR_FORMAT, "PAX": tarfile.PAX_FORMAT}
 

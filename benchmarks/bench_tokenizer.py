@@ -22,8 +22,8 @@ def main() -> None:
 
     import open_clip
 
-    from data.templates import load_classnames, load_templates
-    from data.tokenizer import ClipTokenizer
+    from crossmodal.data.templates import load_classnames, load_templates
+    from crossmodal.data.tokenizer import ClipTokenizer
 
     prompts = [template.format(name) for name in load_classnames("imagenet") for template in load_templates("imagenet")]
     tokenizers = {"ours": None, "open_clip": open_clip.get_tokenizer("ViT-B-32")}

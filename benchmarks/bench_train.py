@@ -40,8 +40,8 @@ def build(impl: str, model_name: str):
     import torch.nn.functional as F
 
     if impl == "ours":
-        from losses import clip_loss
-        from models import MODELS, create_model
+        from crossmodal.losses import clip_loss
+        from crossmodal.models import MODELS, create_model
 
         model = create_model(model_name)
         config = MODELS[model_name]
@@ -85,8 +85,8 @@ def worker(impl: str, model_name: str, batch: int, precision: str, device: str, 
     model, loss_fn, image_size, context_length, vocab_size = build(impl, model_name)
     model = model.to(device).train()
     if impl == "ours":  # each codebase's own training optimizer (open_clip's main.py: AdamW, default kernels)
-        import train
-        from config import TrainConfig
+        from crossmodal import train
+        from crossmodal.config import TrainConfig
 
         optimizer = train.build_optimizer(model, TrainConfig(lr=1e-5))
     else:

@@ -33,17 +33,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from config import DataConfig
-from data.bad_samples import MAX_EXAMPLES, BadSample, BadSampleCount, clean_caption
-from data.coco import load_coco
-from data.csv_pairs import load_csv
-from data.image_files import ImageFiles
-from data.imagefolder import ImageFolder
-from data.interleaved import InterleavedCollate, InterleavedDocuments, InterleavedShards, shapes_icl
-from data.shapes import ShapesDataset
-from data.transforms import image_transform
-from data.vqa import VQA_PROMPT, VQADataset, load_vqa, question_answer_rows, text_ids
-from data.webdataset import WebDataset, check_record, expand_shards, shard_records
+from crossmodal.config import DataConfig
+from crossmodal.data.bad_samples import MAX_EXAMPLES, BadSample, BadSampleCount, clean_caption
+from crossmodal.data.coco import load_coco
+from crossmodal.data.csv_pairs import load_csv
+from crossmodal.data.image_files import ImageFiles
+from crossmodal.data.imagefolder import ImageFolder
+from crossmodal.data.interleaved import InterleavedCollate, InterleavedDocuments, InterleavedShards, shapes_icl
+from crossmodal.data.shapes import ShapesDataset
+from crossmodal.data.transforms import image_transform
+from crossmodal.data.vqa import VQA_PROMPT, VQADataset, load_vqa, question_answer_rows, text_ids
+from crossmodal.data.webdataset import WebDataset, check_record, expand_shards, shard_records
 
 MAX_CONSECUTIVE_BAD = 100  # a map-style item gives up (and the run stops) after this many unreadable neighbours
 
@@ -106,7 +106,7 @@ QUESTION_ONLY = ("vqa",)  # specs without captions: neither training nor caption
 def _check_captions(spec: str, what: str) -> None:
     if spec.partition(":")[0] in QUESTION_ONLY:
         raise ValueError(f"{what} '{spec}': vqa specs hold questions and answers, not captions: they serve "
-                         f"eval.py --task vqa and BLIP's VQA finetuning (model.blip_qa_fraction=1)")
+                         f"eval.py --task vqa and decoder finetuning on questions alone")
 
 
 def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataConfig | None = None) -> Dataset:
@@ -306,8 +306,8 @@ class Collate:
     """Items -> batch. Captions are tokenized here, one call per batch: a sentencepiece call costs
     ~0.3 ms however short its list, 15 times the per-caption cost in a batch of 64.
 
-    BLIP's decoder rows, when its training asks for them: with qa_fraction > 0 (model.blip_qa_fraction) and items
-    that carry a question and answer (shapes, vqa), or with a prompt (model.blip_prompt), the batch also gets
+    Decoder rows, when a recipe asks for them (BLIP's): with qa_fraction > 0 and items that carry a question and
+    answer (shapes, vqa), or with a prompt, the batch also gets
     `decoder_tokens`, each row the prompt and caption or, for a fixed share of the images (chosen by a hash of the
     key, so any world size and a resumed run choose the same; all of them at qa_fraction 1), "question: q answer:
     a", with `prompt_lengths` telling the LM loss where the text to learn starts."""
@@ -381,8 +381,8 @@ class InterleavedItems(Dataset):
         return {**item, **bad_fields}
 
 
-def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0,
-                       text_only: bool = False) -> DataLoader:
+def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False,
+                       induction_fraction: float = 0.0) -> DataLoader:
     """train_loader for interleaved specs: batches of tokens (B, L) and images (B, T_media, 3, H, W)."""
     data, train = cfg.data, cfg.train
     micro = micro_batch_size(train.batch_size, world_size, train.accum_steps)
@@ -392,24 +392,29 @@ def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: i
         stream = InterleavedShards(argument, rank, world_size)
         return _loader(stream, collate, min(data.workers, 1), batch_size=micro)
     dataset = InterleavedItems(build_dataset(data.train, data.image_size, cfg.seed, data), text_only,
-                               data.induction_fraction, cfg.seed)
+                               induction_fraction, cfg.seed)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
     return _loader(dataset, collate, data.workers, batch_sampler=sampler)
 
 
-def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False) -> DataLoader:
+def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False,
+                 qa_fraction: float = 0.0, prompt: str = "", induction_fraction: float = 0.0) -> DataLoader:
     """This process's micro-batches (image, tokens, label, key, bad, bad_examples), from `start_step` on.
+
+    text_only (interleaved specs): the text alone, for a language model; induction_fraction: that share of rows
+    synthetic induction rows (InterleavedItems). qa_fraction and prompt: decoder rows for a family whose recipe asks
+    for them (see Collate), on every spec kind, streams included.
 
     Map-style specs go through GlobalBatchSampler and stop after train.steps; a wds stream never ends.
     With wds, each process uses at most as many workers as it has shards (the others would idle).
     """
     if cfg.data.train.partition(":")[0] in INTERLEAVED:
-        return interleaved_loader(cfg, tokenizer, rank, world_size, start_step, text_only)
+        return interleaved_loader(cfg, tokenizer, rank, world_size, start_step, text_only, induction_fraction)
     data, train = cfg.data, cfg.train
     transform = image_transform(data.image_size, train=True)
     micro = micro_batch_size(train.batch_size, world_size, train.accum_steps)
-    if cfg.model.blip_qa_fraction < 1:  # BLIP's VQA finetuning trains on questions alone
+    if qa_fraction < 1:  # training on questions alone (qa_fraction 1) needs no captions
         _check_captions(data.train, "data.train")
     kind, _, argument = data.train.partition(":")
     if kind == "wds":
@@ -418,12 +423,13 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
                             skip_batches=start_step * train.accum_steps, batch_size=micro,
                             draft_size=_draft_size(data, data.image_size))
         workers = min(data.workers, len(shards) // world_size)
-        return _loader(ImageTextStream(stream, transform, cfg.seed), Collate(tokenizer), workers, batch_size=micro)
+        collate = Collate(tokenizer, qa_fraction, prompt)
+        return _loader(ImageTextStream(stream, transform, cfg.seed), collate, workers, batch_size=micro)
     base = build_dataset(data.train, data.image_size, cfg.seed, data)
     dataset = ImageTextDataset(base, transform, cfg.seed)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
-    collate = Collate(tokenizer, cfg.model.blip_qa_fraction, cfg.model.blip_prompt)
+    collate = Collate(tokenizer, qa_fraction, prompt)
     return _loader(dataset, collate, data.workers, batch_sampler=sampler)
 
 

@@ -4,9 +4,9 @@ A captioner (a BLIP image-grounded decoder) writes one synthetic caption per ima
 filter (a BLIP image-grounded encoder) keeps a pair, web caption or synthetic, only when its ITM head says the text
 matches the image. Each web caption and the synthetic caption are judged separately.
 
-    python -m data.capfilt csv:/data/web.csv --captioner CAP_RUN/checkpoint.pt --filter FILT_RUN/checkpoint.pt \
+    python -m crossmodal.data.capfilt csv:/data/web.csv --captioner CAP_RUN/checkpoint.pt --filter FILT_RUN/checkpoint.pt \
         --out /data/capfilt
-    python -m data.capfilt wds:/data/cc3m/{00000..00331}.tar --format wds --out /data/cc3m_capfilt --device cuda \
+    python -m crossmodal.data.capfilt wds:/data/cc3m/{00000..00331}.tar --format wds --out /data/cc3m_capfilt --device cuda \
         --captioner-model BLIP-base --captioner-pretrained model_base_caption_capfilt_large.pth \
         --filter-model BLIP-base --filter-pretrained model_base_retrieval_coco.pth --vocab vocab.txt
 
@@ -39,15 +39,15 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, get_worker_info
 
-import eval as evaluation
-from config import ConfigError, DataConfig, load_config
-from data import _check_captions, _loader, build_dataset
-from data.bad_samples import BadSample, clean_caption, open_image
-from data.image_files import ImageFiles
-from data.make_shards import ShardWriter
-from data.transforms import image_transform
-from data.webdataset import IMAGE_MEMBERS, WebDataset, check_record, shard_records
-from models.blip import BLIP, BLIP_MODELS
+from crossmodal.config import ConfigError, DataConfig, load_config
+from crossmodal.data import _check_captions, _loader, build_dataset
+from crossmodal.data.bad_samples import BadSample, clean_caption, open_image
+from crossmodal.data.image_files import ImageFiles
+from crossmodal.data.make_shards import ShardWriter
+from crossmodal.data.transforms import image_transform
+from crossmodal.data.webdataset import IMAGE_MEMBERS, WebDataset, check_record, shard_records
+from crossmodal.models.blip import BLIP, BLIP_MODELS
+from crossmodal import recipes
 
 CSV_COLUMNS = ("filepath", "caption", "source", "itm")
 
@@ -244,12 +244,12 @@ def load_model(checkpoint: str | None, name: str | None, pretrained: str | None,
     if checkpoint:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"--{role}: no file at '{checkpoint}'")
-        _, model, _ = evaluation.load_checkpoint(checkpoint, device)
+        _, model, _ = recipes.load_run(checkpoint, device)
     else:
         if name not in BLIP_MODELS:
             raise ValueError(f"--{role}-model {name} is not a BLIP preset; CapFilt's {role} is one of "
                              f"{', '.join(BLIP_MODELS)}")
-        _, model, _ = evaluation.load_pretrained_blip(name, pretrained, vocab, device)
+        _, model, _ = recipes.load_released(name, pretrained, device, vocab=vocab)
     source = checkpoint or pretrained
     if not isinstance(model, BLIP):
         raise ValueError(f"--{role} {source} is a CLIP run; CapFilt's {role} is a BLIP model")

@@ -14,8 +14,8 @@ image) are left out and counted in `skipped_rows`; so are images left without a 
 import json
 import os
 
-from data.bad_samples import BadSample, BadSampleCount, clean_caption
-from data.image_files import ImageFiles, resolve
+from crossmodal.data.bad_samples import BadSample, BadSampleCount, clean_caption
+from crossmodal.data.image_files import ImageFiles, resolve
 
 
 def _caption(value, where: str) -> str:

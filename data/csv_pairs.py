@@ -10,8 +10,8 @@ their line numbers. Rows naming the same image file share one image, so retrieva
 import csv
 import os
 
-from data.bad_samples import BadSample, BadSampleCount, clean_caption
-from data.image_files import ImageFiles, resolve
+from crossmodal.data.bad_samples import BadSample, BadSampleCount, clean_caption
+from crossmodal.data.image_files import ImageFiles, resolve
 
 
 def load_csv(

@@ -9,7 +9,7 @@ import os
 
 from torch.utils.data import Dataset
 
-from data.bad_samples import BadSampleCount, open_image
+from crossmodal.data.bad_samples import BadSampleCount, open_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 

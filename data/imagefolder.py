@@ -7,7 +7,7 @@ without images keeps its index (so indices match the folder list) but no items.
 """
 import os
 
-from data.image_files import IMAGE_EXTENSIONS, ImageFiles
+from crossmodal.data.image_files import IMAGE_EXTENSIONS, ImageFiles
 
 
 class ImageFolder(ImageFiles):

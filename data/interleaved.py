@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from data.bad_samples import BadSample, open_image
-from data.shapes import COLORS, DEFAULT_LENGTHS, SPLITS, ShapesDataset, _caption, _question, _sample_scene, render
-from data.transforms import image_transform
-from data.webdataset import expand_shards, shard_records
+from crossmodal.data.bad_samples import BadSample, open_image
+from crossmodal.data.shapes import COLORS, DEFAULT_LENGTHS, SPLITS, ShapesDataset, _caption, _question, _sample_scene, render
+from crossmodal.data.transforms import image_transform
+from crossmodal.data.webdataset import expand_shards, shard_records
 
 MEDIA, END_OF_CHUNK = "<image>", "<|endofchunk|>"
 WORDS = ("dax", "wug", "blick", "fep", "toma", "zup", "kiki", "bouba", "glorp", "mib", "rast", "yoff",
@@ -262,7 +262,7 @@ class InterleavedCollate:
         return batch
 
     def induction_row(self, seed: int) -> tuple[list[int], int]:
-        """A synthetic induction row (`data.induction_fraction`): bos, a string of 10-40 ordinary tokens drawn
+        """A synthetic induction row (`lm.induction_fraction`): bos, a string of 10-40 ordinary tokens drawn
         uniformly, the same string again. Only an induction head (Olsson et al. 2022: find the earlier occurrence
         of the current token, copy the one after it) predicts the repeat, and nothing predicts the first string,
         so the loss starts at the repeat's second token: the row's prompt length."""

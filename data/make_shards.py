@@ -1,7 +1,7 @@
 """Write WebDataset tar shards (the `wds:` spec) from any other dataset spec.
 
-    python -m data.make_shards csv:/data/pairs.csv --out /data/shards --shard-size 10000
-    python -m data.make_shards coco:/data/coco/annotations/captions_train2017.json --out /data/coco_shards \
+    python -m crossmodal.data.make_shards csv:/data/pairs.csv --out /data/shards --shard-size 10000
+    python -m crossmodal.data.make_shards coco:/data/coco/annotations/captions_train2017.json --out /data/coco_shards \
         --data.image_root=/data/coco/train2017
 
 Sample i becomes `{i:09d}.EXT` and `{i:09d}.txt` (its caption) in shard `{i // shard_size:05d}.tar`. The
@@ -20,11 +20,11 @@ import sys
 import tarfile
 from typing import Iterator
 
-from config import ConfigError, load_config
-from data import build_dataset
-from data.bad_samples import BadSample, BadSampleCount, open_image
-from data.image_files import ImageFiles
-from data.webdataset import IMAGE_MEMBERS, WebDataset
+from crossmodal.config import ConfigError, load_config
+from crossmodal.data import build_dataset
+from crossmodal.data.bad_samples import BadSample, BadSampleCount, open_image
+from crossmodal.data.image_files import ImageFiles
+from crossmodal.data.webdataset import IMAGE_MEMBERS, WebDataset
 
 
 def encoded_samples(dataset) -> Iterator[tuple[bytes, str, str] | BadSample]:

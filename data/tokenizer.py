@@ -758,14 +758,14 @@ def train_sentencepiece(texts: Iterable[str], model_prefix_or_path: str, vocab_s
 
 
 def main(argv: list[str] | None = None) -> str:
-    """`python -m data.tokenizer train --data SPEC --vocab-size N --out FILE`: a sentencepiece model trained on
+    """`python -m crossmodal.data.tokenizer train --data SPEC --vocab-size N --out FILE`: a sentencepiece model trained on
     the captions of any dataset spec (read without decoding images), for `data.tokenizer_path`."""
     import argparse
 
-    from config import load_config
-    from data import captions
+    from crossmodal.config import load_config
+    from crossmodal.data import captions
 
-    parser = argparse.ArgumentParser(prog="python -m data.tokenizer", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m crossmodal.data.tokenizer", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a sentencepiece BPE model on a dataset's captions",
                                 epilog="Extra --data.KEY=VALUE arguments set data options (e.g. --data.image_root).")
@@ -789,9 +789,9 @@ def main(argv: list[str] | None = None) -> str:
         path = train_sentencepiece(counted(captions(args.data, args.limit, options)), args.out, args.vocab_size,
                                    args.blip_tokens)
     except (FileNotFoundError, ValueError) as error:  # a spec that points at nothing, named by the dataset
-        sys.exit(f"python -m data.tokenizer train: {error}")
+        sys.exit(f"python -m crossmodal.data.tokenizer train: {error}")
     except RuntimeError as error:  # sentencepiece's own message, e.g. an empty corpus
-        sys.exit(f"python -m data.tokenizer train: training on {args.data} failed after {count} captions: {error}")
+        sys.exit(f"python -m crossmodal.data.tokenizer train: training on {args.data} failed after {count} captions: {error}")
     vocab = SentencePieceTokenizer(path).vocab_size
     print(f"trained a {vocab}-piece sentencepiece model on {count} captions of {args.data}: {path}")
     return path

@@ -23,13 +23,13 @@ import re
 import torch
 from torch.utils.data import Dataset
 
-from data.bad_samples import BadSample, BadSampleCount, clean_caption, open_image
-from data.image_files import resolve
+from crossmodal.data.bad_samples import BadSample, BadSampleCount, clean_caption, open_image
+from crossmodal.data.image_files import resolve
 
 _SUBTYPE_IN_NAME = re.compile(r"(train|val|test-dev|test)(\d{4})")
 
 # This codebase's VQA prompt for BLIP's captioning decoder (BLIP itself fine-tunes a separate answer decoder):
-# eval.py ranks or generates the answer after it, and training with model.blip_qa_fraction teaches it.
+# eval.py ranks or generates the answer after it, and training with blip.qa_fraction teaches it.
 VQA_PROMPT = "question: {} answer:"
 
 

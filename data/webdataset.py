@@ -45,7 +45,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data.bad_samples import MAX_EXAMPLES, BadSample, clean_caption, open_image
+from crossmodal.data.bad_samples import MAX_EXAMPLES, BadSample, clean_caption, open_image
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # member extensions read as the image, in this order
 SHUFFLE_START = 100  # records in the shuffle buffer before it yields the first
@@ -299,7 +299,7 @@ class WebDataset(IterableDataset):
     ):
         if len(shards) < world_size:
             raise ValueError(f"wds: {len(shards)} shards cannot feed {world_size} processes (each needs at least "
-                             f"one); write smaller shards (python -m data.make_shards --shard-size)")
+                             f"one); write smaller shards (python -m crossmodal.data.make_shards --shard-size)")
         self.shards, self.rank, self.world_size, self.seed = shards, rank, world_size, seed
         self.shuffle_buffer, self.shuffle, self.epochs = shuffle_buffer, shuffle, epochs
         self.skip_batches, self.batch_size, self.draft_size = skip_batches, batch_size, draft_size

@@ -1,6 +1,6 @@
-from losses.contrastive import all_gather_with_grad, clip_loss, siglip_loss
-from losses.lm import interleaved_labels
-from losses.blip import (
+from crossmodal.losses.contrastive import all_gather_with_grad, clip_loss, siglip_loss
+from crossmodal.losses.lm import interleaved_labels
+from crossmodal.losses.blip import (
     FeatureQueue,
     all_gather_no_grad,
     alpha_ramp,

@@ -76,7 +76,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import distributed
+from crossmodal import distributed
 
 HARD_NEGATIVE_EPS = 1e-4  # BLIP's pretraining adds it to the softmax weights before zeroing the positives
 

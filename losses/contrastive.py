@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import distributed
-import kernels
+from crossmodal import distributed
+from crossmodal import kernels
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

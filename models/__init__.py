@@ -26,24 +26,24 @@ import dataclasses
 import difflib
 import math
 import os
-import pickle
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from models import convert
-from models.batchnorm import convert_sync_batchnorm
-from models.blip import BLIP, BLIP_MODELS, build_blip
-from models.clip import CLIP
-from models.flamingo import FLAMINGO_MODELS, Flamingo
-from models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt
-from models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor
-from models.layers import get_act_layer
-from models.resnet import ModifiedResNet
-from models.text import TextTransformer
-from models.vit import VisionTransformer
+from crossmodal import checkpointing
+from crossmodal.models import convert
+from crossmodal.models.batchnorm import convert_sync_batchnorm  # noqa: F401 (re-exported)
+from crossmodal.models.blip import BLIP, BLIP_MODELS, build_blip
+from crossmodal.models.clip import CLIP
+from crossmodal.models.flamingo import FLAMINGO_MODELS, Flamingo
+from crossmodal.models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt
+from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor  # noqa: F401 (re-exported)
+from crossmodal.models.layers import get_act_layer
+from crossmodal.models.resnet import ModifiedResNet
+from crossmodal.models.text import TextTransformer
+from crossmodal.models.vit import VisionTransformer
 
 
 @dataclass(frozen=True)
@@ -146,87 +146,7 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
     return model
 
 
-def model_inputs(name: str) -> tuple[int, int]:
-    """(image size, text context length) a preset was built for: what a run uses unless its config says."""
-    if name in LM_MODELS:
-        return 64, LM_MODELS[name]["context_length"]  # (no images)
-    if name in FLAMINGO_MODELS:
-        preset = FLAMINGO_MODELS[name]
-        return MODELS[preset["vision"]].image_size, LM_MODELS[preset["lm"]]["context_length"]
-    if name in BLIP_MODELS:
-        return BLIP_MODELS[name].image_size, BLIP_TEXT_LENGTH
-    return MODELS[name].image_size, MODELS[name].context_length
-
-
 BLIP_TEXT_LENGTH = 35  # BLIP's text max_length for retrieval (30 in pretraining); BERT's positions allow 512
-
-
-def model_from_config(cfg, tokenizer, pretrained: bool = True) -> torch.nn.Module:
-    """The model a run config (config.Config) describes, for a tokenizer: train.py and eval.py build through here.
-    With `pretrained`, model.pretrained's weights (if any) replace the random ones: released files through
-    `create_model`, or the model of a train.py checkpoint (a new run starting from an earlier one)."""
-    start = cfg.model.pretrained if pretrained else ""
-    run_checkpoint = start and is_run_checkpoint(start)
-    if cfg.model.name in LM_MODELS or cfg.model.name in FLAMINGO_MODELS:
-        if start and not run_checkpoint:  # released weights: an LM's HuggingFace MPT folder
-            if cfg.model.name in LM_MODELS:
-                return create_lm(cfg.model.name, pretrained=start)
-            raise ValueError(f"model.pretrained '{start}': a Flamingo run starts from another run's checkpoint.pt; "
-                             f"released OpenFlamingo files load through create_model (README, Flamingo)")
-        if cfg.model.name in LM_MODELS:
-            model = create_lm(cfg.model.name, vocab_size=tokenizer.vocab_size, context_length=tokenizer.context_length)
-        else:  # with `pretrained`, its frozen parts (model.lm_checkpoint, vision_checkpoint)
-            model = create_flamingo(cfg.model.name, tokenizer, cfg.data.image_size, tokenizer.context_length,
-                                    cfg.model.lm_checkpoint if pretrained else "",
-                                    cfg.model.vision_checkpoint if pretrained else "")
-        if run_checkpoint:
-            load_run_weights(model, start)
-        return model
-    if cfg.model.name in BLIP_MODELS:  # with its momentum encoders and queue when training runs ITC or ITM
-        queue_size = cfg.model.blip_queue_size if cfg.model.blip_queue_size >= 0 else BLIP_MODELS[cfg.model.name].queue_size
-        objectives = tuple(cfg.model.blip_losses.split(","))
-        momentum = "itc" in objectives or "itm" in objectives
-        # a resumed run, or one from model.pretrained, has its image tower in those weights
-        vision_start = cfg.model.vision_checkpoint if pretrained and not start else ""
-        model = create_model(cfg.model.name, pretrained=None if run_checkpoint else start or None,
-                             image_size=cfg.data.image_size, drop_path=cfg.model.drop_path,
-                             grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
-                             momentum_encoders=False, momentum=cfg.model.blip_momentum,
-                             queue_size=queue_size, itm_uniform=cfg.model.blip_itm_uniform,
-                             vision_stem=cfg.model.vit_stem, text_drop=cfg.model.blip_text_drop)
-        model.objectives = objectives
-        if run_checkpoint:
-            load_run_weights(model, start)
-        if vision_start:
-            load_blip_vision(model, vision_start)
-        if cfg.model.sync_bn:  # a ResNet tower (BLIP-RN-tiny); before locking, as new modules' parameters train
-            convert_sync_batchnorm(model)
-        if cfg.model.blip_lock_vision:
-            model.lock_vision()
-        if momentum:  # copies of the final online weights
-            model.add_momentum_encoders(cfg.model.blip_momentum, queue_size)
-        return model
-    extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if cfg.loss.name == "siglip" else {}
-    if cfg.model.init_temperature:
-        extra["init_logit_scale"] = math.log(1 / cfg.model.init_temperature)
-    model = create_model(
-        cfg.model.name,
-        pretrained=None if run_checkpoint else start or None,
-        image_size=cfg.data.image_size,
-        vocab_size=tokenizer.vocab_size,
-        context_length=tokenizer.context_length,
-        pad_id=tokenizer.pad_id,
-        grad_checkpointing=cfg.model.grad_checkpointing,
-        drop_path=cfg.model.drop_path,
-        vision_stem=cfg.model.vit_stem,
-        **extra,
-    )
-    if cfg.loss.name in PREDICTIVE_OBJECTIVES:  # the objective ablation's baselines: CLIP's towers, no contrast
-        model = TextPredictor(model.visual, cfg.loss.name, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id,
-                              tokenizer.eos_id, text=model.text if cfg.loss.name == "caption" else None)
-    if run_checkpoint:
-        load_run_weights(model, start)
-    return convert_sync_batchnorm(model) if cfg.model.sync_bn else model
 
 
 def load_blip_vision(model: BLIP, path: str) -> None:
@@ -249,19 +169,14 @@ def load_blip_vision(model: BLIP, path: str) -> None:
 
 def is_run_checkpoint(path: str) -> bool:
     """Whether `path` is a checkpoint train.py wrote (a dict with model, config and tokenizer)."""
-    if not os.path.isfile(path) or not path.endswith(".pt"):
-        return False
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError):  # OpenAI's TorchScript archives, other formats: released weights
-        return False
-    return isinstance(checkpoint, dict) and {"model", "config", "tokenizer"} <= set(checkpoint)
+    checkpoint = checkpointing.read_run(path)
+    return checkpoint is not None and "tokenizer" in checkpoint
 
 
 def load_run_weights(model: torch.nn.Module, path: str) -> None:
     """The online weights of a train.py checkpoint into `model` (momentum copies and queues are left out: they
     restart from the loaded weights); a BLIP image encoder's positions are resized to the model's image size."""
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    state_dict = checkpointing.read_run(path)["model"]
     state_dict = {key: value for key, value in state_dict.items()
                   if not (key.split(".")[0].endswith("_m") or key.startswith("queue."))}
     expected = model.state_dict()
@@ -353,7 +268,7 @@ def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **over
     grad_checkpointing = overrides.pop("grad_checkpointing", False)
     tokenizer = overrides.pop("tokenizer", None)
     if tokenizer is None and pretrained is not None and os.path.isfile(os.path.join(pretrained, "vocab.txt")):
-        from data.tokenizer import BertTokenizer  # here: models does not depend on data otherwise
+        from crossmodal.data.tokenizer import BertTokenizer  # here: models does not depend on data otherwise
 
         tokenizer = BertTokenizer(os.path.join(pretrained, "vocab.txt"))
     config = dataclasses.replace(BLIP_MODELS[name], **overrides)
@@ -421,10 +336,8 @@ def create_lm(name: str, pretrained: Optional[convert.PathLike] = None, **overri
 
 def _run_weights(path: convert.PathLike) -> Optional[dict]:
     """The model state dict of a train.py checkpoint, or None if `path` is not one."""
-    if not os.path.isfile(path):
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return checkpoint["model"] if isinstance(checkpoint, dict) and "config" in checkpoint else None
+    checkpoint = checkpointing.read_run(os.fspath(path))
+    return None if checkpoint is None else checkpoint["model"]
 
 
 def _flamingo_preset(name: str, image_size: int = 0) -> tuple[str, CLIPConfig, str, dict]:
@@ -467,7 +380,7 @@ def create_flamingo(
         if lm_checkpoint:
             weights = _run_weights(lm_checkpoint)
             if weights is None:
-                raise FileNotFoundError(f"model.lm_checkpoint: no train.py checkpoint or MPT folder at '{lm_checkpoint}'")
+                raise FileNotFoundError(f"flamingo.lm_checkpoint: no train.py checkpoint or MPT folder at '{lm_checkpoint}'")
             lang_model.load_state_dict(weights)
     if lang_model.token_embedding.num_embeddings < tokenizer.vocab_size:
         raise ValueError(f"the language model has {lang_model.token_embedding.num_embeddings} token embeddings, the "
@@ -517,7 +430,7 @@ def create_open_flamingo(
     for file in ("config.json",) + (() if tokenizer is not None else ("tokenizer.json",)):
         _require(os.path.join(lm, file), f"lm/{file}")
     if tokenizer is None:
-        from data.tokenizer import GPTNeoXTokenizer  # here: models does not depend on data otherwise
+        from crossmodal.data.tokenizer import GPTNeoXTokenizer  # here: models does not depend on data otherwise
 
         tokenizer = GPTNeoXTokenizer(os.path.join(lm, "tokenizer.json"))
     vision_name, vision_config, _, preset = _flamingo_preset(name)

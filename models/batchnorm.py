@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import distributed
+from crossmodal import distributed
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:

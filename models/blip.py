@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import distributed
-from losses.blip import (
+from crossmodal import distributed
+from crossmodal.losses.blip import (
     FeatureQueue,
     all_gather_no_grad,
     copy_params,
@@ -55,12 +55,12 @@ from losses.blip import (
     positives_from_ids,
     sample_hard_negatives,
 )
-from models import generation
-from models.layers import KVCache
-from models.packed import LinearPacking, linear_modules
-from models.resnet import ModifiedResNet
-from models.text import BertTextEncoder, LMHead
-from models.vit import VisionTransformer
+from crossmodal.models import generation
+from crossmodal.models.layers import KVCache
+from crossmodal.models.packed import LinearPacking, linear_modules
+from crossmodal.models.resnet import ModifiedResNet
+from crossmodal.models.text import BertTextEncoder, LMHead
+from crossmodal.models.vit import VisionTransformer
 
 
 @dataclass(frozen=True)

@@ -43,11 +43,11 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from losses import interleaved_labels, lm_loss
-from models.generation import generate
-from models.layers import CrossAttention, KVCache, Mlp
-from models.lm import DecoderLM
-from models.vit import VisionTransformer
+from crossmodal.losses import interleaved_labels, lm_loss
+from crossmodal.models.generation import generate
+from crossmodal.models.layers import CrossAttention, KVCache, Mlp
+from crossmodal.models.lm import DecoderLM
+from crossmodal.models.vit import VisionTransformer
 
 
 class PerceiverBlock(nn.Module):

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from models.layers import KVCache
+from crossmodal.models.layers import KVCache
 
 Decoder = Callable[[torch.Tensor, torch.Tensor, Optional[KVCache]], torch.Tensor]
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import convert
-from models.layers import KVCache, Transformer
+from crossmodal.models import convert
+from crossmodal.models.layers import KVCache, Transformer
 
 # MosaicML's model cards and config.json files; OpenFlamingo-3B uses mpt-1b-redpajama-200b, OpenFlamingo-9B mpt-7b.
 LM_MODELS: dict[str, dict[str, Any]] = {

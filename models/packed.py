@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from kernels.linear import MAX_ROWS, few_row_linear_available
+from crossmodal.kernels.linear import MAX_ROWS, few_row_linear_available
 
 
 def linear_modules(*modules: nn.Module) -> list[nn.Module]:

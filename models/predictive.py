@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses import lm_labels, lm_loss
-from models.text import TextTransformer, text_lengths
+from crossmodal.losses import lm_labels, lm_loss
+from crossmodal.models.text import TextTransformer, text_lengths
 
 OBJECTIVES = ("caption", "bow")
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import KVCache, Transformer, causal_mask
+from crossmodal.models.layers import KVCache, Transformer, causal_mask
 
 
 class TextTransformer(nn.Module):

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from models.layers import VIT_STEMS, ConvStem, PatchEmbed, Transformer
+from crossmodal.models.layers import VIT_STEMS, ConvStem, PatchEmbed, Transformer
 
 
 class VisionTransformer(nn.Module):

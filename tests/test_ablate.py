@@ -71,7 +71,7 @@ def test_sweep_stops_continues_records_failures_and_reproduces(tmp_path, tokeniz
     result = ablate(*args, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 cells, 1 recorded, 2 to run" in result.stdout
-    assert "FAILED: `python train.py` exited with 1: config error: train.precision must be one of" in result.stdout
+    assert "FAILED: `python train.py` exited with 2: config error: train.precision must be one of" in result.stdout
     assert os.path.getmtime(first_record) == first_mtime
     entries = json.loads((tables / "tiny.json").read_text())
     assert [e["status"] for e in entries] == ["ok", "ok", "failed"]
@@ -104,7 +104,7 @@ def test_sweep_stops_continues_records_failures_and_reproduces(tmp_path, tokeniz
 
 
 def test_plot_lines_follow_one_or_several_series_keys():
-    import ablate
+    from crossmodal import ablate
 
     cells = [{"overrides": overrides, "run_dir": f"run{i}"} for i, overrides in enumerate([
         {"model.name": "RN-tiny", "train.steps": 600},

@@ -7,8 +7,8 @@ import unicodedata
 import pytest
 import torch
 
-from data import captions
-from data.tokenizer import BertTokenizer, tokenizer_from_bytes
+from crossmodal.data import captions
+from crossmodal.data.tokenizer import BertTokenizer, tokenizer_from_bytes
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -226,7 +226,7 @@ def test_errors_name_the_file(tmp_path):
 
 
 def test_sentencepiece_blip_tokens_leave_every_other_id_unchanged(tmp_path):
-    from data.tokenizer import SentencePieceTokenizer, main, train_sentencepiece
+    from crossmodal.data.tokenizer import SentencePieceTokenizer, main, train_sentencepiece
 
     texts = list(captions("shapes:train:300"))
     plain = SentencePieceTokenizer(train_sentencepiece(texts, tmp_path / "plain", 96))

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from data.tokenizer import BertTokenizer
-from models import convert, create_model
-from models.blip import BLIP_MODELS, build_blip
-from models.generation import beam_search, generate, nucleus_filter
-from models.layers import Block, KVCache, Transformer
-from kernels.linear import few_row_linear_available
-from models.packed import linear_modules, onednn_available
+from crossmodal.data.tokenizer import BertTokenizer
+from crossmodal.models import convert, create_model
+from crossmodal.models.blip import BLIP_MODELS, build_blip
+from crossmodal.models.generation import beam_search, generate, nucleus_filter
+from crossmodal.models.layers import Block, KVCache, Transformer
+from crossmodal.kernels.linear import few_row_linear_available
+from crossmodal.models.packed import linear_modules, onednn_available
 
 transformers = pytest.importorskip("transformers")  # test-only reference
 

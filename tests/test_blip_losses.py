@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import contrastive_loss_local
-from losses import (
+from crossmodal.kernels.reference import contrastive_loss_local
+from crossmodal.losses import (
     FeatureQueue,
     all_gather_no_grad,
     alpha_ramp,

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from data.shapes import ShapesDataset
-from data.tokenizer import BertTokenizer
-from models import create_model, load_blip_vision
-from models.blip import BLIP, BLIP_MODELS, build_blip
+from crossmodal.data.shapes import ShapesDataset
+from crossmodal.data.tokenizer import BertTokenizer
+from crossmodal.models import create_model, load_blip_vision
+from crossmodal.models.blip import BLIP, BLIP_MODELS, build_blip
 from tests.multiprocess import run_on_processes
+from crossmodal import recipes
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "an", "and", "on", "of", "the", "with", "in"]
 
@@ -250,10 +251,10 @@ def test_locked_tower_does_not_move_and_is_its_own_momentum_copy(batch):
 
 def test_run_config_loads_and_locks_the_tower_with_sync_bn(batch, tmp_path):
     """model_from_config: model.vision_checkpoint fills the tower, model.sync_bn converts its BatchNorm and
-    model.blip_lock_vision then freezes all of it (converted layers included) before the momentum copies."""
-    from config import Config
-    from models import model_from_config
-    from models.batchnorm import SyncBatchNorm2d
+    blip.lock_vision then freezes all of it (converted layers included) before the momentum copies."""
+    from crossmodal.config import Config
+    from crossmodal.recipes import model_from_config
+    from crossmodal.models.batchnorm import SyncBatchNorm2d
 
     _, _, tokenizer = batch
     torch.manual_seed(3)
@@ -261,7 +262,7 @@ def test_run_config_loads_and_locks_the_tower_with_sync_bn(batch, tmp_path):
     torch.save({"model": clip.state_dict(), "config": {}}, tmp_path / "clip.pt")
     cfg = Config()
     cfg.model.name, cfg.model.vision_checkpoint, cfg.model.sync_bn = "BLIP-RN-tiny", str(tmp_path / "clip.pt"), True
-    cfg.model.blip_lock_vision, cfg.model.blip_queue_size, cfg.data.image_size = True, 0, 64
+    cfg.blip.lock_vision, cfg.blip.queue_size, cfg.data.image_size = True, 0, 64
     model = model_from_config(cfg, tokenizer)
     assert any(isinstance(module, SyncBatchNorm2d) for module in model.visual_encoder.modules())
     assert not any(param.requires_grad for param in model.visual_encoder.parameters())
@@ -270,22 +271,22 @@ def test_run_config_loads_and_locks_the_tower_with_sync_bn(batch, tmp_path):
 
 
 def test_text_dropout_comes_from_the_run_config(batch):
-    """model.blip_text_drop sets the text stack's hidden and attention dropout (BERT's 0.1 by default); 1 is refused."""
-    import train
-    from config import Config
-    from models import model_from_config
+    """blip.text_drop sets the text stack's hidden and attention dropout (BERT's 0.1 by default); 1 is refused."""
+    from crossmodal import train
+    from crossmodal.config import Config
+    from crossmodal.recipes import model_from_config
 
     _, _, tokenizer = batch
     cfg = Config()
-    cfg.model.name, cfg.model.blip_queue_size, cfg.data.image_size = "BLIP-tiny", 0, 64
+    cfg.model.name, cfg.blip.queue_size, cfg.data.image_size = "BLIP-tiny", 0, 64
     for rate in (0.1, 0.0):
-        cfg.model.blip_text_drop = rate
+        cfg.blip.text_drop = rate
         model = model_from_config(cfg, tokenizer)
         for stack in (model.text_encoder, model.text_decoder, model.text_encoder_m):
             assert {m.p for m in stack.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
             assert {m.attn_drop for m in stack.modules() if hasattr(m, "attn_drop")} == {rate}
-    cfg.model.blip_text_drop = 1.0
-    assert "model.blip_text_drop below 1" in train.check_config(train.resolve_presets(cfg))
+    cfg.blip.text_drop = 1.0
+    assert "blip.text_drop below 1" in recipes.check_config(recipes.resolve(cfg))
 
 
 def test_bfloat16_autocast_gives_finite_losses(batch):
@@ -321,10 +322,10 @@ def test_retriever_without_decoder_trains_itc_and_itm(batch):
 
 
 def test_question_rows_teach_the_decoder_only_the_answer(tmp_path):
-    """model.blip_qa_fraction: Collate turns a fixed share of the images (by key) into "question: q answer: a"
+    """blip.qa_fraction: Collate turns a fixed share of the images (by key) into "question: q answer: a"
     decoder rows whose LM labels are the answer and eos only; the model's LM loss is then over those rows."""
-    from data import Collate
-    from data.vqa import VQA_PROMPT
+    from crossmodal.data import Collate
+    from crossmodal.data.vqa import VQA_PROMPT
 
     dataset = ShapesDataset("train", image_size=64, length=40)
     items = [dataset[i] for i in range(40)]

@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import train
-from data import build_dataset
-from data import capfilt
-from data.make_shards import main as make_shards_main
-from data.tokenizer import BertTokenizer
-from data.transforms import image_transform
-from models import create_model, model_from_config
+from crossmodal import train
+from crossmodal.data import build_dataset
+from crossmodal.data import capfilt
+from crossmodal.data.make_shards import main as make_shards_main
+from crossmodal.data.tokenizer import BertTokenizer
+from crossmodal.data.transforms import image_transform
+from crossmodal.models import create_model
+from crossmodal.recipes import model_from_config
 from tests.test_eval_blip import blip_run, write_checkpoint  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -163,7 +164,7 @@ def test_output_loads_back_and_trains(blip_run, runs, tmp_path, capsys):  # noqa
     tokenizer_path = tmp_path / "spm.model"
     tokenizer_path.write_bytes(blip_run[3].model_bytes())
     for spec in (f"csv:{tmp_path / 'csv' / 'pairs.csv'}", f"wds:{tmp_path / 'wds'}"):
-        train.main([f"--out_dir={tmp_path / spec[:3]}_run", "--model.name=BLIP-tiny", "--model.blip_queue_size=8",
+        train.main([f"--out_dir={tmp_path / spec[:3]}_run", "--model.name=BLIP-tiny", "--blip.queue_size=8",
                     f"--data.train={spec}", f"--data.tokenizer_path={tokenizer_path}", "--data.workers=0",
                     "--data.val=shapes:val:4", "--data.heldout=", "--data.image_size=64", "--data.context_length=32",
                     "--train.batch_size=4", "--train.steps=2", "--train.log_every=1", "--train.warmup_steps=1"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import MODELS, convert, create_model, infer_preset
+from crossmodal.models import MODELS, convert, create_model, infer_preset
 
 try:
     import open_clip  # test-only reference (the dev extra)

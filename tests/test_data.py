@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data import GlobalBatchSampler
-from data.shapes import BACKGROUNDS, CLASSNAMES, COLORS, SHAPES, ShapesDataset
-from data.templates import OPENAI_IMAGENET_TEMPLATES, SHAPES_TEMPLATES
-from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-from data.transforms import OPENAI_MEAN, OPENAI_STD, image_transform
+from crossmodal.data import GlobalBatchSampler
+from crossmodal.data.shapes import BACKGROUNDS, CLASSNAMES, COLORS, SHAPES, ShapesDataset
+from crossmodal.data.templates import OPENAI_IMAGENET_TEMPLATES, SHAPES_TEMPLATES
+from crossmodal.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from crossmodal.data.transforms import OPENAI_MEAN, OPENAI_STD, image_transform
 
 
 def pixels(image: Image.Image) -> bytes:

@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import train
-from data import (Collate, GlobalBatchSampler, ImageTextDataset, build_dataset, captions, eval_loader,
+from crossmodal import train
+from crossmodal.data import (Collate, GlobalBatchSampler, ImageTextDataset, build_dataset, captions, eval_loader,
                   retrieval_loader, train_loader)
-from data.bad_samples import MIN_BAD_TO_STOP, BadSample, BadSampleCount, too_many
-from data.make_shards import main as make_shards_main
-from data.transforms import image_transform
-from data.tokenizer import SentencePieceTokenizer
-from data.webdataset import (WebDataset, decompressed, expand_braces, expand_shards, iter_tar_members,
+from crossmodal.data.bad_samples import MIN_BAD_TO_STOP, BadSample, BadSampleCount, too_many
+from crossmodal.data.make_shards import main as make_shards_main
+from crossmodal.data.transforms import image_transform
+from crossmodal.data.tokenizer import SentencePieceTokenizer
+from crossmodal.data.webdataset import (WebDataset, decompressed, expand_braces, expand_shards, iter_tar_members,
                               shard_records)
 from tests.multiprocess import run_on_processes
 from tests.test_train import CONFIG, small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)

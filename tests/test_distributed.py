@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import distributed
-from data.bad_samples import BadSampleCount
-from models.batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
+from crossmodal import distributed
+from crossmodal.data.bad_samples import BadSampleCount
+from crossmodal.models.batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from tests.multiprocess import run_on_processes
 
 

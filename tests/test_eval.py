@@ -8,20 +8,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import eval as evaluation
-import train
-from data import eval_loader, retrieval_loader
-from data.templates import load_templates
-from data.tokenizer import ClipTokenizer
-from models import create_model
+from crossmodal import eval as evaluation
+from crossmodal import train
+from crossmodal.data import eval_loader, retrieval_loader
+from crossmodal.data.templates import load_templates
+from crossmodal.data.tokenizer import ClipTokenizer
+from crossmodal.models import create_model
 from tests.test_train import small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
+from crossmodal import recipes
+from crossmodal.evaluation import contrastive
 
 
 def test_retrieval_metrics_by_hand():
     # 3 images, 4 captions; caption 3 also describes image 0 (COCO-style several captions per image)
     images = torch.eye(3)
     texts = torch.tensor([[0.1, 0.9, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
-    results = evaluation.retrieval_metrics(images, texts, torch.tensor([0, 1, 2, 0]), ks=(1, 2))
+    results = contrastive.retrieval_metrics(images, texts, torch.tensor([0, 1, 2, 0]), ks=(1, 2))
     # image 0: best caption is 3 (true) -> R@1; image 1: caption 1 first -> R@1; image 2: caption 2 -> R@1
     assert results["image_to_text_R@1"] == 100.0
     # caption 0 (true image 0) is closest to image 1: found at rank 2; the other three at rank 1
@@ -30,7 +32,7 @@ def test_retrieval_metrics_by_hand():
 
 def test_accuracy_topk():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.7, 0.2]])
-    results = evaluation.accuracy(logits, torch.tensor([0, 1, 2]), topk=(1, 2))
+    results = contrastive.accuracy(logits, torch.tensor([0, 1, 2]), topk=(1, 2))
     assert abs(results["top1"] - 100 / 3) < 1e-4 and results["top2"] == 100.0
 
 
@@ -44,7 +46,7 @@ def test_zeroshot_classifier_is_renormalised_mean_of_normalised_prompts():
     def tokenizer(texts):
         return torch.tensor([[1.0, 0.0, 0.0] if "x" in t else [0.0, 3.0, 4.0] for t in texts])
 
-    weights = evaluation.zeroshot_classifier(_Encoder(), tokenizer, ["x", "y"], ["{}", "a {} z"], "cpu")
+    weights = contrastive.zeroshot_classifier(_Encoder(), tokenizer, ["x", "y"], ["{}", "a {} z"], "cpu")
     assert torch.allclose(weights.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(weights[1], torch.tensor([0.0, 0.6, 0.8]))
 
@@ -83,7 +85,7 @@ def test_command_line_writes_the_paper_metrics(tmp_path, tokenizer_path):  # noq
     out = tmp_path / "zeroshot.json"
     evaluation.main(["--checkpoint", checkpoint, "--task", "zeroshot", "--data", "shapes:val:50", "--out", str(out)])
     results = json.loads(out.read_text())
-    cfg, model, tokenizer = evaluation.load_checkpoint(checkpoint)
+    cfg, model, tokenizer = recipes.load_run(checkpoint)
     expected = zeroshot_top1_by_hand(model, tokenizer, "shapes:val:50", 64, load_templates("shapes"))
     assert results["top1"] == pytest.approx(expected) and results["top1"] <= results["top5"]
     assert results["num_classes"] == 36 and results["num_images"] == 50
@@ -105,7 +107,7 @@ def test_command_line_on_coco_retrieval_and_imagefolder_zeroshot(tmp_path, token
     out = tmp_path / "retrieval.json"
     results = evaluation.main(["--checkpoint", checkpoint, "--task", "retrieval", "--data", spec, "--out", str(out)])
     assert results["num_images"] == 4 and results["num_texts"] == 21 and results["bad_images"] == 0
-    _, model, tokenizer = evaluation.load_checkpoint(checkpoint)
+    _, model, tokenizer = recipes.load_run(checkpoint)
     assert results["text_to_image_R@1"] == pytest.approx(text_to_image_r1_by_hand(model, tokenizer, spec, 64))
     assert json.loads(out.read_text())["data"] == spec
 
@@ -160,7 +162,7 @@ def test_zeroshot_classifier_equals_open_clips(released_weights):
     model = create_model("ViT-B-32-quickgelu", pretrained=path).eval()
     tokenizer = ClipTokenizer(open_clip.tokenizer.default_bpe())
     names, templates = ["golden retriever", "tabby cat!", "château"], load_templates("imagenet")[:5]
-    ours = evaluation.zeroshot_classifier(model, tokenizer, names, templates, "cpu")  # (classes, D)
+    ours = contrastive.zeroshot_classifier(model, tokenizer, names, templates, "cpu")  # (classes, D)
     with torch.no_grad():
         theirs = open_clip.build_zero_shot_classifier(
             reference, open_clip.get_tokenizer("ViT-B-32-quickgelu"), names, templates)  # (D, classes)
@@ -197,7 +199,7 @@ def test_released_weights_command_line_matches_open_clip(released_weights, tmp_p
     # the image features eval.py computes equal open_clip's (same preprocessing, same weights)
     model = create_model("ViT-B-32-quickgelu", pretrained=path).eval()
     dataset, loader = eval_loader(f"imagefolder:{root}", 224, ClipTokenizer(open_clip.tokenizer.default_bpe()), 8)
-    ours, _, bad = evaluation.encode_images(model, loader, "cpu")
+    ours, _, bad = contrastive.encode_images(model, loader, "cpu")
     assert bad == 0
     torch.testing.assert_close(ours, image_features, atol=1e-5, rtol=0)
 
@@ -219,7 +221,7 @@ def test_command_line_names_the_problem(tmp_path, capsys):
 @needs_open_clip
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK", "RGBA"])
 def test_eval_preprocessing_equals_open_clips(mode):
-    from data.transforms import image_transform
+    from crossmodal.data.transforms import image_transform
 
     pixels = torch.randint(0, 256, (300, 241, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     image = Image.fromarray(pixels.numpy()).convert(mode)
@@ -230,7 +232,7 @@ def test_eval_preprocessing_equals_open_clips(mode):
 def test_linear_probe_command_line(tmp_path, tokenizer_path, monkeypatch):  # noqa: F811
     import functools
 
-    import probe
+    from crossmodal.evaluation import probe
 
     # the command line around the probe, not the solver's convergence (tests/test_probe.py checks that)
     monkeypatch.setattr(probe, "fit_logistic", functools.partial(probe.fit_logistic, max_iter=30))

@@ -8,12 +8,17 @@ import os
 import pytest
 import torch
 
-import eval as evaluation
-from config import Config
-from data import build_dataset, question_loader, retrieval_loader, train_loader
-from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-from metrics import caption_scores, vqa_score
-from models import create_model, model_from_config
+from crossmodal import eval as evaluation
+from crossmodal.config import Config
+from crossmodal.data import build_dataset, question_loader, retrieval_loader, train_loader
+from crossmodal.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from crossmodal.metrics import caption_scores, vqa_score
+from crossmodal.models import create_model
+from crossmodal.recipes import model_from_config
+from crossmodal import recipes
+from crossmodal.evaluation import contrastive
+from crossmodal.evaluation import blip as blip_evaluation
+from crossmodal.data import eval_loader
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -40,7 +45,7 @@ def blip_run(tmp_path_factory):
     torch.manual_seed(0)
     model = model_from_config(cfg, tokenizer)
     path = write_checkpoint(folder / "checkpoint.pt", cfg, model, tokenizer)
-    return path, *evaluation.load_checkpoint(path)
+    return path, *recipes.load_run(path)
 
 
 def test_rerank_scores_by_hand():
@@ -52,7 +57,7 @@ def test_rerank_scores_by_hand():
         calls.append(len(image_index))
         return itm[image_index, text_index]
 
-    i2t, t2i = evaluation.rerank_scores(similarity, itm_positive, k_test=2, batch_size=4)
+    i2t, t2i = blip_evaluation.rerank_scores(similarity, itm_positive, k_test=2, batch_size=4)
     # image 0's top-2 texts by ITC: 0 (0.9) and 2 (0.5); image 1: 1, 2; image 2: 2, 1
     expected_i2t = torch.tensor([[1.0 + 0.9, -100, -2.0 + 0.5], [-100, 2.0 + 0.8, 3.0 + 0.3],
                                  [-100, -1.0 + 0.6, 1.5 + 0.7]])
@@ -62,7 +67,7 @@ def test_rerank_scores_by_hand():
     torch.testing.assert_close(i2t, expected_i2t)
     torch.testing.assert_close(t2i, expected_t2i)
     assert calls == [4, 2, 4, 2]  # 6 pairs each way in batches of 4
-    recalls = evaluation.ranking_recalls(i2t, t2i, torch.arange(3), ks=(1, 2))
+    recalls = contrastive.ranking_recalls(i2t, t2i, torch.arange(3), ks=(1, 2))
     # image 1 ranks text 2 first (3.3 > 2.8), image 2 text 2 (true); text 0 ranks image 2 first (4.4 > 1.9)
     assert recalls["image_to_text_R@1"] == pytest.approx(200 / 3) and recalls["image_to_text_R@2"] == 100.0
     assert recalls["text_to_image_R@1"] == pytest.approx(200 / 3)
@@ -86,7 +91,7 @@ def test_retrieval_itm_by_hand_and_k_test_one(blip_run, tmp_path):
     similarity = model.encode_image(images) @ model.encode_text(tokens).T
     itm = torch.stack([model.itm_logits(images[i].expand(5, -1, -1, -1), tokens)[:, 1] for i in range(5)])
     scores = itm + similarity  # (images, texts)
-    expected = evaluation.ranking_recalls(scores, scores.T, text_to_image)
+    expected = contrastive.ranking_recalls(scores, scores.T, text_to_image)
     for name, value in expected.items():
         assert results[f"itm_{name}"] == pytest.approx(value), name
     results = evaluation.main(["--checkpoint", path, "--task", "retrieval", "--data", spec, "--k-test", "1"])
@@ -103,7 +108,7 @@ def test_caption_scores_are_those_of_the_listed_captions(blip_run, tmp_path):
     dataset = build_dataset("shapes:val:4")
     assert [c["references"] for c in written["captions"]] == [[dataset[i]["caption"]] for i in range(4)]
     assert [c["image"] for c in written["captions"]] == [dataset[i]["key"] for i in range(4)]
-    images = torch.stack([evaluation.eval_loader("shapes:val:4", 64, tokenizer, 4)[1].dataset[i]["image"]
+    images = torch.stack([eval_loader("shapes:val:4", 64, tokenizer, 4)[1].dataset[i]["image"]
                           for i in range(4)])
     assert [c["caption"] for c in written["captions"]] == model.generate(images, num_beams=2, max_length=12,
                                                                          min_length=6)
@@ -119,7 +124,7 @@ def test_vqa_rank_picks_the_most_likely_answer(blip_run, tmp_path):
     spec = "shapes:val:4"
     results = evaluation.main(["--checkpoint", path, "--task", "vqa", "--data", spec, "--vqa-mode", "rank",
                                "--batch-size", "3"])
-    candidates = evaluation.dataset_answers(build_dataset(spec))
+    candidates = blip_evaluation.dataset_answers(build_dataset(spec))
     assert results["num_candidates"] == len(candidates) == len(set(candidates))
     _, loader = question_loader(spec, 64, batch_size=4)
     batch = next(iter(loader))
@@ -145,8 +150,8 @@ def test_vqa_rank_picks_the_most_likely_answer(blip_run, tmp_path):
 
 
 def test_vqa_answers_by_hand_count_as_ten():
-    assert evaluation.reference_answers(["two"]) == ["2"] * 10
-    assert vqa_score({0: "two"}, {0: evaluation.reference_answers(["two"])}) == 100.0
+    assert blip_evaluation.reference_answers(["two"]) == ["2"] * 10
+    assert vqa_score({0: "two"}, {0: blip_evaluation.reference_answers(["two"])}) == 100.0
 
 
 def test_vqa_generate_on_a_vqa_spec(blip_run, tmp_path):
@@ -170,32 +175,32 @@ def test_vqa_generate_on_a_vqa_spec(blip_run, tmp_path):
 
 
 def test_finetuning_starts_from_a_run_and_trains_what_it_is_told(blip_run, tmp_path):
-    """model.pretrained (a run's checkpoint, positions resized to a new image size), model.blip_losses and
-    model.blip_prompt (caption finetuning), and VQA finetuning on a vqa spec (questions only: blip_qa_fraction=1)."""
+    """model.pretrained (a run's checkpoint, positions resized to a new image size), blip.losses and
+    blip.prompt (caption finetuning), and VQA finetuning on a vqa spec (questions only: blip_qa_fraction=1)."""
     import copy
 
-    import train
+    from crossmodal import train
     from tests.test_vqa_data import write_vqa
 
     path, cfg, run_model, tokenizer = blip_run
     vqa = copy.deepcopy(cfg)
     vqa.data.train, vqa.data.val, vqa.data.heldout = "vqa:" + write_vqa(tmp_path / "vqa"), "shapes:val:4", ""
     vqa.data.image_size, vqa.data.workers, vqa.train.batch_size, vqa.train.steps = 96, 0, 4, 1
-    vqa.model.pretrained, vqa.model.blip_losses = path, "lm"
-    assert "model.blip_qa_fraction=1" in train.check_config(vqa)
-    vqa.model.blip_qa_fraction = 1.0
-    assert train.check_config(vqa) is None
+    vqa.model.pretrained, vqa.blip.losses = path, "lm"
+    assert "blip.qa_fraction=1" in recipes.check_config(vqa)
+    vqa.blip.qa_fraction = 1.0
+    assert recipes.check_config(vqa) is None
     vqa.data.tokenizer_path = ""  # no tokenizer named: the run it starts from gives its own, not a new one
-    assert train.build_tokenizer(vqa, str(tmp_path)).model_bytes() == tokenizer.model_bytes()
+    assert recipes.recipe_for(vqa).build_tokenizer(str(tmp_path)).model_bytes() == tokenizer.model_bytes()
     assert not os.path.exists(tmp_path / "tokenizer.model")
     vqa.data.tokenizer = "bert"  # checked before anything runs: the run's tokenizer is a sentencepiece model
-    assert "was trained with data.tokenizer=sentencepiece; this run has data.tokenizer=bert" in train.check_config(vqa)
+    assert "was trained with data.tokenizer=sentencepiece; this run has data.tokenizer=bert" in recipes.check_config(vqa)
     vqa.data.tokenizer = "sentencepiece"
     model = model_from_config(vqa, tokenizer)
     assert model.queue is None and model.visual_encoder_m is None  # no ITC: no momentum encoders
     assert model.visual_encoder.pos_embed.shape[1] == 1 + (96 // 8) ** 2
     torch.testing.assert_close(model.text_decoder.state_dict(), run_model.text_decoder.state_dict())
-    (batch,) = list(train_loader(vqa, tokenizer, 0, 1))
+    (batch,) = list(train_loader(vqa, tokenizer, 0, 1, **recipes.recipe_for(vqa).loader_options()))
     assert "tokens" not in batch and (batch["prompt_lengths"] > 0).all()
     losses = model(batch["image"], None, decoder_tokens=batch["decoder_tokens"], prompt_length=batch["prompt_lengths"])
     assert list(losses) == ["lm"] and losses["lm"].isfinite()
@@ -203,8 +208,8 @@ def test_finetuning_starts_from_a_run_and_trains_what_it_is_told(blip_run, tmp_p
     captioning = copy.deepcopy(cfg)
     captioning.data.train, captioning.data.workers = "shapes:train:8", 0
     captioning.train.batch_size, captioning.train.steps = 4, 1
-    captioning.model.blip_losses, captioning.model.blip_prompt = "lm", "a picture of "
-    (batch,) = list(train_loader(captioning, tokenizer, 0, 1))
+    captioning.blip.losses, captioning.blip.prompt = "lm", "a picture of "
+    (batch,) = list(train_loader(captioning, tokenizer, 0, 1, **recipes.recipe_for(captioning).loader_options()))
     prompt = tokenizer("a picture of")[0]
     length = int((prompt != tokenizer.pad_id).sum()) - 1  # the start token and the prompt, no eos
     assert (batch["prompt_lengths"] == length).all()
@@ -212,13 +217,13 @@ def test_finetuning_starts_from_a_run_and_trains_what_it_is_told(blip_run, tmp_p
     assert not torch.equal(batch["decoder_tokens"], batch["tokens"])
 
     for losses, message in (("itm,lm", "add itc"), ("itc,foo", "must list some of itc,itm,lm")):
-        captioning.model.blip_losses = losses
-        assert message in train.check_config(captioning)
+        captioning.blip.losses = losses
+        assert message in recipes.check_config(captioning)
 
 
 def test_evaluate_all_and_zeroshot_for_blip(blip_run):
     path, cfg, model, tokenizer = blip_run
-    results = evaluation.evaluate_all(cfg, model, tokenizer, "cpu")
+    results = blip_evaluation.evaluate_run(cfg, model, tokenizer, "cpu")
     for key in ("val/top1", "val/itc_image_to_text_R@1", "val/itm_text_to_image_R@10", "val/BLEU-4", "val/CIDEr",
                 "val/vqa_accuracy", "heldout/top1"):
         assert key in results, key
@@ -234,8 +239,8 @@ def test_a_clip_checkpoint_cannot_caption(tmp_path, blip_run):
     model = model_from_config(cfg, blip_tokenizer)
     path = write_checkpoint(tmp_path / "clip.pt", cfg, model, blip_tokenizer)
     for task in ("caption", "vqa"):
-        with pytest.raises(SystemExit, match=f"a CLIP checkpoint cannot do --task {task}: it has no text decoder; "
-                                             f"BLIP checkpoints can"):
+        with pytest.raises(SystemExit, match=f"a ViT-tiny model \\(ClipRecipe\\) cannot do --task {task}; its tasks: "
+                                             f"zeroshot, retrieval, linear_probe \\(--task {task} is BlipRecipe's\\)"):
             evaluation.main(["--checkpoint", path, "--task", task, "--data", "shapes:val:2"])
 
 
@@ -243,13 +248,13 @@ def test_a_blip_without_decoder_says_so(blip_run):
     _, _, model, _ = blip_run
     retriever = create_model("BLIP-tiny", tokenizer=model.tokenizer)
     retriever.text_decoder = retriever.lm_head = None
-    with pytest.raises(ValueError, match="cannot do --task caption: it has no text_decoder"):
-        evaluation.check_task(retriever, "caption")
-    evaluation.check_task(retriever, "retrieval")
+    recipe = recipes.PRESETS["BLIP-tiny"](Config())
+    assert "cannot do --task caption: it has no text_decoder" in recipe.check_task("caption", retriever)
+    assert recipe.check_task("retrieval", retriever) is None
 
 
 def test_pretrained_blip_with_bert_vocab(tmp_path):
-    from data.tokenizer import BertTokenizer
+    from crossmodal.data.tokenizer import BertTokenizer
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "picture", "of", "red", "circle", "question", ":",
              "answer", "yes", "no", "?"]
@@ -262,7 +267,7 @@ def test_pretrained_blip_with_bert_vocab(tmp_path):
     results = evaluation.main([*arguments, "--vocab", str(tmp_path / "vocab.txt")])
     assert results["num_images"] == 2
     assert evaluation.main(arguments)["captions"] == results["captions"]  # the vocab.txt next to the weights
-    _, loaded, tokenizer = evaluation.load_pretrained("BLIP-tiny", str(tmp_path / "model.pth"), None)
+    _, loaded, tokenizer = recipes.load_released("BLIP-tiny", str(tmp_path / "model.pth"))
     assert isinstance(tokenizer, BertTokenizer) and tokenizer.context_length == 35 and loaded.dec_id == 16
     (tmp_path / "vocab.txt").unlink()
     with pytest.raises(SystemExit, match="pass --vocab"):

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from data import build_dataset
+from crossmodal.data import build_dataset
 from tests.test_train import CONFIG, ROOT, small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
 
 TIMEOUT = 240  # seconds; a few training steps take well under a minute even on a loaded 2-core machine
@@ -41,7 +41,7 @@ def train_command(out_dir, tokenizer_path, *extra) -> list[str]:  # noqa: F811
 
 def patched(patch: str) -> list[str]:
     """python -c: apply `patch` to the train module, then run train.main on the remaining arguments."""
-    return [sys.executable, "-c", f"import sys, torch, train\n{patch}\ntrain.main(sys.argv[1:])"]
+    return [sys.executable, "-c", f"import sys, torch\nfrom crossmodal import train\n{patch}\ntrain.main(sys.argv[1:])"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_exception_in_the_final_evaluation_ends_the_process(tmp_path, tokenizer_
 def test_exception_on_one_of_two_processes_ends_both(tmp_path, tokenizer_path):  # noqa: F811
     script = tmp_path / "failing_rank0.py"
     script.write_text(
-        "import sys, distributed, train\n"
+        "import sys\nfrom crossmodal import distributed, train\n"
         "real = train.run_evaluation\n"
         "def fail_on_rank0(*args, **kwargs):\n"
         "    if distributed.rank() == 0:\n"
@@ -120,7 +120,8 @@ def test_sigterm_checkpoints_and_ends(tmp_path, tokenizer_path):  # noqa: F811
 
 
 def test_non_finite_loss_ends_the_process(tmp_path, tokenizer_path):  # noqa: F811
-    patch = "train.compute_loss = lambda *args: torch.tensor(float('nan'), requires_grad=True)"
+    patch = ("from crossmodal.recipes import ClipRecipe\n"
+             "ClipRecipe.loss = lambda *args: torch.tensor(float('nan'), requires_grad=True)")
     result = run(patched(patch) + train_command(tmp_path, tokenizer_path)[2:])
     assert result.returncode != 0 and "non-finite loss nan at step 0" in result.stderr
 
@@ -141,8 +142,8 @@ def test_too_many_bad_samples_ends_the_process(tmp_path, tokenizer_path):  # noq
 def test_a_live_worker_iterator_does_not_hold_up_interpreter_exit(tmp_path):
     # the safety net behind train.py's explicit shutdown: an error escapes while a multi-worker loader is mid-epoch
     script = (
-        "from data import eval_loader\n"
-        "from data.tokenizer import SentencePieceTokenizer\n"
+        "from crossmodal.data import eval_loader\n"
+        "from crossmodal.data.tokenizer import SentencePieceTokenizer\n"
         "_, loader = eval_loader('shapes:val:256', 64, lambda texts: None, batch_size=8, workers=2)\n"
         "batches = iter(loader)\n"
         "next(batches)\n"

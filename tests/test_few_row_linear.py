@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import linear
+from crossmodal import kernels
+from crossmodal.kernels import linear
 
 pytestmark = pytest.mark.skipif(not kernels.few_row_linear_available(), reason="needs the extension on an AVX2 CPU")
 

@@ -8,13 +8,17 @@ import os
 import pytest
 import torch
 
-import eval as evaluation
-import finetune
-import train
-from config import ConfigError, load_config
-from data.tokenizer import SentencePieceTokenizer
-from models import model_from_config
+from crossmodal import eval as evaluation
+from crossmodal.recipes import finetune
+from crossmodal import train
+from crossmodal.config import ConfigError, load_config
+from crossmodal.data.tokenizer import SentencePieceTokenizer
+from crossmodal.recipes import model_from_config
 from tests.test_train import tokenizer_path  # noqa: F401  (module-scoped fixture)
+from crossmodal import recipes
+from crossmodal.evaluation import contrastive
+from crossmodal.data import eval_loader
+from crossmodal.data.templates import load_templates
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def init_checkpoint(init_checkpoints):
 
 
 def make_init_checkpoint(name, tokenizer_path, tmp_path_factory) -> str:  # noqa: F811
-    cfg = train.resolve_presets(load_config(None, [f"--model.name={name}", f"--data.tokenizer_path={tokenizer_path}"]))
+    cfg = recipes.resolve(load_config(None, [f"--model.name={name}", f"--data.tokenizer_path={tokenizer_path}"]))
     tokenizer = SentencePieceTokenizer(tokenizer_path, context_length=cfg.data.context_length)
     torch.manual_seed(0)
     model = model_from_config(cfg, tokenizer)
@@ -79,7 +83,7 @@ def test_each_strategy_trains_exactly_its_parameters(model_name, strategy, init_
         elif name in parameters:
             assert not torch.equal(value, before[name]), f"{strategy} did not train {name}"
     # eval.py reads a fine-tuned checkpoint's CLIP part
-    _, clip, _ = evaluation.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    _, clip, _ = recipes.load_run(str(tmp_path / "checkpoint.pt"))
     prefix = "" if strategy == "lit" else "clip."
     for name, value in clip.state_dict().items():
         assert torch.equal(value, after[prefix + name])
@@ -110,18 +114,18 @@ def test_lit_leaves_the_image_tower_bit_identical(init_checkpoints, tmp_path):
 
 def test_head_starts_as_the_zero_shot_classifier(init_checkpoint, tmp_path):
     cfg = finetune.resolve(load_config(None, finetune_args(tmp_path, init_checkpoint, "full")[:3]))
-    cfg = train.resolve_presets(cfg)
+    cfg = recipes.resolve(cfg)
     cfg.data.val = "shapes:val:64"
     tokenizer, model, _ = finetune.build(cfg, "cpu")
     model.eval()
     finetuned = finetune.classify(cfg, model, tokenizer, cfg.data.val, "cpu")
-    zeroshot = evaluation.zeroshot(model.clip, tokenizer, cfg.data.val, cfg.data.image_size, "cpu", cfg.eval.templates)
+    zeroshot = contrastive.zeroshot(model.clip, tokenizer, cfg.data.val, cfg.data.image_size, "cpu", cfg.eval.templates)
     assert finetuned["top1"] == zeroshot["top1"] and finetuned["top5"] == zeroshot["top5"]
     # the same predictions image by image, not just the same count
-    dataset, loader = evaluation.eval_loader(cfg.data.val, cfg.data.image_size, tokenizer, 64)
-    features, _, _ = evaluation.encode_images(model.clip, loader, "cpu")
-    classifier = evaluation.zeroshot_classifier(model.clip, tokenizer, dataset.classnames,
-                                                evaluation.load_templates(cfg.eval.templates), "cpu")
+    dataset, loader = eval_loader(cfg.data.val, cfg.data.image_size, tokenizer, 64)
+    features, _, _ = contrastive.encode_images(model.clip, loader, "cpu")
+    classifier = contrastive.zeroshot_classifier(model.clip, tokenizer, dataset.classnames,
+                                                load_templates(cfg.eval.templates), "cpu")
     with torch.no_grad():
         assert torch.equal(model.head(features).argmax(-1), (features @ classifier.T).argmax(-1))
 
@@ -146,7 +150,7 @@ def test_llrd_learning_rates_decay_from_the_top(init_checkpoint, tmp_path):
 def test_gradual_unfreezes_one_group_every_n_steps(init_checkpoint, tmp_path):
     cfg = finetune.resolve(load_config(None, finetune_args(tmp_path, init_checkpoint, "gradual")[:3]
                                        + ["--finetune.unfreeze_every=3"]))
-    cfg = train.resolve_presets(cfg)
+    cfg = recipes.resolve(cfg)
     _, model, _ = finetune.build(cfg, "cpu")
     finetune.trainable_layers(model, cfg)
     groups = finetune.layer_groups(model)
@@ -218,7 +222,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_wise_ends(init_checkpoint,
 def test_finetune_config_typos_and_values_fail_loudly(init_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match=r"finetune\.stratgy.*finetune\.strategy"):
         load_config(None, ["--finetune.stratgy=full"])
-    cfg = train.resolve_presets(finetune.resolve(load_config(None, finetune_args(tmp_path, init_checkpoint,
+    cfg = recipes.resolve(finetune.resolve(load_config(None, finetune_args(tmp_path, init_checkpoint,
                                                                                  "gradul")[:3])))
     assert "did you mean 'gradual'" in finetune.check_config(cfg)
     cfg.finetune.strategy, cfg.finetune.wise_alphas = "full", "0,2"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.convert import open_flamingo_to_ours
-from models.flamingo import GatedCrossAttentionBlock, PerceiverResampler, media_attention_mask
+from crossmodal.models.convert import open_flamingo_to_ours
+from crossmodal.models.flamingo import GatedCrossAttentionBlock, PerceiverResampler, media_attention_mask
 
 DIM, DIM_VISUAL = 24, 16
 BLOCK_KWARGS = dict(dim=DIM, dim_visual=DIM_VISUAL, dim_head=8, heads=3, ff_mult=2)

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-import fewshot
-from data import build_dataset
-from data.interleaved import END_OF_CHUNK, MEDIA, InterleavedCollate, document_text
-from data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-from losses import interleaved_labels
-from models import create_flamingo
-from models.flamingo import freeze_for_training
+from crossmodal.evaluation import fewshot
+from crossmodal.data import build_dataset
+from crossmodal.data.interleaved import END_OF_CHUNK, MEDIA, InterleavedCollate, document_text
+from crossmodal.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from crossmodal.losses import interleaved_labels
+from crossmodal.models import create_flamingo
+from crossmodal.models.flamingo import freeze_for_training
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -112,8 +112,8 @@ def test_shapes_icl_episodes_and_batches(tokenizer):
 
 
 def test_induction_rows_repeat_a_string_and_train_on_the_repeat(tokenizer):
-    from data import InterleavedItems
-    from losses import lm_labels
+    from crossmodal.data import InterleavedItems
+    from crossmodal.losses import lm_labels
 
     base = build_dataset("shapes_icl:train:200")
     items = InterleavedItems(base, text_only=True, induction_fraction=0.3, seed=5)
@@ -233,8 +233,8 @@ def test_words_rule_accuracy_of_a_flamingo_compares_true_and_shuffled_images(tok
 
 
 def test_language_model_and_flamingo_runs_start_from_an_earlier_run(tmp_path, tokenizer):
-    from config import load_config
-    from models import model_from_config
+    from crossmodal.config import load_config
+    from crossmodal.recipes import model_from_config
 
     for name in ("lm-tiny", "Flamingo-tiny"):
         cfg = load_config(None, [f"--model.name={name}", "--data.image_size=32"])

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-import checkpointing
-import train
+from crossmodal import checkpointing, recipes
+from crossmodal import train
 from tests.test_train import ROOT, small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
 
 COMMON = ["--train.lr=1e-3", "--model.name=ViT-tiny", "--data.heldout=", "--train.ckpt_every=2"]
@@ -42,9 +42,9 @@ def finish(process) -> str:
 
 def weights(path) -> dict:
     """A run's model weights, from its checkpoint file or folder, loaded as eval.py does (one process)."""
-    import eval as evaluation
+    from crossmodal import eval as evaluation
 
-    return evaluation.load_checkpoint(checkpointing.find(str(path)))[1].state_dict()
+    return recipes.load_run(checkpointing.find(str(path)))[1].state_dict()
 
 
 def assert_same(got: dict, expected: dict, what: str, rtol=1e-4, atol=1e-5) -> None:
@@ -104,7 +104,7 @@ def test_a_folder_saved_on_two_processes_resumes_on_one_and_on_four(runs, tokeni
 def test_eval_reads_the_folder(runs, tmp_path):
     import json
 
-    import eval as evaluation
+    from crossmodal import eval as evaluation
 
     for run in ("fsdp/checkpoint", "one/checkpoint.pt"):  # a folder or a file, the same command
         evaluation.main(["--checkpoint", str(runs / run), "--task", "zeroshot", "--data", "shapes:val:32",
@@ -138,15 +138,16 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, tokenizer_pat
 
 
 KILL_RANK1 = """import os, signal, sys
-import distributed, train
-real_step, steps = train.train_step, []
+from crossmodal import distributed, train
+from crossmodal.recipes import ClipRecipe
+real_step, steps = ClipRecipe.train_step, []
 def step_then_die(*args, **kwargs):
     losses = real_step(*args, **kwargs)
     steps.append(1)
     if len(steps) == 3 and distributed.rank() == 1 and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         os.kill(os.getpid(), signal.SIGKILL)  # mid-run, after the checkpoint of step 2
     return losses
-train.train_step = step_then_die
+ClipRecipe.train_step = step_then_die
 train.main(sys.argv[1:])
 """
 

@@ -10,9 +10,9 @@ import unicodedata
 import pytest
 import torch
 
-import data.tokenizer as tokenizer_module
-from data import build_dataset
-from data.tokenizer import GPTNeoXTokenizer, _symbols
+import crossmodal.data.tokenizer as tokenizer_module
+from crossmodal.data import build_dataset
+from crossmodal.data.tokenizer import GPTNeoXTokenizer, _symbols
 from tests.test_tokenizer import CORPUS as CLIP_CORPUS
 
 tokenizers = pytest.importorskip("tokenizers")  # test-only reference (installed with transformers)

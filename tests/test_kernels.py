@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import ops, reference
+from crossmodal import kernels
+from crossmodal.kernels import ops, reference
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 UPSTREAM = 1.7  # backward is run from UPSTREAM * loss, so the upstream gradient is not always 1

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from losses.contrastive import all_gather_with_grad, clip_loss
+from crossmodal import kernels
+from crossmodal.kernels import reference
+from crossmodal.losses.contrastive import all_gather_with_grad, clip_loss
 from tests.multiprocess import run_on_processes
 
 WORLD_SIZE = 2

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.generation import generate
-from models.layers import KVCache
-from models.lm import LM_MODELS, DecoderLM, alibi_slopes, build_lm, load_mpt, mpt_config_to_kwargs
+from crossmodal.models.generation import generate
+from crossmodal.models.layers import KVCache
+from crossmodal.models.lm import LM_MODELS, DecoderLM, alibi_slopes, build_lm, load_mpt, mpt_config_to_kwargs
 
 transformers = pytest.importorskip("transformers")  # test-only reference
 

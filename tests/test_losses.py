@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import clip_loss, siglip_loss
+from crossmodal.losses import clip_loss, siglip_loss
 from tests.multiprocess import run_on_processes
 
 N, D = 12, 16

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from metrics import caption_scores, normalize_answer, ptb_tokenize, vqa_accuracy, vqa_score
-from metrics.caption import bleu, cider_d
+from crossmodal.metrics import caption_scores, normalize_answer, ptb_tokenize, vqa_accuracy, vqa_score
+from crossmodal.metrics.caption import bleu, cider_d
 
 REFERENCES = {
     1: ["a man riding a wave on top of a surfboard", "a surfer rides a large wave in the ocean",
@@ -258,7 +258,7 @@ def test_ptb_tokenize_equals_corenlp_where_java_runs():
     ptbtokenizer = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
     if shutil.which("java") is None:
         pytest.skip("no java to run pycocoevalcap's PTBTokenizer")
-    from metrics.caption import _ABBREVIATIONS, _CAPITALISED_ABBREVIATIONS
+    from crossmodal.metrics.caption import _ABBREVIATIONS, _CAPITALISED_ABBREVIATIONS
 
     abbreviations = sorted(_ABBREVIATIONS | _CAPITALISED_ABBREVIATIONS) + ["approx", "fig", "oz", "min", "hr"]
     texts = CRAFTED + [f"a {word}. b" for word in abbreviations] + [f"The {w.title()}. Smith" for w in abbreviations]

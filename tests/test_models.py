@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import MODELS, create_model
-from models.layers import Attention, Block, CrossAttention, DropPath, QuickGELU
-from models.resnet import AttentionPool2d, ModifiedResNet
-from models.text import TextTransformer
-from models.vit import VisionTransformer
+from crossmodal.models import MODELS, create_model
+from crossmodal.models.layers import Attention, Block, CrossAttention, DropPath, QuickGELU
+from crossmodal.models.resnet import AttentionPool2d, ModifiedResNet
+from crossmodal.models.text import TextTransformer
+from crossmodal.models.vit import VisionTransformer
 
 
 @pytest.fixture(autouse=True)
@@ -279,7 +279,7 @@ def test_logit_scale_starts_at_one_over_007_and_keeps_its_gradient_above_100():
         model.logit_scale.fill_(math.log(1000.0))
     out = model(images, tokens)
     assert out["logit_scale"].item() == pytest.approx(1000.0, rel=1e-5)
-    from losses import clip_loss
+    from crossmodal.losses import clip_loss
 
     clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
     assert model.logit_scale.grad is not None and model.logit_scale.grad.abs().item() > 0

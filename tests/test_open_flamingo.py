@@ -12,10 +12,10 @@ import shutil
 import pytest
 import torch
 
-import eval as eval_script
-from models import MODELS, OPEN_FLAMINGO_TRAINED, Flamingo, build_model, convert, create_model
-from models.flamingo import FLAMINGO_MODELS
-from models.lm import LM_MODELS, DecoderLM
+from crossmodal import eval as eval_script
+from crossmodal.models import MODELS, OPEN_FLAMINGO_TRAINED, Flamingo, build_model, convert, create_model
+from crossmodal.models.flamingo import FLAMINGO_MODELS
+from crossmodal.models.lm import LM_MODELS, DecoderLM
 from tests.test_flamingo import open_flamingo_helpers, randomize_
 from tests.test_gpt_neox_tokenizer import tokenizer_json  # noqa: F401 (a fixture: the tiny GPT-NeoX-like tokenizer)
 
@@ -126,7 +126,7 @@ def test_every_part_comes_from_its_file(released, layout):
 
 
 def test_the_loaded_model_runs(released, tokenizer_json):  # noqa: F811
-    from data.tokenizer import GPTNeoXTokenizer
+    from crossmodal.data.tokenizer import GPTNeoXTokenizer
 
     model, tokenizer = load(released), GPTNeoXTokenizer(tokenizer_json)
     prompt = "<image>Output:a red circle<|endofchunk|>\n<image>Output:"

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear import MAX_ROWS, few_row_linear_available
-from models.packed import LinearPacking, linear_modules, onednn_available
+from crossmodal.kernels.linear import MAX_ROWS, few_row_linear_available
+from crossmodal.models.packed import LinearPacking, linear_modules, onednn_available
 
 pytestmark = pytest.mark.skipif(
     not (onednn_available() and few_row_linear_available()), reason="needs oneDNN and the few-row kernel"

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
-import train
-from config import load_config
-from models import create_model
-from models.predictive import TextPredictor
+from crossmodal import eval as evaluation
+from crossmodal import train
+from crossmodal.config import load_config
+from crossmodal.models import create_model
+from crossmodal.models.predictive import TextPredictor
 from tests.test_train import CONFIG, small_run, tokenizer_path  # noqa: F401 (a fixture)
+from crossmodal import recipes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +95,7 @@ def test_caption_and_bow_runs_train_and_evaluate_zero_shot(tmp_path, tokenizer_p
                                  "--out", str(out / "zs.json")])
         assert again["top1"] == results["val/top1"]
         assert json.loads((out / "zs.json").read_text())["top1"] == results["val/top1"]
-        with pytest.raises(SystemExit, match="cannot do --task retrieval: it does zeroshot, linear_probe"):
+        with pytest.raises(SystemExit, match="cannot do --task retrieval; its tasks: zeroshot, linear_probe"):
             evaluation.main(["--checkpoint", str(checkpoint), "--task", "retrieval", "--data", "shapes:val:64"])
     caption = torch.load(tmp_path / "caption" / "checkpoint.pt", weights_only=True)["model"]
     assert "image_proj.weight" in caption and "logit_scale" not in caption
@@ -103,11 +104,11 @@ def test_caption_and_bow_runs_train_and_evaluate_zero_shot(tmp_path, tokenizer_p
 
 
 def test_predictive_objectives_refuse_what_they_cannot_do():
-    cfg = train.resolve_presets(load_config(CONFIG, ["--loss.name=bow", "--train.strategy=fsdp", "--data.val=",
+    cfg = recipes.resolve(load_config(CONFIG, ["--loss.name=bow", "--train.strategy=fsdp", "--data.val=",
                                                      "--data.heldout="]))
-    assert "loss.name=bow" in train.check_config(cfg) and "train.strategy=ddp" in train.check_config(cfg)
+    assert "loss.name=bow" in recipes.check_config(cfg) and "train.strategy=ddp" in recipes.check_config(cfg)
     cfg.train.strategy, cfg.model.name = "ddp", "BLIP-tiny"
-    assert "model.name is 'BLIP-tiny'" in train.check_config(cfg)
+    assert "model.name is 'BLIP-tiny'" in recipes.check_config(cfg)
 
 
 @pytest.mark.parametrize("objective", ["caption", "bow"])

@@ -4,13 +4,14 @@ probe on a checkpoint that train.py wrote."""
 import pytest
 import torch
 
-import probe
-import train
+from crossmodal.evaluation import probe
+from crossmodal import train
 from tests.test_train import small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score  # noqa: E402
+from crossmodal import recipes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -94,9 +95,9 @@ def checkpoint(tmp_path_factory, tokenizer_path):  # noqa: F811
 
 
 def test_probe_on_a_trained_checkpoint(checkpoint, tmp_path):
-    import eval as evaluation
+    from crossmodal import eval as evaluation
 
-    cfg, model, tokenizer = evaluation.load_checkpoint(checkpoint)
+    cfg, model, tokenizer = recipes.load_run(checkpoint)
     plot = str(tmp_path / "confusion.png")
     results = probe.linear_probe(model, tokenizer, "shapes:train:360", None, cfg.data.image_size,
                                  test_spec="shapes:val:120", shots=(2,), seeds=(0, 1), batch_size=128,

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import search
-import train
-from data.transforms import image_transform
+from crossmodal import search
+from crossmodal import train
+from crossmodal.data.transforms import image_transform
 from tests.test_train import ROOT, small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -214,7 +214,7 @@ def checkpoint(tmp_path_factory, tokenizer_path):  # noqa: F811
 
 
 def write_shapes(folder, count):
-    from data import build_dataset
+    from crossmodal.data import build_dataset
 
     dataset = build_dataset(f"shapes:val:{count}", image_size=64)
     for i in range(count):

@@ -11,9 +11,9 @@ import unicodedata
 import pytest
 import torch
 
-import data.tokenizer as tokenizer_module
-from data.templates import load_classnames, load_templates
-from data.tokenizer import BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes, train_sentencepiece
+import crossmodal.data.tokenizer as tokenizer_module
+from crossmodal.data.templates import load_classnames, load_templates
+from crossmodal.data.tokenizer import BertTokenizer, ClipTokenizer, SentencePieceTokenizer, tokenizer_from_bytes, train_sentencepiece
 
 CORPUS = {
     "plain": "a photo of a dog.",
@@ -244,7 +244,7 @@ def test_unknown_kind_suggests_the_closest():
 
 
 def test_train_command_on_a_dataset_spec(tmp_path):
-    from data.tokenizer import main
+    from crossmodal.data.tokenizer import main
 
     path = main(["train", "--data", "shapes:train:300", "--vocab-size", "64", "--out", str(tmp_path / "shapes")])
     tokenizer = SentencePieceTokenizer(path)
@@ -252,7 +252,7 @@ def test_train_command_on_a_dataset_spec(tmp_path):
     assert tokenizer.decode(tokenizer("a large red circle")[0]) == "a large red circle"
     with pytest.raises(SystemExit, match="csv: no file at"):
         main(["train", "--data", f"csv:{tmp_path / 'missing.csv'}", "--out", str(tmp_path / "x")])
-    result = subprocess.run([sys.executable, "-m", "data.tokenizer", "train", "--data", "shapes:val:50", "--out",
-                             str(tmp_path / "cli"), "--vocab-size", "48"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-m", "crossmodal.data.tokenizer", "train", "--data", "shapes:val:50",
+                             "--out", str(tmp_path / "cli"), "--vocab-size", "48"], capture_output=True, text=True,
+                            cwd=tmp_path)  # the installed package, from anywhere
     assert result.returncode == 0 and "on 50 captions of shapes:val:50" in result.stdout, result.stderr

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-import train
+from crossmodal import checkpointing, train
+from crossmodal import recipes
+from crossmodal.recipes import ClipRecipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "clip", "tiny_shapes.yaml")
@@ -18,8 +20,8 @@ CONFIG = os.path.join(ROOT, "configs", "clip", "tiny_shapes.yaml")
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    from data import build_dataset
-    from data.tokenizer import train_sentencepiece
+    from crossmodal.data import build_dataset
+    from crossmodal.data.tokenizer import train_sentencepiece
 
     path = str(tmp_path_factory.mktemp("tokenizer") / "shapes.model")
     dataset = build_dataset("shapes:train:2000")
@@ -55,7 +57,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, tokenizer_path, monkeypatch):
     train.main(small_run(straight, tokenizer_path, "--train.steps=6"))
 
     interrupted = tmp_path / "interrupted"
-    real_step, calls = train.train_step, []
+    real_step, calls = ClipRecipe.train_step, []
 
     def step_then_sigterm(*args, **kwargs):
         loss = real_step(*args, **kwargs)
@@ -64,12 +66,12 @@ def test_resume_after_sigterm_is_exact(tmp_path, tokenizer_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # the handler asks for a checkpoint after this step
         return loss
 
-    monkeypatch.setattr(train, "train_step", step_then_sigterm)
+    monkeypatch.setattr(ClipRecipe, "train_step", step_then_sigterm)
     with pytest.raises(SystemExit) as stop:
         train.main(small_run(interrupted, tokenizer_path, "--train.steps=6"))
     assert stop.value.code == 0
     assert torch.load(os.path.join(interrupted, "checkpoint.pt"), weights_only=True)["step"] == 3
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(ClipRecipe, "train_step", real_step)
     train.main(small_run(interrupted, tokenizer_path, "--train.steps=6", "--resume"))
 
     for name, weight in final_weights(straight).items():
@@ -128,19 +130,19 @@ def test_variants_train(tmp_path, tokenizer_path, extra, capsys):
 
 
 def test_non_finite_loss_stops_with_a_message(tmp_path, tokenizer_path, monkeypatch):
-    monkeypatch.setattr(train, "compute_loss", lambda *args: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(ClipRecipe, "loss", lambda *args: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="non-finite loss nan at step 0"):
         train.main(small_run(tmp_path, tokenizer_path, "--train.steps=3"))
 
 
 def test_clip_tokenizer_run_and_its_checkpoint(tmp_path, capsys):
     open_clip = pytest.importorskip("open_clip")
-    import eval as evaluation
+    from crossmodal import eval as evaluation
 
     bpe = open_clip.tokenizer.default_bpe()
     train.main(small_run(tmp_path, bpe, "--data.tokenizer=clip", "--data.context_length=24", "--train.steps=2"))
     checkpoint = str(tmp_path / "checkpoint.pt")
-    cfg, model, tokenizer = evaluation.load_checkpoint(checkpoint)  # the vocabulary travels in the checkpoint
+    cfg, model, tokenizer = recipes.load_run(checkpoint)  # the vocabulary travels in the checkpoint
     assert model.text.token_embedding.num_embeddings == 49408 and model.text.context_length == 24
     assert tokenizer("a red circle!")[0, :6].tolist() == open_clip.tokenize(["a red circle!"])[0, :6].tolist()
     with pytest.raises(SystemExit, match="data.tokenizer=clip needs data.tokenizer_path"):
@@ -177,28 +179,28 @@ def test_resume_auto_starts_fresh_then_resumes(tmp_path, tokenizer_path, capsys)
 
 def test_checkpoint_rng_states_old_and_new_format():
     cpu = torch.get_rng_state()
-    train.set_rng_state(cpu, torch.device("cpu"))  # checkpoints before CUDA states were saved held bare tensors
-    state = train.rng_state(torch.device("cpu"))
+    checkpointing.set_rng_state(cpu, torch.device("cpu"))  # checkpoints before CUDA states were saved held bare tensors
+    state = checkpointing.rng_state(torch.device("cpu"))
     assert set(state) == {"cpu"} and torch.equal(state["cpu"], cpu)
     expected = torch.rand(3)
-    train.set_rng_state(state, torch.device("cpu"))
+    checkpointing.set_rng_state(state, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_a_preset_brings_its_input_size_and_context_length():
-    from config import load_config
+    from crossmodal.config import load_config
 
-    cfg = train.resolve_presets(load_config(None, ["--model.name=ViT-B-32"]))
+    cfg = recipes.resolve(load_config(None, ["--model.name=ViT-B-32"]))
     assert (cfg.data.image_size, cfg.data.context_length) == (224, 77)
-    cfg = train.resolve_presets(load_config(CONFIG, ["--model.name=ViT-B-32"]))  # the demo YAML sets 64 and 32
+    cfg = recipes.resolve(load_config(CONFIG, ["--model.name=ViT-B-32"]))  # the demo YAML sets 64 and 32
     assert (cfg.data.image_size, cfg.data.context_length) == (64, 32)
 
     class Tokenizer:
         vocab_size, context_length, pad_id = 1024, 77, 0
 
-    cfg = train.resolve_presets(load_config(None, ["--model.name=ViT-B-32"]))
+    cfg = recipes.resolve(load_config(None, ["--model.name=ViT-B-32"]))
     with torch.device("meta"):
-        model = train.model_from_config(cfg, Tokenizer())
+        model = recipes.model_from_config(cfg, Tokenizer())
     assert model.visual.image_size == 224 and model.text.context_length == 77
 
 
@@ -211,12 +213,12 @@ def test_a_preset_brings_its_input_size_and_context_length():
     ("--train.lr=0", r"train\.lr must be > 0"),
     ("--model.vit_stem=convs", r"model\.vit_stem must be one of patch, conv; got 'convs'"),
     ("--model.name=RN-tiny --model.vit_stem=conv", r"model\.vit_stem=conv needs a ViT image tower"),
-    ("--data.induction_fraction=0.3", r"data\.induction_fraction must lie in \[0, 1\) and is for language models"),
-    ("--model.name=lm-tiny --data.train=shapes_icl:train --data.induction_fraction=1",
-     r"data\.induction_fraction must lie in \[0, 1\).*got 1\.0"),
-    ("--model.name=BLIP-tiny --model.blip_momentum=1.5", r"model\.blip_momentum must lie in \[0, 1\]; got 1\.5"),
-    ("--model.name=BLIP-tiny --model.blip_queue_size=1000",
-     r"model\.blip_queue_size must be 0 \(no queue\), a multiple of the global batch train\.batch_size=\d+.*got 1000"),
+    ("--lm.induction_fraction=0.3", r"lm\.induction_fraction must lie in \[0, 1\) and is for language models"),
+    ("--model.name=lm-tiny --data.train=shapes_icl:train --lm.induction_fraction=1",
+     r"lm\.induction_fraction must lie in \[0, 1\).*got 1\.0"),
+    ("--model.name=BLIP-tiny --blip.momentum=1.5", r"blip\.momentum must lie in \[0, 1\]; got 1\.5"),
+    ("--model.name=BLIP-tiny --blip.queue_size=1000",
+     r"blip\.queue_size must be 0 \(no queue\), a multiple of the global batch train\.batch_size=\d+.*got 1000"),
     ("--model.name=Flamingo-tiny --model.pretrained=configs",
      r"model\.pretrained 'configs': a Flamingo run starts from another run's checkpoint\.pt"),
 ])
@@ -228,11 +230,11 @@ def test_bad_numbers_fail_before_anything_runs(tmp_path, override, message):
 
 
 def test_batch_size_must_divide_over_processes(monkeypatch):
-    from config import load_config
+    from crossmodal.config import load_config
 
-    cfg = train.resolve_presets(load_config(CONFIG, ["--train.batch_size=6", "--data.val=", "--data.heldout="]))
-    assert train.check_config(cfg, world_size=2) is None
-    assert "into 4 processes x 1 accumulation steps" in train.check_config(cfg, world_size=4)
+    cfg = recipes.resolve(load_config(CONFIG, ["--train.batch_size=6", "--data.val=", "--data.heldout="]))
+    assert recipes.check_config(cfg, world_size=2) is None
+    assert "into 4 processes x 1 accumulation steps" in recipes.check_config(cfg, world_size=4)
 
 
 def test_logit_scale_is_clamped_after_the_step_and_logged_as_used(tmp_path, tokenizer_path, capsys):
@@ -240,19 +242,19 @@ def test_logit_scale_is_clamped_after_the_step_and_logged_as_used(tmp_path, toke
 
     run = small_run(tmp_path, tokenizer_path, "--train.steps=2", "--model.name=ViT-tiny", "--train.lr=0.5",
                     "--train.warmup_steps=1")
-    real_build = train.model_from_config
+    real_build = ClipRecipe.build_model
 
-    def build_with_a_large_scale(cfg, tokenizer, **options):
-        model = real_build(cfg, tokenizer, **options)
+    def build_with_a_large_scale(self, tokenizer, **options):
+        model = real_build(self, tokenizer, **options)
         with torch.no_grad():
             model.logit_scale.fill_(math.log(150.0))  # above the clamp: the first step must still use it
         return model
 
-    train.model_from_config = build_with_a_large_scale
+    ClipRecipe.build_model = build_with_a_large_scale
     try:
         train.main(run)
     finally:
-        train.model_from_config = real_build
+        ClipRecipe.build_model = real_build
     scales = [float(s) for s in re.findall(r"^step \d+/2 .* scale ([\d.]+)", capsys.readouterr().out, re.M)]
     assert scales[0] == pytest.approx(150.0, abs=0.05) and scales[1] <= 100.0 + 1e-3
     assert final_weights(tmp_path)["logit_scale"].item() <= math.log(100) + 1e-6
@@ -301,7 +303,7 @@ def test_blip_trains_through_the_same_loop(tmp_path, capsys):
     run = ["--config", CONFIG, f"--out_dir={tmp_path}", "--model.name=BLIP-tiny", "--data.workers=0",
            "--data.val=shapes:val:32", "--data.heldout=", "--train.batch_size=16", "--train.steps=3",
            "--train.log_every=1", "--train.warmup_steps=1", "--data.tokenizer_captions=2000", "--data.vocab_size=256",
-           "--model.blip_queue_size=64"]
+           "--blip.queue_size=64"]
     train.main(run)
     out = capsys.readouterr().out
     lines = re.findall(r"^step \d+/3 loss ([\d.]+) itc ([\d.]+) itm ([\d.]+) lm ([\d.]+)", out, re.M)
@@ -309,7 +311,7 @@ def test_blip_trains_through_the_same_loop(tmp_path, capsys):
     for total, *parts in lines:
         assert float(total) == pytest.approx(sum(map(float, parts)), abs=2e-4)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert checkpoint["config"]["model"]["blip_alpha_steps"] == 2 * 100_000 // 16  # two epochs of shapes:train
+    assert checkpoint["config"]["blip"]["alpha_steps"] == 2 * 100_000 // 16  # two epochs of shapes:train
     assert any(key.startswith("queue.") for key in checkpoint["model"])  # momentum state travels for resume
     # TensorBoard shows validation images with their captions and answers, not only the scalars
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -5,9 +5,9 @@ import json
 import pytest
 from PIL import Image
 
-from data.bad_samples import BadSample
-from data.vqa import VQADataset, load_vqa
-from metrics import vqa_accuracy
+from crossmodal.data.bad_samples import BadSample
+from crossmodal.data.vqa import VQADataset, load_vqa
+from crossmodal.metrics import vqa_accuracy
 
 COLOURS = {42: "red", 7: "blue", 1234567: "green"}
 

@@ -46,6 +46,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from crossmodal.data import eval_loader
+from crossmodal.evaluation.contrastive import encode_images
+
 GRAD_TOLERANCE = 1e-8
 MAX_ITER = 1000
 HOLDOUT = 0.2
@@ -222,15 +225,12 @@ def linear_probe(model, tokenizer, train_spec: str, val_spec: str | None, image_
     chosen on val_spec (or a held-out part of train when it is None); the report is on test_spec, or on
     val_spec when test_spec is None.
     """
-    import eval as evaluation
-    from data import eval_loader
-
     if val_spec is None and test_spec is None:
         raise ValueError("linear_probe needs a split to report on: give val_spec or test_spec")
 
     def features(spec):
         dataset, loader = eval_loader(spec, image_size, tokenizer, batch_size, workers, options=options)
-        x, y, bad = evaluation.encode_images(model, loader, device)
+        x, y, bad = encode_images(model, loader, device)
         if len(y) and y.min() < 0:
             raise ValueError(f"{spec} has no class labels; a linear probe needs a classification dataset")
         return dataset, x.to(device), y.to(device), bad

@@ -46,12 +46,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import config_from_dict
-from data import build_dataset, eval_loader
-from data.templates import load_templates
-from models import BLIP_MODELS
-from models.clip import CLIP
-from models.vit import VisionTransformer
+from crossmodal import checkpointing
+from crossmodal.config import config_from_dict
+from crossmodal.data import build_dataset, eval_loader
+from crossmodal.data.templates import load_templates
+from crossmodal.evaluation import contrastive
+from crossmodal.models import MODELS
+from crossmodal.models.clip import CLIP
+from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES
+from crossmodal.models.vit import VisionTransformer
+from crossmodal.recipes import registry
+from crossmodal.recipes.base import mean_step
+from crossmodal.recipes.clip import ClipRecipe, find_bpe
 
 STRATEGIES = ("linear", "full", "gradual", "llrd", "lit")
 ADOPTED = ("model.name", "data.tokenizer", "data.tokenizer_path", "data.vocab_size", "data.context_length")
@@ -100,15 +106,16 @@ def resolve(cfg):
     if cfg.finetune.init:
         if not os.path.isfile(cfg.finetune.init):
             raise FileNotFoundError(f"finetune.init: no checkpoint at '{cfg.finetune.init}'")
-        start = config_from_dict(torch.load(cfg.finetune.init, map_location="cpu", weights_only=True)["config"])
+        checkpoint = checkpointing.read_run(cfg.finetune.init)
+        if checkpoint is None:
+            raise FileNotFoundError(f"finetune.init: '{cfg.finetune.init}' is not a train.py checkpoint")
+        start = config_from_dict(checkpoint["config"])
         for key in ADOPTED + (() if cfg.data.image_size else ("data.image_size",)):
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, getattr(getattr(start, section), name))
     elif cfg.finetune.pretrained:
-        import eval as evaluation
-
         cfg.data.tokenizer = "clip"
-        cfg.data.tokenizer_path = evaluation.find_bpe(cfg.data.tokenizer_path or None, cfg.finetune.pretrained)
+        cfg.data.tokenizer_path = find_bpe(cfg.data.tokenizer_path or None, cfg.finetune.pretrained)
     return cfg
 
 
@@ -124,8 +131,11 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                 "weights for model.name): give exactly one")
     if ft.pretrained and not os.path.isfile(ft.pretrained):
         return f"finetune.pretrained: no file at '{ft.pretrained}'"
-    if cfg.model.name in BLIP_MODELS:
-        return f"fine-tuning is built for CLIP models; model.name is the BLIP preset '{cfg.model.name}'"
+    if cfg.model.name not in MODELS:
+        return f"fine-tuning is built for CLIP models; model.name is '{cfg.model.name}'"
+    if cfg.loss.name in PREDICTIVE_OBJECTIVES or cfg.train.strategy == "fsdp":
+        return (f"fine-tuning trains a CLIP model with train.strategy=ddp and a contrastive loss.name (clip, siglip); "
+                f"got loss.name={cfg.loss.name}, train.strategy={cfg.train.strategy}")
     if ft.unfreeze_every < 1 or not 0 < ft.layer_decay <= 1 or ft.patience < 0 or not 0 <= ft.wise_alpha <= 1:
         return "finetune: unfreeze_every must be >= 1, layer_decay in (0, 1], patience >= 0 and wise_alpha in [0, 1]"
     try:
@@ -157,17 +167,15 @@ def check_config(cfg, world_size: int = 1) -> str | None:
 
 def build(cfg, device) -> tuple[object, nn.Module, dict]:
     """(tokenizer, model, its initial weights on the CPU): the start's CLIP, with the zero-shot head unless lit."""
-    import eval as evaluation
-
     if cfg.finetune.init:
-        _, clip, tokenizer = evaluation.load_checkpoint(cfg.finetune.init, device)
+        _, clip, tokenizer = registry.load_run(cfg.finetune.init, device)
     else:
-        _, clip, tokenizer = evaluation.load_pretrained(cfg.model.name, cfg.finetune.pretrained,
-                                                        cfg.data.tokenizer_path, device)
+        _, clip, tokenizer = registry.load_released(cfg.model.name, cfg.finetune.pretrained, device,
+                                                    bpe=cfg.data.tokenizer_path)
     model = clip
     if cfg.finetune.strategy != "lit":
         classnames = build_dataset(cfg.data.train, cfg.data.image_size, cfg.seed, cfg.data).classnames
-        class_embeddings = evaluation.zeroshot_classifier(clip, tokenizer, classnames,
+        class_embeddings = contrastive.zeroshot_classifier(clip, tokenizer, classnames,
                                                           load_templates(cfg.eval.templates), device)  # (C, D)
         model = ZeroShotClassifier(clip, class_embeddings).to(device)
     zeroshot = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
@@ -237,14 +245,11 @@ def _frozen_to_eval(module: nn.Module) -> None:
 
 def train_step(model, micro_batches, device, autocast, scaler) -> dict[str, torch.Tensor]:
     """Cross-entropy of the head's logits over one global batch (this process's share), backward included."""
-    total = 0.0
-    for batch in micro_batches:
-        with autocast:
-            logits = model(batch["image"].to(device, non_blocking=True))  # (B, num_classes)
-            loss = F.cross_entropy(logits, batch["label"].to(device, non_blocking=True)) / len(micro_batches)
-        scaler.scale(loss).backward()
-        total += loss.detach()
-    return {"ce": total}
+    def losses(batch):
+        logits = model(batch["image"].to(device, non_blocking=True))  # (B, num_classes)
+        return {"ce": F.cross_entropy(logits, batch["label"].to(device, non_blocking=True))}
+
+    return mean_step(model, micro_batches, losses, autocast, scaler)
 
 
 # ---------------------------------------------------------------- evaluation, early stopping, WiSE-FT
@@ -253,16 +258,14 @@ def train_step(model, micro_batches, device, autocast, scaler) -> dict[str, torc
 @torch.no_grad()
 def classify(cfg, model: nn.Module, tokenizer, spec: str, device) -> dict:
     """top1/top5 on a labelled spec: the head's predictions, or zero-shot ones for a CLIP model (lit)."""
-    import eval as evaluation
-
     size, batch_size = cfg.data.image_size, cfg.eval.batch_size
     if not isinstance(model, ZeroShotClassifier):
-        return evaluation.zeroshot(model, tokenizer, spec, size, device, cfg.eval.templates, batch_size,
+        return contrastive.zeroshot(model, tokenizer, spec, size, device, cfg.eval.templates, batch_size,
                                    options=cfg.data)
     _, loader = eval_loader(spec, size, tokenizer, batch_size, options=cfg.data)
-    features, labels, bad = evaluation.encode_images(model.clip, loader, device)  # (N, D) normalised
+    features, labels, bad = contrastive.encode_images(model.clip, loader, device)  # (N, D) normalised
     logits = model.head(features.to(device)).float().cpu()  # (N, num_classes)
-    return {**evaluation.accuracy(logits, labels), "num_images": len(labels), "bad_images": bad}
+    return {**contrastive.accuracy(logits, labels), "num_images": len(labels), "bad_images": bad}
 
 
 def evaluate(cfg, model: nn.Module, tokenizer, device) -> dict:
@@ -327,3 +330,73 @@ def finish(cfg, model: nn.Module, zeroshot: dict, tokenizer, device) -> dict:
     return {**table[alpha], "best_step": best["step"], "wise_alpha": alpha,
             **{f"wise/{a:g}/{name}": value for a in alphas for name, value in table[a].items()
                if name.endswith("top1")}}
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+class FinetuneRecipe(ClipRecipe):
+    """Fine-tuning a CLIP model (finetune.strategy set): the start's weights and tokenizer, a zero-shot head, the
+    strategy's layers trained; early stopping on val top-1 and WiSE-FT at the end (module docstring). Its checkpoints
+    evaluate as the CLIP they hold (eval.py reads their `clip.*` part)."""
+
+    def adopt(self) -> None:
+        resolve(self.cfg)
+
+    def check(self, world_size: int) -> str | None:
+        return super().check(world_size) or check_config(self.cfg, world_size)
+
+    def start(self):
+        """(tokenizer, model, zero-shot weights) of the start, built once."""
+        if not hasattr(self, "_start"):
+            self._start = build(self.cfg, "cpu")
+        return self._start
+
+    def build_tokenizer(self, out_dir: str, checkpoint: dict | None = None):
+        return self.start()[0]
+
+    def build_model(self, tokenizer, pretrained: bool = True) -> nn.Module:
+        """The start's CLIP with its zero-shot head (lit: without), also on resume: its zero-shot weights are
+        WiSE-FT's other end."""
+        return self.start()[1]
+
+    def build_eval_model(self, tokenizer) -> nn.Module:
+        return super().build_model(tokenizer, pretrained=False)
+
+    def evaluation_weights(self, checkpoint: dict) -> dict:
+        if "head.weight" not in checkpoint.get("model", {}):  # lit: a CLIP model already
+            return checkpoint
+        clip = {name[len("clip."):]: value for name, value in checkpoint["model"].items() if name.startswith("clip.")}
+        return {**checkpoint, "model": clip}
+
+    def prepare(self, model: nn.Module) -> None:
+        pass  # trainable_layers freezes
+
+    def trainable_layers(self, model: nn.Module) -> list:
+        return trainable_layers(model, self.cfg)
+
+    def before_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        train_mode(model, self.cfg, step)  # what trains at this step; frozen modules in eval mode
+        return super().before_step(getattr(model, "module", model), step)
+
+    def train_step(self, model, micro_batches, step, device, autocast, scaler) -> dict:
+        if self.cfg.finetune.strategy == "lit":
+            return super().train_step(model, micro_batches, step, device, autocast, scaler)
+        return train_step(model, micro_batches, device, autocast, scaler)
+
+    def begin(self, step: int, resumed: bool) -> None:
+        self.early_stopping = EarlyStopping(self.cfg, step if resumed else None)
+
+    def evaluate(self, model, tokenizer, device, writer=None, step: int = 0) -> dict:
+        return evaluate(self.cfg, model, tokenizer, device)
+
+    def after_evaluation(self, results: dict, step: int) -> tuple[str | None, bool]:
+        """best.pt when val top-1 improved; stop after finetune.patience evaluations without."""
+        improved, stop = self.early_stopping.update(results, step)
+        if stop:
+            print(f"early stopping at step {step}: no better val top-1 in {self.cfg.finetune.patience} evaluations "
+                  f"since step {self.early_stopping.best_step}", flush=True)
+        return ("best" if improved else None), stop
+
+    def finish(self, model, tokenizer, device, results: dict) -> dict:
+        return finish(self.cfg, model, self.start()[2], tokenizer, device)

@@ -28,13 +28,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data import build_dataset, has_questions, map_style_dataset
-from data.image_files import ImageFiles
-from data.interleaved import (CAPTION_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
+from crossmodal.data import build_dataset, has_questions, map_style_dataset
+from crossmodal.data.image_files import ImageFiles
+from crossmodal.data.interleaved import (CAPTION_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
                               vqa_prompt)
-from data.transforms import image_transform
-from metrics.caption import caption_scores
-from metrics.vqa import normalize_answer, vqa_accuracy
+from crossmodal.data.transforms import image_transform
+from crossmodal.metrics.caption import caption_scores
+from crossmodal.metrics.vqa import normalize_answer, vqa_accuracy
 
 TASKS = ("fewshot_vqa", "fewshot_caption")
 PROMPTS = ("ours", "open_flamingo")  # see the module docstring
@@ -281,7 +281,7 @@ def words_rule_accuracy(model, tokenizer, spec: str, device, episodes: int = 300
     return scores
 
 
-def evaluate_run(cfg, model, tokenizer, device) -> dict:
+def evaluate_run(cfg, model, tokenizer, device, fewshot: bool = True) -> dict:
     """What train.py reports at the end of a run on shapes_icl: `words_rule_accuracy` on data.val (for a language
     model, what the Flamingo built on it can learn; for a Flamingo, whether it uses its images) and a Flamingo's
     few-shot VQA on data.val (0 and 4 shots, one seed)."""
@@ -291,9 +291,9 @@ def evaluate_run(cfg, model, tokenizer, device) -> dict:
     if cfg.data.val.startswith("shapes_icl:"):
         accuracies = words_rule_accuracy(model, tokenizer, cfg.data.val, device, image_size=cfg.data.image_size)
         scores.update({f"val/{name}": value for name, value in accuracies.items()})
-    if hasattr(model, "perceiver"):
-        fewshot = evaluate(model, tokenizer, cfg.data.val, "fewshot_vqa", cfg.data.image_size, device, shots=(0, 4),
+    if fewshot:  # a Flamingo (a language model reads no images)
+        few = evaluate(model, tokenizer, cfg.data.val, "fewshot_vqa", cfg.data.image_size, device, shots=(0, 4),
                            seeds=(0,), options=cfg.data, log=None)
-        scores.update({f"val/fewshot_vqa_{shots}": value["mean"] for shots, value in fewshot["shots"].items()})
+        scores.update({f"val/fewshot_vqa_{shots}": value["mean"] for shots, value in few["shots"].items()})
     return scores
 

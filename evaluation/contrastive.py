@@ -1,0 +1,168 @@
+"""Zero-shot classification and image-text retrieval, the way the CLIP paper reports them (Radford et al., 2021,
+sections 3.1 and 3.2), for any model with `encode_image` and `encode_text` (CLIP, SigLIP, BLIP's ITC features).
+
+zeroshot: a classifier built from prompt templates (each class embedding is the mean of its normalised template
+embeddings, renormalised), logits = 100 * image . class; top-1 and top-5 accuracy. Templates and class names are
+built-in sets (`imagenet`, `shapes`) or text files, one entry per line (data/templates.py).
+retrieval: image-to-text and text-to-image recall at 1, 5 and 10 over the whole dataset. A query counts as found
+at K if any of its true matches is among the K nearest (COCO-style, several captions an image). Images go through
+the reference's evaluation preprocessing: bicubic resize of the shortest side to the model's input size, centre
+crop, OpenAI mean and std (data/transforms.py).
+
+The objective ablation's predictive baselines (models/predictive.py) have no text embeddings: `zeroshot` scores
+each class prompt by its log-likelihood per word under the image instead.
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from crossmodal.data import build_dataset, eval_loader, retrieval_loader
+from crossmodal.data.templates import load_classnames, load_templates
+from crossmodal.models.predictive import TextPredictor
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
+    """(num_classes, D): per class, the renormalised mean of its normalised prompt embeddings."""
+    weights = []
+    for name in classnames:
+        tokens = tokenizer([template.format(name) for template in templates]).to(device)
+        embeddings = model.encode_text(tokens, normalize=True).float()  # (num_templates, D)
+        weights.append(F.normalize(embeddings.mean(0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def encode_images(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Normalised image features (N, D) in fp32 on the CPU, the labels (N,) (-1 where there are none), and how
+    many unreadable images the loader replaced by their neighbours (each is warned about)."""
+    features, labels, bad = [], [], 0
+    for batch in loader:
+        features.append(model.encode_image(batch["image"].to(device), normalize=True).float().cpu())
+        labels.append(batch["label"])
+        bad += int(batch["bad"].sum())
+        for example in batch["bad_examples"]:
+            print(f"warning: unreadable image replaced by the next one, the metrics count that one twice: {example}",
+                  file=sys.stderr)
+    return torch.cat(features), torch.cat(labels), bad
+
+
+@torch.no_grad()
+def encode_texts(model, tokens: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+    chunks = [model.encode_text(chunk.to(device), normalize=True).float().cpu() for chunk in tokens.split(batch_size)]
+    return torch.cat(chunks)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> dict:
+    top = logits.topk(min(max(topk), logits.shape[-1]), dim=-1).indices  # (N, max k)
+    hits = top == labels[:, None]
+    return {f"top{k}": 100.0 * hits[:, :k].any(-1).float().mean().item() for k in topk}
+
+
+def retrieval_metrics(image_features, text_features, text_to_image: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Recall@K both ways; text_to_image[t] is the index of the image caption t describes."""
+    similarity = image_features @ text_features.T  # (num_images, num_texts)
+    return ranking_recalls(similarity, similarity.T, text_to_image, ks)
+
+
+def ranking_recalls(image_to_text: torch.Tensor, text_to_image_scores: torch.Tensor, text_to_image: torch.Tensor,
+                    ks=(1, 5, 10)) -> dict:
+    """Recall@K of two score matrices, (num_images, num_texts) and (num_texts, num_images); ties keep index order."""
+    matches = text_to_image[None, :] == torch.arange(len(image_to_text))[:, None]  # (num_images, num_texts)
+    results = {}
+    for direction, scores, truth in (("image_to_text", image_to_text, matches),
+                                     ("text_to_image", text_to_image_scores, matches.T)):
+        ranked = scores.argsort(dim=-1, descending=True, stable=True)
+        found = truth.gather(1, ranked)  # (queries, candidates) True where a true match sits
+        first = found.float().argmax(-1)  # rank of the best-placed true match
+        for k in ks:
+            results[f"{direction}_R@{k}"] = 100.0 * (first < k).float().mean().item()
+    return results
+
+
+def zeroshot(model, tokenizer, spec, image_size, device, templates="shapes", batch_size=256, classnames=None,
+             workers=0, options=None) -> dict:
+    """Zero-shot top-1/top-5 on a classification dataset; `templates`/`classnames`: a built-in name or a file."""
+    dataset, loader = eval_loader(spec, image_size, tokenizer, batch_size, workers, options=options)
+    names = list(dataset.classnames)
+    if classnames:
+        names = load_classnames(classnames)
+        if len(names) != len(dataset.classnames):
+            raise ValueError(f"classnames '{classnames}' has {len(names)} names but {spec} has "
+                             f"{len(dataset.classnames)} classes")
+    if isinstance(model, TextPredictor):  # no text embeddings: each class's prompts scored under each image
+        scores, labels, bad = prompt_likelihoods(model, tokenizer, loader, names, load_templates(templates), device)
+    else:
+        classifier = zeroshot_classifier(model, tokenizer, names, load_templates(templates), device).float().cpu()
+        image_features, labels, bad = encode_images(model, loader, device)
+        scores = 100.0 * image_features @ classifier.T
+    results = accuracy(scores, labels)
+    results.update(num_classes=len(names), chance=100.0 / len(names), num_images=len(labels), bad_images=bad)
+    return results
+
+
+@torch.no_grad()
+def prompt_likelihoods(model: TextPredictor, tokenizer, loader, classnames: list[str], templates: list[str],
+                       device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Zero-shot scores of a predictive baseline, (N, num_classes): per image and class, the mean over templates of
+    the prompt's log-likelihood per word (models/predictive.py); the labels (N,) and the unreadable image count."""
+    prompts = tokenizer([template.format(name) for name in classnames for template in templates]).to(device)
+    scores, labels, bad = [], [], 0
+    for batch in loader:
+        features = model.encode_image(batch["image"].to(device))
+        likelihoods = model.log_likelihoods(features, prompts).float().cpu()  # (B, classes x templates)
+        scores.append(likelihoods.view(len(features), len(classnames), len(templates)).mean(-1))
+        labels.append(batch["label"])
+        bad += int(batch["bad"].sum())
+    return torch.cat(scores), torch.cat(labels), bad
+
+
+def retrieval(model, tokenizer, spec, image_size, device, batch_size=256, workers=0, options=None) -> dict:
+    image_loader, text_tokens, text_to_image = retrieval_loader(
+        spec, image_size, tokenizer, batch_size, workers, options=options)
+    image_features, _, bad = encode_images(model, image_loader, device)
+    text_features = encode_texts(model, text_tokens, device, batch_size)
+    results = retrieval_metrics(image_features, text_features, text_to_image)
+    results.update(num_images=len(image_features), num_texts=len(text_features), bad_images=bad)
+    return results
+
+
+class Progress:
+    """A line every `every` batches: items done, items/s and the time left (long evaluations)."""
+
+    def __init__(self, what: str, total: int, every: int = 10):
+        self.what, self.total, self.every = what, total, every
+        self.done = self.batches = 0
+        self.start = time.time()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        self.batches += 1
+        if self.every and self.batches % self.every == 0 and self.done < self.total:
+            rate = self.done / max(time.time() - self.start, 1e-9)
+            print(f"{self.what}: {self.done}/{self.total}, {rate:.1f}/s, ETA {(self.total - self.done) / rate / 60:.1f} "
+                  f"min", flush=True)
+
+
+# ---------------------------------------------------------------- BLIP
+
+def evaluate_run(cfg, model, tokenizer, device) -> dict:
+    """What train.py reports for a contrastive run: retrieval on data.val, zero-shot on data.val when it has
+    classes (shapes, imagefolder), zero-shot on data.heldout."""
+    args = (model, tokenizer)
+    size, batch, options = cfg.data.image_size, cfg.eval.batch_size, cfg.data
+    results = {}
+    if hasattr(build_dataset(cfg.data.val, size, cfg.seed, options), "classnames"):
+        for name, value in zeroshot(*args, cfg.data.val, size, device, cfg.eval.templates, batch,
+                                    options=options).items():
+            results[f"val/{name}"] = value
+    if not isinstance(model, TextPredictor):  # (a predictive baseline would score every caption under every image)
+        for name, value in retrieval(*args, cfg.data.val, size, device, batch, options=options).items():
+            results[f"val/{name}"] = value
+    if cfg.data.heldout:
+        for name, value in zeroshot(*args, cfg.data.heldout, size, device, cfg.eval.templates, batch,
+                                    options=options).items():
+            results[f"heldout/{name}"] = value
+    return results
