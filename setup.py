@@ -25,14 +25,15 @@ RUNTIME = [
     "pyyaml",
     "tensorboard",
 ]
-# Test-only peers, never imported at run time: open_clip (with its BPE vocabulary file, ftfy and regex) for the
+# Test-only peers, never imported at run time (transformers 5.25 brings a package named `kernels`; tests/conftest.py keeps
+# the repository root, whose kernels/ would shadow it, off sys.path): open_clip (with its BPE vocabulary file, ftfy and regex) for the
 # CLIP checkpoint conversion, tokenizer and training benchmark; transformers for BLIP (and its WordPiece
 # tokenizer) and MPT parity on random weights; pycocoevalcap's BLEU and CIDEr-D scorers; scikit-learn's
 # logistic regression for the linear probe.
 # OpenFlamingo's modules are the Flamingo parity peer, but its package pins torch==2.0.1, which no resolver can
 # join with this torch: install it apart with `pip install --no-deps open-flamingo==2.0.1` (its tests skip without).
 DEV = [
-    "pytest", "open-clip-torch==3.3.0", "transformers==5.23.0", "pycocoevalcap==1.2", "scikit-learn==1.9.1",
+    "pytest", "open-clip-torch==3.3.0", "transformers==5.25.0", "pycocoevalcap==1.2", "scikit-learn==1.9.1",
     "einops-exts==0.0.4",
 ]  # fmt: skip
 PLOTS = ["matplotlib"]  # optional: ablation and probe figures
