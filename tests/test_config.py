@@ -58,7 +58,7 @@ def test_every_shipped_run_config_loads_and_names_a_preset():
 
     from crossmodal.recipes import PRESETS
 
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*", "*.yaml")))
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", "configs", "*", "*.yaml")))
     paths = [path for path in paths if os.sep + "ablations" + os.sep not in path]
     assert len(paths) >= 6
     for path in paths:

@@ -14,7 +14,7 @@ from crossmodal import checkpointing, train
 from crossmodal import recipes
 from crossmodal.recipes import ClipRecipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "clip", "tiny_shapes.yaml")
 
 
