@@ -144,7 +144,12 @@ RENAMED = {
 _noted: set = set()  # old keys already noted in this process
 
 
-class ConfigError(ValueError):
+class BadInput(ValueError):
+    """A known problem with an input (a file, a value, a checkpoint, an index) that a library found: its message
+    names the thing and what is wrong. Entry points turn it into one line and exit status 2 (`fail`)."""
+
+
+class ConfigError(BadInput):
     pass
 
 
