@@ -12,8 +12,9 @@ estimated wall time, what the paper found) and holds:
     axes: {loss.name: [clip, siglip], train.batch_size: [32, 128, 512]}   # the product of the axes,
     cells: [{model.name: ViT-tiny}, {model.name: RN-tiny, train.steps: 200}]   # a list of cells, or both:
                                             # then every point of the axes with every cell
-    seeds: [0, 1, 2]                        # every cell runs once per seed, as `--seed=S`
-    processes: 1                            # processes per run (> 1: torchrun); `--nproc` overrides it,
+    seeds: [0, 1, 2]                        # every cell runs once per seed, as `--seed=S` (a list of integers,
+                                            # also for one seed: [5])
+    processes: 1                            # processes per run, >= 1 (> 1: torchrun); `--nproc` overrides it,
                                             # a cell or axis key `processes` overrides both
     metrics: [val/top1, heldout/top1]       # table columns: keys of eval.jsonl's last line, or EVAL/KEY
     evals: [{name: ret, task: retrieval, data: shapes:heldout}]   # extra eval.py runs after training
@@ -28,7 +29,12 @@ so and its command is unchanged: finished cells are skipped, so a killed sweep c
 (an interrupted cell starts again from scratch) and a finished one runs nothing. A cell that fails (its
 command exits non-zero, or train.py stops before its last step) is recorded with the tail of its stderr,
 marked in the table and, unless `--retry-failed`, not run again; the sweep goes on. SIGTERM or Ctrl-C
-stops the running cell (train.py checkpoints and exits) and the sweep, recording nothing for that cell.
+stops the running cell (train.py checkpoints and exits) and the sweep, recording nothing for that cell; a
+runner killed outright (SIGKILL) takes its running train.py with it (the kernel sends it SIGTERM).
+
+The file is checked before anything runs: a YAML syntax error (with its line), an unknown key, a value of the
+wrong type, and every cell's train.py overrides (config.py's checks: keys, types, ranges) are one line and exit
+status 2.
 
 Outputs, rewritten after every cell, in TABLES_DIR (default docs/tables): NAME.md (paper, mean +- std over
 seeds per cell, failures, every command, wall time, commit, findings), NAME.json (a list of cells:
@@ -58,49 +64,101 @@ import time
 
 import yaml
 
+from crossmodal.config import RANGES, BadInput, ConfigError, fail, load_config, read_yaml
+from crossmodal.files import end_with_parent, write_atomic
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SPEC_KEYS = ("base", "overrides", "axes", "cells", "seeds", "processes", "metrics", "evals", "plot", "paper",
              "findings")
 PLOT_KEYS = ("x", "y", "series", "xscale", "xlabel", "ylabel")
+XSCALES = ("linear", "log", "symlog", "logit")  # matplotlib's
 DEFAULT_METRICS = ["val/top1", "heldout/top1"]
 RECORD = "cell.json"
 
 
-class SpecError(ValueError):
+class SpecError(BadInput):
     """An ablation file that cannot be run (unknown key, bad value), named with its path."""
 
 
 def _check_keys(tree: dict, allowed: tuple, where: str) -> None:
     for key in tree:
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=2, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), allowed, n=2, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(allowed)}"
             raise SpecError(f"{where}: unknown key '{key}'{hint}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_processes(value, where: str) -> None:
+    if not _is_int(value) or value < 1:
+        raise SpecError(f"{where} (processes per run) must be an integer >= 1; got {value!r}")
+
+
+def _check_strings(value, where: str, single: bool = False) -> None:
+    """A non-empty list of strings (or, with `single`, also one string)."""
+    if single and isinstance(value, str):
+        return
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
+        raise SpecError(f"{where} must be a{' string or a' if single else ''} non-empty list of strings; "
+                        f"got {value!r}")
+
+
 def load_spec(path: str) -> dict:
     """Read and check an ablation file; returns it with defaults filled in and `name` set."""
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
+    spec = read_yaml(path) or {}
     if not isinstance(spec, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level")
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(spec).__name__}")
     _check_keys(spec, SPEC_KEYS, path)
-    if "base" not in spec:
+    if not isinstance(spec.get("base"), str) or not spec["base"]:
         raise SpecError(f"{path}: 'base' (the train.py config the cells start from) is required")
+    if not os.path.isfile(os.path.join(ROOT, spec["base"])):
+        raise SpecError(f"{path}: base: no file at '{spec['base']}'")
     for key in ("overrides", "axes", "plot"):
         if not isinstance(spec.get(key, {}), dict):
             raise SpecError(f"{path}: '{key}' must be a mapping")
     for key, values in spec.get("axes", {}).items():
         if not isinstance(values, list) or not values:
             raise SpecError(f"{path}: axis '{key}' must be a non-empty list of values")
+        for value in values if key == "processes" else ():
+            _check_processes(value, f"{path}: axis 'processes'")
     cells = spec.get("cells", [{}])
     if not isinstance(cells, list) or not all(isinstance(cell, dict) for cell in cells):
         raise SpecError(f"{path}: 'cells' must be a list of mappings of overrides")
-    _check_keys(spec.get("plot", {}), PLOT_KEYS, f"{path}: plot")
-    for i, entry in enumerate(spec.get("evals", [])):
+    for i, cell in enumerate(cells):
+        if "processes" in cell:
+            _check_processes(cell["processes"], f"{path}: cells[{i}].processes")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(seed) and seed in RANGES["seed"] for seed in seeds):
+        raise SpecError(f"{path}: seeds must be a non-empty list of integers {RANGES['seed']}, e.g. [0, 1, 2] (one "
+                        f"run of every cell per seed; five seeds: [0, 1, 2, 3, 4]); got {seeds!r}")
+    _check_processes(spec.get("processes", 1), f"{path}: processes")
+    _check_strings(spec.get("metrics", DEFAULT_METRICS), f"{path}: metrics")
+    plot = spec.get("plot", {})
+    _check_keys(plot, PLOT_KEYS, f"{path}: plot")
+    if plot and not isinstance(plot.get("x"), str):
+        raise SpecError(f"{path}: plot needs 'x', the key its x axis shows (e.g. train.batch_size)")
+    for key in ("y", "xscale", "xlabel", "ylabel"):
+        if not isinstance(plot.get(key, ""), str):
+            raise SpecError(f"{path}: plot.{key} must be a string; got {plot[key]!r}")
+    if "series" in plot:
+        _check_strings(plot["series"], f"{path}: plot.series", single=True)
+    if plot.get("xscale", "linear") not in XSCALES:
+        raise SpecError(f"{path}: plot.xscale must be one of {', '.join(XSCALES)}; got {plot['xscale']!r}")
+    evals = spec.get("evals", [])
+    if not isinstance(evals, list):
+        raise SpecError(f"{path}: 'evals' must be a list of mappings (name, task, data, args)")
+    for i, entry in enumerate(evals):
         if not isinstance(entry, dict) or not {"name", "task"} <= set(entry):
             raise SpecError(f"{path}: evals[{i}] needs at least 'name' and 'task' (and usually 'data')")
         _check_keys(entry, ("name", "task", "data", "args"), f"{path}: evals[{i}]")
+        for key in ("name", "task", "data"):
+            if not isinstance(entry.get(key, ""), str):
+                raise SpecError(f"{path}: evals[{i}].{key} must be a string; got {entry[key]!r}")
+        if not isinstance(entry.get("args", []), list):
+            raise SpecError(f"{path}: evals[{i}].args must be a list of eval.py arguments; got {entry['args']!r}")
     spec.setdefault("overrides", {})
     spec.setdefault("seeds", [0])
     spec.setdefault("processes", 1)
@@ -182,11 +240,7 @@ def read_record(cell: dict) -> dict | None:
 
 
 def _write_json(path: str, value) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -233,7 +287,10 @@ def run_cell(cell: dict, stop: dict) -> dict:
         if stop["requested"]:
             raise Stopped()
         with open(stdout_path, "a") as out, open(stderr_path, "a") as err:
-            stop["child"] = subprocess.Popen(_executable(argv), cwd=ROOT, stdout=out, stderr=err)
+            # end_with_parent: a SIGKILLed sweep still stops its run (SIGTERM: train.py checkpoints and exits),
+            # which would otherwise go on beside the cell's rerun in the same folder
+            stop["child"] = subprocess.Popen(_executable(argv), cwd=ROOT, stdout=out, stderr=err,
+                                             preexec_fn=end_with_parent)
             returncode = stop["child"].wait()
             stop["child"] = None
         if stop["requested"]:
@@ -334,8 +391,7 @@ def write_tables(spec: dict, cells: list[dict], records: dict, tables_dir: str) 
         lines.append(cell["command"])
     lines += ["```", "", f"**Findings.** {' '.join(str(spec.get('findings') or 'not yet written').split())}", ""]
     md_path = os.path.join(tables_dir, f"{name}.md")
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines))
+    write_atomic(md_path, "\n".join(lines))
     return [md_path, json_path] + ([png] if os.path.exists(png) and spec.get("plot") else [])
 
 
@@ -398,20 +454,19 @@ def plot(spec: dict, cells: list[dict], records: dict, path: str) -> bool:
         axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=120), binary=True)
     plt.close(figure)
     return True
 
 
 def _config_problem(spec: dict, cell: dict) -> str | None:
-    """What config.py says about a cell's overrides (unknown keys, wrong types), without running anything."""
-    from crossmodal.config import ConfigError, load_config
-
+    """What config.py says about a cell's overrides (unknown keys, wrong types, numbers out of range), without running
+    anything."""
     train_argv = cell["steps"][0]
     overrides = train_argv[train_argv.index("train.py") + 3:]
     try:
         load_config(os.path.join(ROOT, spec["base"]), overrides)
-    except (ConfigError, FileNotFoundError) as error:
+    except ConfigError as error:
         return str(error)
     return None
 
@@ -434,11 +489,14 @@ def main(argv: list[str] | None = None) -> int:
     # commands run from the repository root; paths inside it are written relative to it
     spec_path, runs_dir, tables_dir = (_from_root(p) for p in (args.spec, args.runs_dir, args.tables_dir))
     os.chdir(ROOT)
+    for option, value, minimum in (("--nproc", args.nproc, 1), ("--max-cells", args.max_cells, 0)):
+        if value is not None and value < minimum:
+            fail(f"ablate.py: {option} must be >= {minimum}; got {value}")
     try:
         spec = load_spec(spec_path)
         cells = expand_cells(spec, runs_dir, args.nproc)
-    except (SpecError, OSError, yaml.YAMLError) as error:
-        sys.exit(f"ablation file error: {error}")
+    except BadInput as error:
+        fail(f"ablation file error: {error}")
 
     records, stale = {}, 0
     for cell in cells:
@@ -456,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"; will fail: {problem}" if problem else ""))
             print(f"  {cell['command']}")
         return 0
+    for cell in cells:  # a typo or a value out of range in one cell fails now, not hours into the sweep
+        problem = _config_problem(spec, cell)
+        if problem:
+            fail(f"ablation file error: {spec_path}: {_label(cell['overrides'])} seed={cell['seed']}: {problem} "
+                 f"(--dry-run lists every cell)")
 
     stop = {"requested": False, "child": None}
 

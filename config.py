@@ -1,15 +1,19 @@
 """Run configuration: nested dataclasses with defaults in code, a YAML file that overrides them, and
-dotted command-line overrides (`--train.lr=3e-4`). An unknown key or a value of the wrong type fails
-before anything runs, naming the key and the closest valid keys.
+dotted command-line overrides (`--train.lr=3e-4`). An unknown key, a value of the wrong type, a number out of its
+range (`RANGES`: nan and inf included) or a YAML syntax error fails before anything runs, naming the key (and the
+closest valid keys) or the file and line.
 """
 import copy
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
 
 import yaml
+
+from crossmodal.files import shown, write_atomic
 
 
 @dataclass
@@ -144,6 +148,52 @@ RENAMED = {
 _noted: set = set()  # old keys already noted in this process
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a number in a config may take: `low` to `high`, an end left out when open. Always finite: no
+    setting means anything at nan or inf, and nan would pass every comparison a safeguard makes with it."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value) -> bool:
+        return (math.isfinite(value) and (value > self.low if self.open_low else value >= self.low)
+                and (value < self.high if self.open_high else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+FRACTION, BELOW_ONE = Range(0, 1), Range(0, 1, open_high=True)
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, open_low=True), Range(0), Range(1)
+
+# Every int and float key and its range (tests/test_config.py holds this table to the dataclasses). Sentinels are
+# in range where the fields above document them: 0 for the preset's size, no clipping, no early stopping; -1 for
+# the preset's BLIP queue.
+RANGES = {
+    "seed": Range(0, 2**32 - 1),  # numpy's generators take non-negative seeds
+    "model.drop_path": BELOW_ONE, "model.init_temperature": NON_NEGATIVE,
+    "data.image_size": NON_NEGATIVE, "data.context_length": NON_NEGATIVE, "data.workers": NON_NEGATIVE,
+    "data.tokenizer_captions": AT_LEAST_ONE, "data.vocab_size": Range(8), "data.shuffle_buffer": AT_LEAST_ONE,
+    "data.max_bad_fraction": FRACTION,
+    "train.steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.accum_steps": AT_LEAST_ONE,
+    "train.lr": POSITIVE, "train.min_lr": NON_NEGATIVE, "train.warmup_steps": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE, "train.beta1": BELOW_ONE, "train.beta2": BELOW_ONE, "train.eps": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE, "train.log_every": AT_LEAST_ONE, "train.ckpt_every": AT_LEAST_ONE,
+    "train.eval_every": NON_NEGATIVE,
+    "eval.batch_size": AT_LEAST_ONE,
+    "blip.momentum": FRACTION, "blip.queue_size": Range(-1), "blip.alpha": FRACTION, "blip.alpha_steps": NON_NEGATIVE,
+    "blip.itm_uniform": FRACTION, "blip.qa_fraction": FRACTION, "blip.text_drop": BELOW_ONE,
+    "lm.induction_fraction": BELOW_ONE,
+    "finetune.unfreeze_every": AT_LEAST_ONE, "finetune.layer_decay": Range(0, 1, open_low=True),
+    "finetune.patience": NON_NEGATIVE, "finetune.wise_alpha": FRACTION,
+}
+
+
 class BadInput(ValueError):
     """A known problem with an input (a file, a value, a checkpoint, an index) that a library found: its message
     names the thing and what is wrong. Entry points turn it into one line and exit status 2 (`fail`)."""
@@ -184,6 +234,39 @@ def valid_keys(cls=Config, prefix: str = "") -> dict[str, type]:
     return keys
 
 
+def sections(cls=Config, prefix: str = "") -> set[str]:
+    """Every dotted name of a section (a nested dataclass) of a config dataclass."""
+    found = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found |= {prefix + f.name} | sections(hints[f.name], f"{prefix}{f.name}.")
+    return found
+
+
+def out_of_range(key: str, value) -> str | None:
+    """What is wrong with a number for `key` (RANGES), or None."""
+    allowed = RANGES.get(key)
+    if allowed is None or value in allowed:
+        return None
+    if not math.isfinite(value):
+        return f"{key} must be a finite number {allowed}; got {value}"
+    return f"{key} must {'be' if allowed.high == math.inf else 'lie'} {allowed}; got {value}"
+
+
+def check_values(cfg: Config) -> str | None:
+    """The first number of `cfg` out of its range, or None (values set through load_config are checked as they
+    are set; this is for configs changed in code)."""
+    for key in RANGES:
+        node = cfg
+        for name in key.split("."):
+            node = getattr(node, name)
+        problem = out_of_range(key, node)
+        if problem:
+            return problem
+    return None
+
+
 def _unknown_key(key: str, source: str) -> ConfigError:
     keys = valid_keys()
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
@@ -195,7 +278,10 @@ def _unknown_key(key: str, source: str) -> ConfigError:
 
 def _coerce(key: str, value, expected: type, source: str):
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # beyond any float: out of range as inf is
+            return math.inf if value > 0 else -math.inf
     if expected is float and isinstance(value, str):
         try:
             return float(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
@@ -215,22 +301,34 @@ def _set(cfg: Config, key: str, value, source: str) -> None:
             _noted.add(key)
         key = RENAMED[key]
     keys = valid_keys()
+    if key in sections():
+        raise ConfigError(f"config key '{key}' ({source}) is a section: expected a mapping of its keys, got "
+                          f"{type(value).__name__} {value!r}")
     if key not in keys:
         raise _unknown_key(key, source)
     *parents, leaf = key.split(".")
     node = cfg
     for name in parents:
         node = getattr(node, name)
-    setattr(node, leaf, _coerce(key, value, keys[key], source))
+    value = _coerce(key, value, keys[key], source)
+    problem = out_of_range(key, value)
+    if problem:
+        raise ConfigError(f"{problem} ({source})")
+    setattr(node, leaf, value)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value}. A mapping where a value belongs stays that key's value (a wrong type, said so), and
+    nesting below two levels is not followed: no config key is that deep, and a YAML alias may refer to itself."""
     flat = {}
     for name, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{name}."))
+        key = f"{prefix}{name}"
+        if key in sections() and value is None:
+            continue  # a section whose keys are all commented out
+        if isinstance(value, dict) and key not in valid_keys() and key.count(".") < 2:
+            flat.update(_flatten(value, key + "."))
         else:
-            flat[prefix + name] = value
+            flat[key] = value
     return flat
 
 
@@ -257,20 +355,46 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then command-line overrides (values parsed as YAML scalars)."""
     cfg = Config()
     if path:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+            raise ConfigError(f"{shown(path)}: expected a mapping of config keys at the top level, got "
+                              f"{type(tree).__name__}")
         for key, value in _flatten(tree).items():
-            _set(cfg, key, value, source=path)
+            _set(cfg, key, value, source=shown(path))
     return apply_overrides(cfg, overrides)
+
+
+def read_yaml(path: str):
+    """The YAML document in `path`, as plain data (safe_load runs no code), or a ConfigError naming the file and,
+    for a syntax error, the line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as error:
+        raise ConfigError(f"{shown(path)}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{shown(path)}: not UTF-8 text (byte {error.start})") from None
+    except yaml.YAMLError as error:
+        def at(mark) -> str:
+            return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        context = getattr(error, "context", None)
+        if context:  # where the unfinished thing started, e.g. a '[' left open
+            problem += f" ({context}{at(getattr(error, 'context_mark', None))})"
+        raise ConfigError(f"{shown(path)}: not valid YAML{at(getattr(error, 'problem_mark', None))}: {problem}") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     """A copy of `cfg` with command-line overrides applied (e.g. on top of a checkpoint's config)."""
     cfg = copy.deepcopy(cfg)
     for key, value in parse_overrides(list(overrides)):
-        parsed = yaml.safe_load(value) if value != "" else ""
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as error:
+            if valid_keys().get(RENAMED.get(key, key)) is not str:
+                raise ConfigError(f"--{key}={value}: not a YAML value ({getattr(error, 'problem', error)})") from None
+            parsed = value  # '--data.image_root=[x' stays a string
         if valid_keys().get(RENAMED.get(key, key)) is str and not isinstance(parsed, str):
             parsed = value  # '--out_dir=2024' stays a string
         _set(cfg, key, parsed, source="command line")
@@ -291,5 +415,4 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    write_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -109,12 +109,16 @@ def _link_reason(path: str, error: OSError) -> str:
 _PR_SET_PDEATHSIG = 1
 
 
-def end_with_parent(sig: int = signal.SIGTERM) -> None:
+def end_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
     """Ask the kernel to send this process `sig` when its parent dies (Linux; a no-op elsewhere). Called first thing
-    in a child: as a DataLoader's worker_init_fn, or a subprocess's preexec_fn."""
+    in a child: as a DataLoader's worker_init_fn, or a subprocess's preexec_fn. parent: the parent's pid when known
+    (`functools.partial(end_with_parent, parent=os.getpid())`): a parent that died before the request was made gets
+    the signal sent at once, closing the race."""
     if not sys.platform.startswith("linux"):
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):
-        pass
+        return
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)

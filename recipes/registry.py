@@ -4,15 +4,15 @@ the checks every run shares, and loading a model the way eval.py, search.py and 
 A family registers itself with one line in recipes/__init__.py: `register(ItsRecipe, ITS_PRESETS)`.
 """
 import difflib
-import math
 import os
 
 import torch
 
 from crossmodal import checkpointing
-from crossmodal.config import ConfigError, config_from_dict
+from crossmodal.config import ConfigError, check_values, config_from_dict
 from crossmodal.data import build_dataset, map_style_dataset, unreadable_start
 from crossmodal.data.tokenizer import TOKENIZERS, tokenizer_from_bytes
+from crossmodal.models import BLIP_MODELS, FLAMINGO_MODELS, MODELS
 from crossmodal.models.layers import VIT_STEMS
 from crossmodal.recipes.base import Recipe
 
@@ -58,14 +58,9 @@ def resolve(cfg):
     return cfg
 
 
-# (key, smallest valid value): counts and intervals that must be positive or at least non-negative
-MINIMUMS = {
-    "train.steps": 1, "train.batch_size": 1, "train.accum_steps": 1, "train.log_every": 1, "train.ckpt_every": 1,
-    "train.eval_every": 0, "train.warmup_steps": 0, "train.lr": 0.0, "train.min_lr": 0.0, "train.weight_decay": 0.0,
-    "train.grad_clip": 0.0, "model.init_temperature": 0.0, "data.workers": 0, "data.image_size": 1,
-    "data.context_length": 2, "data.vocab_size": 8, "data.tokenizer_captions": 1, "data.shuffle_buffer": 1,
-    "data.max_bad_fraction": 0.0, "model.drop_path": 0.0, "blip.text_drop": 0.0, "eval.batch_size": 1,
-}
+# (key, smallest valid value) once `resolve` has replaced the 0 that means the preset's (config.RANGES: every number)
+RESOLVED_MINIMUMS = {"data.image_size": 1, "data.context_length": 2}
+RESNET_STRIDE = 32  # models/resnet.py: the image shrinks 32-fold before its attention pool
 CHOICES = {"train.precision": ("fp32", "bf16", "fp16"), "train.strategy": ("ddp", "fsdp"),
            "data.tokenizer": tuple(TOKENIZERS)}
 
@@ -80,14 +75,15 @@ def check_config(cfg, world_size: int = 1) -> str | None:
     every run shares, then its recipe's."""
     if cfg.model.name not in PRESETS and not any(when(cfg) for when, _ in VARIANTS):
         return unknown_model(cfg.model.name)
-    for key, minimum in MINIMUMS.items():
-        value = _value(cfg, key)
-        if not math.isfinite(value):
-            return f"{key} must be a finite number; got {value}"
-        if value < minimum or (key == "train.lr" and value == 0):
-            return f"{key} must be {'>' if key == 'train.lr' else '>='} {minimum}; got {value}"
-    if cfg.data.max_bad_fraction > 1 or cfg.model.drop_path >= 1 or cfg.blip.text_drop >= 1:
-        return "data.max_bad_fraction must be at most 1, and model.drop_path and blip.text_drop below 1"
+    problem = check_values(cfg)
+    if problem:
+        return problem
+    for key, minimum in RESOLVED_MINIMUMS.items():
+        if _value(cfg, key) < minimum:
+            return f"{key} must be >= {minimum}; got {_value(cfg, key)}"
+    problem = image_size_problem(cfg)
+    if problem:
+        return problem
     per_step = world_size * cfg.train.accum_steps
     if cfg.train.batch_size % per_step:
         return (f"train.batch_size={cfg.train.batch_size} must divide evenly into {world_size} processes x "
@@ -125,6 +121,30 @@ def check_config(cfg, world_size: int = 1) -> str | None:
                 f"train.strategy=ddp")
     problem = recipe.check(world_size)
     return problem or _check_data(cfg)
+
+
+def image_size_problem(cfg) -> str | None:
+    """Whether data.image_size suits model.name's image tower (train.py through check_config; eval.py for its
+    --data.image_size), or None."""
+    tower = image_stride(cfg.model.name)
+    if tower and cfg.data.image_size % tower[0]:
+        (stride, kind), size = tower, cfg.data.image_size
+        return (f"data.image_size={size} does not suit model.name={cfg.model.name}: its image tower takes multiples "
+                f"of {stride} ({kind}); e.g. {max(stride, round(size / stride) * stride)}")
+    return None
+
+
+def image_stride(name: str) -> tuple[int, str] | None:
+    """(what data.image_size must be a multiple of, why) for the preset `name`: its ViT's patch size or a ResNet's
+    total stride; None for a model without an image tower, or a name that is no preset."""
+    if name in BLIP_MODELS:
+        vision = BLIP_MODELS[name]
+        patch_size = None if vision.vision_tower == "resnet" else vision.patch_size
+    elif name in MODELS or name in FLAMINGO_MODELS:
+        patch_size = MODELS[FLAMINGO_MODELS[name]["vision"] if name in FLAMINGO_MODELS else name].patch_size
+    else:
+        return None
+    return (patch_size, "the patch size") if patch_size else (RESNET_STRIDE, "a ResNet's stride")
 
 
 def _check_data(cfg) -> str | None:

@@ -47,8 +47,7 @@ def session_alive(session: int) -> list[int]:
 def run(args: list[str], timeout: int = TIMEOUT, signal_after: tuple[float, int] | None = None,
         input: str | None = None, cwd: str = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python *args` in its own session; fails the test if it outlives `timeout` or leaves a process behind.
-    signal_after: (seconds, signal) sent to the entry point alone (not its session), as a scheduler or a user does;
-    a float for seconds, or the text the entry point prints first (str) to wait for it."""
+    signal_after: (seconds, signal) sent to the entry point alone (not its session), as a scheduler or a user does."""
     environment = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, stdin=subprocess.PIPE if input is not None else None,

@@ -121,3 +121,30 @@ def test_plot_lines_follow_one_or_several_series_keys():
     }
     spec["plot"]["series"] = "model.name"  # one key: the conv cell joins the ViT-tiny line
     assert [len(points) for points in ablate.plot_lines(spec, cells, records).values()] == [1, 3]
+
+
+def test_grid_fields_of_the_wrong_type_are_refused_naming_the_key(tmp_path):
+    import pytest
+
+    from crossmodal import ablate
+    from crossmodal.config import BadInput
+
+    for grid, message in [
+        ("seeds: 5", r"seeds must be a non-empty list of integers .*got 5"),
+        ("seeds: []", r"seeds must be a non-empty list"),
+        ("seeds: [0, true]", r"seeds must be .*got \[0, True\]"),
+        ("seeds: [-1]", r"seeds must be a non-empty list of integers in \[0, 4294967295\]"),
+        ("processes: true", r"processes \(processes per run\) must be an integer >= 1; got True"),
+        ("axes: {processes: [1, 0]}", r"axis 'processes' \(processes per run\) must be an integer >= 1; got 0"),
+        ("metrics: val/top1", r"metrics must be a non-empty list of strings; got 'val/top1'"),
+        ("evals: {name: ret}", r"'evals' must be a list of mappings"),
+        ("evals: [{name: ret, task: retrieval, args: --k-test 8}]", r"evals\[0\]\.args must be a list"),
+        ("plot: {y: val/top1}", r"plot needs 'x'"),
+        ("plot: {x: train.steps, series: [1, 2]}", r"plot\.series must be a string or a non-empty list of strings"),
+        ("plot: {x: train.steps, xscale: logarithmic}", r"plot\.xscale must be one of linear, log, symlog, logit"),
+        ("base: configs/clip/nothing.yaml", r"base: no file at 'configs/clip/nothing\.yaml'"),
+    ]:
+        path = tmp_path / "grid.yaml"
+        path.write_text(f"base: {CONFIG}\n{grid}\n" if not grid.startswith("base:") else grid + "\n")
+        with pytest.raises(BadInput, match=message):
+            ablate.load_spec(str(path))

@@ -286,7 +286,7 @@ def test_text_dropout_comes_from_the_run_config(batch):
             assert {m.p for m in stack.modules() if isinstance(m, torch.nn.Dropout)} == {rate}
             assert {m.attn_drop for m in stack.modules() if hasattr(m, "attn_drop")} == {rate}
     cfg.blip.text_drop = 1.0
-    assert "blip.text_drop below 1" in recipes.check_config(recipes.resolve(cfg))
+    assert "blip.text_drop must lie in [0, 1); got 1.0" in recipes.check_config(recipes.resolve(cfg))
 
 
 def test_bfloat16_autocast_gives_finite_losses(batch):
