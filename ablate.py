@@ -49,6 +49,7 @@ interpreter (`sys.executable`, `-m torch.distributed.run`).
 """
 import argparse
 import difflib
+import functools
 import itertools
 import json
 import os
@@ -290,7 +291,7 @@ def run_cell(cell: dict, stop: dict) -> dict:
             # end_with_parent: a SIGKILLed sweep still stops its run (SIGTERM: train.py checkpoints and exits),
             # which would otherwise go on beside the cell's rerun in the same folder
             stop["child"] = subprocess.Popen(_executable(argv), cwd=ROOT, stdout=out, stderr=err,
-                                             preexec_fn=end_with_parent)
+                                             preexec_fn=functools.partial(end_with_parent, parent=os.getpid()))
             returncode = stop["child"].wait()
             stop["child"] = None
         if stop["requested"]:

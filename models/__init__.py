@@ -12,7 +12,8 @@ maps of `models/convert.py`, into fp32 parameters.
 
 BLIP presets (`BLIP-base`, `BLIP-large`, `BLIP-tiny`, `BLIP-RN-tiny`; table in `models/blip.py`) build a `models.blip.BLIP`;
 `pretrained` takes salesforce/BLIP `.pth` files and HuggingFace BLIP folders or weight files, loading the parts
-the checkpoint has (see `load_pretrained_blip`).
+the checkpoint has (see `load_pretrained_blip`); a folder's config.json gives the architecture, which a train.py run
+from it must share with its preset (`released_folder_problem`).
 
 Decoder LMs (`models.lm.LM_MODELS`: `lm-tiny`, the MPT presets) and Flamingo presets (`models.flamingo.FLAMINGO_MODELS`)
 are built by `create_lm` and `create_flamingo`; a Flamingo takes its frozen parts from a language-model run or
@@ -33,12 +34,16 @@ from typing import Optional, Union
 import torch
 
 from crossmodal import checkpointing
+from crossmodal.config import BadInput
+from crossmodal.files import shown
 from crossmodal.models import convert
 from crossmodal.models.batchnorm import convert_sync_batchnorm  # noqa: F401 (re-exported)
-from crossmodal.models.blip import BLIP, BLIP_MODELS, build_blip
+from crossmodal.models.blip import BLIP, BLIP_MODELS, blip_config_from_hf, build_blip
+from crossmodal.models.blip import preset_differences as blip_preset_differences
 from crossmodal.models.clip import CLIP
 from crossmodal.models.flamingo import FLAMINGO_MODELS, Flamingo
-from crossmodal.models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt
+from crossmodal.models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt, mpt_config_to_kwargs
+from crossmodal.models.lm import preset_differences as lm_preset_differences
 from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor  # noqa: F401 (re-exported)
 from crossmodal.models.layers import get_act_layer
 from crossmodal.models.resnet import ModifiedResNet
@@ -264,7 +269,9 @@ BLIP_PARTS = ("visual_encoder", "text_encoder", "text_decoder", "lm_head", "visi
 def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> BLIP:
     """A BLIP preset. tokenizer: a `data.tokenizer` tokenizer whose vocabulary and special ids the model takes,
     kept as `model.tokenizer` for `generate`; by default the BertTokenizer of a HuggingFace folder's vocab.txt.
-    With `pretrained`, the image size is the checkpoint's unless overridden."""
+    With `pretrained`, the image size is the checkpoint's unless overridden. A HuggingFace folder's config.json
+    gives the architecture (`models.blip.blip_config_from_hf`): where it differs from the preset, the folder's is
+    built, so that the weights compute what they were trained to."""
     grad_checkpointing = overrides.pop("grad_checkpointing", False)
     tokenizer = overrides.pop("tokenizer", None)
     if tokenizer is None and pretrained is not None and os.path.isfile(os.path.join(pretrained, "vocab.txt")):
@@ -275,15 +282,19 @@ def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **over
     if pretrained is None:
         model = build_blip(config, tokenizer=tokenizer)
     else:
-        checkpoint, hf_config = convert.load_blip_checkpoint(pretrained)
-        state_dict = convert.blip_to_ours(checkpoint)
-        if "visual_encoder.pos_embed" in state_dict and "image_size" not in overrides:
+        hf_config = convert.read_hf_config(pretrained)  # checked before the weights are read
+        where = shown(os.path.join(pretrained, "config.json"))
+        folder = {} if hf_config is None else blip_config_from_hf(hf_config, where, tokenizer)
+        config = dataclasses.replace(config, **{key: value for key, value in folder.items() if key not in overrides})
+        state_dict = convert.blip_to_ours(convert.load_blip_checkpoint(pretrained))
+        if "visual_encoder.pos_embed" in state_dict:
             grid = math.isqrt(state_dict["visual_encoder.pos_embed"].shape[1] - 1)
-            config = dataclasses.replace(config, image_size=grid * config.patch_size)
-        vision_eps = hf_config.get("vision_config", {}).get("layer_norm_eps")  # HF's released configs say 1e-5
-        config = dataclasses.replace(
-            config, tie_text_decoder=_text_decoder_is_tied(state_dict), vision_eps=vision_eps or config.vision_eps
-        )
+            if folder and grid * folder["patch_size"] != folder["image_size"]:
+                raise BadInput(f"{where}: vision_config image_size={folder['image_size']}, but the weights' position "
+                               f"embedding is a {grid}x{grid} grid of {folder['patch_size']}-pixel patches")
+            if "image_size" not in overrides:
+                config = dataclasses.replace(config, image_size=grid * config.patch_size)
+        config = dataclasses.replace(config, tie_text_decoder=_text_decoder_is_tied(state_dict))
         with torch.device("meta"):  # released weights hold no momentum copies: those start from the loaded ones
             model = build_blip(dataclasses.replace(config, momentum_encoders=False), tokenizer=tokenizer)
         load_pretrained_blip(model, name, state_dict, pretrained)
@@ -292,6 +303,27 @@ def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **over
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def released_folder_problem(key: str, path: convert.PathLike, name: str) -> Optional[str]:
+    """What stops a train.py run from starting at a released folder (config key `key`: model.pretrained,
+    flamingo.lm_checkpoint) of preset `name`: the architecture fields in which its config.json (HuggingFace BLIP
+    for a BLIP preset, MPT for a language-model preset) differs from the preset. The loaders build the folder's
+    architecture, but a run records only the preset's name and rebuilds the preset to resume or be evaluated, so
+    its checkpoints would compute something else. None for a file, or a folder without config.json."""
+    hf_config = convert.read_hf_config(path)
+    if hf_config is None:
+        return None
+    where = shown(os.path.join(path, "config.json"))
+    if name in BLIP_MODELS:
+        differences = blip_preset_differences(BLIP_MODELS[name], blip_config_from_hf(hf_config, where))
+    else:
+        differences = lm_preset_differences(name, mpt_config_to_kwargs(hf_config, where))
+    if not differences:
+        return None
+    return (f"{key}: {where} describes another architecture than the preset {name} ({'; '.join(differences)}); a run "
+            f"records only the preset's name, so its checkpoints would reload as the preset: start from weights of "
+            f"the preset's architecture (eval.py --model {name} --pretrained evaluates this folder as it is)")
 
 
 def _text_decoder_is_tied(state_dict: dict) -> bool:
@@ -433,11 +465,11 @@ def create_open_flamingo(
         from crossmodal.data.tokenizer import GPTNeoXTokenizer  # here: models does not depend on data otherwise
 
         tokenizer = GPTNeoXTokenizer(os.path.join(lm, "tokenizer.json"))
+    lang_model = load_mpt(lm)  # first: a config.json it cannot build is refused before any weights are read
     vision_name, vision_config, _, preset = _flamingo_preset(name)
     with torch.device("meta"):
         clip = build_model(vision_config)
     load_pretrained(clip, vision_name, vision_config, vision)
-    lang_model = load_mpt(lm)
     state_dict = convert.open_flamingo_to_ours(convert.load_open_flamingo_checkpoint(pretrained))
     trained = {key: value for key, value in state_dict.items() if key.startswith(OPEN_FLAMINGO_TRAINED)}
     embedding = trained.get("lang_model.token_embedding.weight")

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmodal import distributed
+from crossmodal.config import BadInput
 from crossmodal.losses.blip import (
     FeatureQueue,
     all_gather_no_grad,
@@ -55,7 +56,7 @@ from crossmodal.losses.blip import (
     positives_from_ids,
     sample_hard_negatives,
 )
-from crossmodal.models import generation
+from crossmodal.models import convert, generation
 from crossmodal.models.layers import KVCache
 from crossmodal.models.packed import LinearPacking, linear_modules
 from crossmodal.models.resnet import ModifiedResNet
@@ -82,6 +83,9 @@ class BLIPConfig:
     enc_id: int = 30523  # [ENC]
     drop_path: float = 0.0  # ViT stochastic depth
     vision_eps: float = 1e-6  # ViT LayerNorm eps (timm's; HuggingFace's BLIP configs say 1e-5)
+    text_eps: float = 1e-12  # BERT's LayerNorm eps
+    vision_mlp_ratio: float = 4.0  # MLP hidden size / width (HF configs: intermediate_size / hidden_size)
+    text_mlp_ratio: float = 4.0
     text_drop: float = 0.1  # BERT's hidden and attention dropout (BLIP's configs/med_config.json)
     tie_text_decoder: bool = True
     # ITC/ITM training state (BLIP's configs/pretrain.yaml): momentum encoders with EMA `momentum` and a queue of
@@ -153,7 +157,8 @@ class BLIP(nn.Module):
         self.text_decoder = text_decoder
         if tie_text_decoder:
             text_decoder.share_all_but_self_attention(text_encoder)
-        self.lm_head = LMHead(text_width, vocab_size, norm_layer=functools.partial(nn.LayerNorm, eps=1e-12))
+        text_eps = text_encoder.embed.norm.eps  # BERT's head normalises as its layers do
+        self.lm_head = LMHead(text_width, vocab_size, norm_layer=functools.partial(nn.LayerNorm, eps=text_eps))
         self.vision_proj = nn.Linear(vision_width, embed_dim)
         self.text_proj = nn.Linear(text_width, embed_dim)
         self.itm_head = nn.Linear(text_width, 2)
@@ -451,7 +456,7 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         if ids["dec_id"] is None or ids["enc_id"] is None:
             raise ValueError("the tokenizer has no [DEC]/[ENC] tokens (a sentencepiece model needs blip_tokens)")
         config = dataclasses.replace(config, **ids)
-    text_norm = functools.partial(nn.LayerNorm, eps=1e-12)
+    text_norm = functools.partial(nn.LayerNorm, eps=config.text_eps)
 
     def text_transformer() -> BertTextEncoder:
         return BertTextEncoder(
@@ -460,6 +465,7 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
             width=config.text_width,
             depth=config.text_layers,
             num_heads=config.text_heads,
+            mlp_ratio=config.text_mlp_ratio,
             context_dim=config.vision_width,
             norm_layer=text_norm,
             drop=config.text_drop,
@@ -485,6 +491,7 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
             width=config.vision_width,
             depth=config.vision_layers,
             num_heads=config.vision_heads,
+            mlp_ratio=config.vision_mlp_ratio,
             norm_layer=functools.partial(nn.LayerNorm, eps=config.vision_eps),
             drop_path=config.drop_path,
             norm_pre=False,
@@ -507,3 +514,134 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         queue_size=config.queue_size,
         itm_uniform=config.itm_uniform,
     )
+
+
+# ---------------------------------------------------------------- HuggingFace BLIP folders
+#
+# transformers' BlipConfig (config.json), section by section: the fields read, with transformers' defaults, for
+# save_pretrained may leave out a value equal to its default (the text stack's 8 heads, where BERT-base and the
+# BLIP presets have 12), and the fields ignored on purpose, which change nothing the weights compute. Any other
+# field is refused (`convert.check_hf_fields`).
+HF_BLIP_READ = {
+    "": {"image_text_hidden_size": 256, "tie_word_embeddings": True, "text_config": {}, "vision_config": {}},
+    "text_config": {
+        "vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 8,
+        "intermediate_size": 3072, "max_position_embeddings": 512, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+        "is_decoder": True, "tie_word_embeddings": True, "pad_token_id": 0, "bos_token_id": 30522, "sep_token_id": 102,
+    },
+    "vision_config": {
+        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+        "image_size": 384, "patch_size": 16, "num_channels": 3, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+    },
+}  # fmt: skip
+HF_BLIP_IGNORED = {
+    # BlipModel's contrastive projection (no part of the captioning and retrieval models) and initialisation;
+    # label_smoothing is the training loss's
+    "": ("projection_dim", "logit_scale_init_value", "initializer_factor", "initializer_range", "label_smoothing"),
+    # transformers sets encoder_hidden_size to the vision width, which is what the cross-attention reads here too;
+    # the text model uses no projection_dim; dropout and smoothing act in training only; captions end at
+    # sep_token_id, not eos_token_id; BERT's add_cross_attention and its kin are not read by BLIP's text model
+    # (its cross-attention follows is_decoder)
+    "text_config": (
+        "encoder_hidden_size", "projection_dim", "hidden_dropout_prob", "attention_probs_dropout_prob",
+        "initializer_range", "initializer_factor", "label_smoothing", "eos_token_id", "use_cache",
+        "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder",
+    ),
+    # PretrainedConfig's text options, which a vision model does not read
+    "vision_config": (
+        "projection_dim", "attention_dropout", "dropout", "initializer_range", "initializer_factor", "is_decoder",
+        "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "tie_word_embeddings",
+        "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    ),
+}  # fmt: skip
+# The BLIPConfig fields a folder sets that a train.py run cannot carry, and the config.json fields they come from
+# (a run records only the preset's name; image size, vocabulary and token ids are its data's and tokenizer's).
+FOLDER_ARCHITECTURE = {
+    "vision_tower": "its image tower", "patch_size": "vision_config.patch_size",
+    "vision_width": "vision_config.hidden_size", "vision_layers": "vision_config.num_hidden_layers",
+    "vision_heads": "vision_config.num_attention_heads",
+    "vision_mlp_ratio": "vision_config.intermediate_size / hidden_size", "vision_eps": "vision_config.layer_norm_eps",
+    "text_width": "text_config.hidden_size", "text_layers": "text_config.num_hidden_layers",
+    "text_heads": "text_config.num_attention_heads", "text_mlp_ratio": "text_config.intermediate_size / hidden_size",
+    "text_eps": "text_config.layer_norm_eps", "context_length": "text_config.max_position_embeddings",
+    "embed_dim": "image_text_hidden_size",
+}  # fmt: skip
+
+
+def _square(section: dict, key: str, where: str) -> int:
+    """transformers' image_size / patch_size: an int or a square [h, w]."""
+    value = section[key]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return convert.hf_size({key: value}, key, where)
+
+
+def blip_config_from_hf(config: dict, where: str, tokenizer: Optional[Any] = None) -> dict[str, Any]:
+    """`BLIPConfig` fields from a HuggingFace BLIP config.json (`where` names the file in errors): every architecture
+    field is built as the file says (transformers' default where it says nothing), one this model cannot be is
+    refused naming it, and so is an unknown one. tokenizer: its vocabulary size and pad, [SEP] and [DEC] ids must
+    be the file's."""
+    sections = {"": config, "text_config": config.get("text_config") or {}, "vision_config": config.get("vision_config") or {}}
+    read = {}
+    for name, section in sections.items():
+        label = f"{where} {name}" if name else where
+        if not isinstance(section, dict):
+            raise BadInput(f"{label}: a JSON object expected, got {section!r}")
+        convert.check_hf_fields(section, HF_BLIP_READ[name], HF_BLIP_IGNORED[name], label)
+        read[name] = {key: section.get(key, default) for key, default in HF_BLIP_READ[name].items()}
+    top, text, vision = read[""], read["text_config"], read["vision_config"]
+    text_where, vision_where = f"{where} text_config", f"{where} vision_config"
+    for section, label in ((text, text_where), (vision, vision_where)):
+        if section["hidden_act"] != "gelu":
+            raise BadInput(f"{label}: hidden_act={section['hidden_act']!r}: BLIP's layers here compute GELU "
+                           f"(transformers' 'gelu') only")
+        width, heads = (convert.hf_size(section, key, label) for key in ("hidden_size", "num_attention_heads"))
+        if width % heads:
+            raise BadInput(f"{label}: hidden_size={width} is not a multiple of num_attention_heads={heads}")
+    if text["is_decoder"] is not True:
+        raise BadInput(f"{text_where}: is_decoder={text['is_decoder']!r}: BLIP's text blocks cross-attend to the "
+                       f"image (transformers builds that part only with is_decoder true)")
+    if not (top["tie_word_embeddings"] or text["tie_word_embeddings"]):
+        raise BadInput(f"{where}: tie_word_embeddings=false (top level and text_config): the decoder's output matrix "
+                       f"here is its word embedding matrix")
+    if vision["num_channels"] != 3:
+        raise BadInput(f"{vision_where}: num_channels={vision['num_channels']!r}: the image tower takes RGB images (3)")
+    fields = dict(
+        vision_tower="vit",
+        image_size=_square(vision, "image_size", vision_where),
+        patch_size=_square(vision, "patch_size", vision_where),
+        vision_width=vision["hidden_size"],
+        vision_layers=convert.hf_size(vision, "num_hidden_layers", vision_where),
+        vision_heads=vision["num_attention_heads"],
+        vision_mlp_ratio=convert.hf_ratio(vision["hidden_size"], convert.hf_size(vision, "intermediate_size", vision_where),
+                                          "intermediate_size", vision_where),
+        vision_eps=convert.hf_number(vision, "layer_norm_eps", vision_where, 1e-5),
+        text_width=text["hidden_size"],
+        text_layers=convert.hf_size(text, "num_hidden_layers", text_where),
+        text_heads=text["num_attention_heads"],
+        text_mlp_ratio=convert.hf_ratio(text["hidden_size"], convert.hf_size(text, "intermediate_size", text_where),
+                                        "intermediate_size", text_where),
+        text_eps=convert.hf_number(text, "layer_norm_eps", text_where, 1e-12),
+        context_length=convert.hf_size(text, "max_position_embeddings", text_where),
+        vocab_size=convert.hf_size(text, "vocab_size", text_where),
+        embed_dim=convert.hf_size(top, "image_text_hidden_size", where),
+    )
+    # The ids transformers' BLIP decodes with (null ones it cannot use either); it names no [ENC], which BLIP's
+    # tokenizer appends last, after [DEC].
+    ids = {"pad_id": "pad_token_id", "eos_id": "sep_token_id", "dec_id": "bos_token_id"}
+    fields.update({ours: text[theirs] for ours, theirs in ids.items() if text[theirs] is not None})
+    fields["enc_id"] = fields["vocab_size"] - 1
+    if tokenizer is not None:
+        names = {"vocab_size": "vocab_size", **ids}
+        for ours, theirs in names.items():
+            if ours in fields and fields[ours] != getattr(tokenizer, ours):
+                raise BadInput(f"{text_where}: {theirs}={fields[ours]}, but the tokenizer's {ours} is "
+                               f"{getattr(tokenizer, ours)} (another vocab.txt?)")
+    return fields
+
+
+def preset_differences(preset: BLIPConfig, fields: dict[str, Any]) -> list[str]:
+    """'field=folder value (the preset's value)' for each of FOLDER_ARCHITECTURE in which a folder's fields
+    (`blip_config_from_hf`) differ from a preset."""
+    return [f"{name}={fields[key]!r} (the preset's {getattr(preset, key)!r})" for key, name in FOLDER_ARCHITECTURE.items()
+            if key in fields and fields[key] != getattr(preset, key)]

@@ -1,5 +1,6 @@
 """Checkpoint key maps: OpenAI's released CLIP archives and open_clip checkpoints <-> this codebase's modules;
-salesforce/BLIP and HuggingFace BLIP checkpoints -> `models.BLIP` (section "BLIP" below).
+salesforce/BLIP and HuggingFace BLIP checkpoints -> `models.BLIP` (section "BLIP" below); MPT and OpenFlamingo;
+and the checks every loader of a HuggingFace folder's config.json shares (section "HuggingFace config.json").
 
 References: openai/CLIP `clip/clip.py:load` and `clip/model.py:build_model` (the released `.pt` files),
 open_clip v3.3.0 `factory.py:load_checkpoint` and `model.py:build_model_from_openai_state_dict`.
@@ -25,9 +26,12 @@ import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
+
+from crossmodal.config import BadInput
+from crossmodal.files import shown
 
 PathLike = Union[str, os.PathLike]
 StateDict = dict[str, torch.Tensor]
@@ -408,27 +412,100 @@ def read_safetensors(path: PathLike) -> StateDict:
     return state_dict
 
 
-def load_blip_checkpoint(path: PathLike) -> tuple[StateDict, dict]:
-    """(raw state_dict, HF config dict or {}) from a salesforce `.pth`, a HuggingFace weights file, or a HuggingFace
-    folder (config.json + model.safetensors or pytorch_model.bin)."""
-    config: dict = {}
+def load_blip_checkpoint(path: PathLike) -> StateDict:
+    """The raw state_dict of a salesforce `.pth`, a HuggingFace weights file, or a HuggingFace folder
+    (model.safetensors or pytorch_model.bin; its config.json is `read_hf_config`'s)."""
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json")) as file:
-                config = json.load(file)
         names = [name for name in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, name))]
         if not names:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in the folder")
         path = os.path.join(path, names[0])
     if str(path).endswith(".safetensors"):
-        return read_safetensors(path), config
+        return read_safetensors(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):  # salesforce training checkpoints hold the weights under "model"
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: expected a state_dict or a dict with 'model', got {type(checkpoint).__name__}")
-    return checkpoint, config
+    return checkpoint
+
+
+# ---------------------------------------------------------------- HuggingFace config.json
+#
+# A released folder's config.json says what the weights compute; the loaders (`models.blip.blip_config_from_hf`,
+# `models.lm.mpt_config_to_kwargs`) read every architecture field of it, ignore on purpose the fields listed as
+# not changing the model, and refuse any other (`check_hf_fields`): a field they do not know may change the
+# architecture, and a model built without it would load the weights without a word and compute something else.
+
+# What every transformers config may hold that leaves the model as it is: transformers' records, output switches,
+# task labels and generation defaults (PretrainedConfig's common attributes, 4.x and 5.x; eval.py's options choose
+# the decoding). `pruned_heads` is no record: `check_hf_fields` refuses a non-empty one.
+HF_CONFIG_RECORDS = frozenset({
+    "_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_autoset", "architectures",
+    "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype", "use_bfloat16", "torchscript",
+    "tf_legacy_loss", "return_dict", "output_hidden_states", "output_attentions", "chunk_size_feed_forward",
+    "is_encoder_decoder", "finetuning_task", "id2label", "label2id", "num_labels", "problem_type", "tokenizer_class",
+    "prefix", "task_specific_params", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "decoder_start_token_id",
+})  # fmt: skip
+
+
+def read_hf_config(folder: PathLike) -> Optional[dict[str, Any]]:
+    """A HuggingFace folder's config.json, or None when `folder` is no folder or has none."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadInput(f"{shown(path)}: not a readable JSON config ({error})") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"{shown(path)}: a config.json holds a JSON object; this one holds a {type(config).__name__}")
+    return config
+
+
+def check_hf_fields(section: Mapping[str, Any], read: Iterable[str], ignored: Iterable[str], where: str) -> None:
+    """Refuse (BadInput) the fields of a config.json section (`where` names the file and section) that the loader
+    neither reads nor ignores on purpose (`ignored`, HF_CONFIG_RECORDS), and pruned attention heads."""
+    unknown = sorted(set(section) - set(read) - set(ignored) - HF_CONFIG_RECORDS - {"pruned_heads"})
+    if unknown:
+        values = ", ".join(f"{key}={section[key]!r}" for key in unknown)
+        raise BadInput(f"{where}: {values}: field(s) this loader does not know, which may change the architecture; "
+                       f"refused rather than loaded into a model that ignores them")
+    if section.get("pruned_heads"):
+        raise BadInput(f"{where}: pruned_heads={section['pruned_heads']!r}: models with pruned attention heads are "
+                       f"not supported")
+
+
+def hf_size(section: Mapping[str, Any], key: str, where: str, default: Any = None) -> int:
+    """section[key] (default when absent; None: required) as a positive int, or BadInput naming it."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        given = f"{key}={value!r}" if key in section else f"no {key}"
+        raise BadInput(f"{where}: {given}: it must be a positive whole number")
+    return value
+
+
+def hf_number(section: Mapping[str, Any], key: str, where: str, default: float) -> float:
+    """section[key] (default when absent) as a positive finite float, or BadInput naming it."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise BadInput(f"{where}: {key}={value!r}: it must be a positive number")
+    return float(value)
+
+
+def hf_ratio(width: int, hidden: int, key: str, where: str) -> float:
+    """An MLP's hidden size as the `mlp_ratio` of `models.layers.Block` (hidden = int(width * ratio)), or BadInput
+    when no ratio gives it exactly."""
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        raise BadInput(f"{where}: {key}={hidden} is not representable as a multiple of the width {width}")
+    return ratio
 
 
 # ---------------------------------------------------------------- MPT and OpenFlamingo

@@ -17,11 +17,12 @@ Deliberate differences from transformers' `MptForCausalLM` and MosaicML's `Mosai
 - LayerNorm follows autocast (fp32), where MosaicML's `low_precision_layernorm` runs it in bf16/fp16; under
   autocast SDPA casts the additive mask, ALiBi included, to the compute dtype (transformers adds it in fp32);
 - options the released models leave off (clip_qkv, softmax_scale, logit_scale, biases, prefix LM, learned
-  positions) are not offered, and `mpt_config_to_kwargs` refuses a config that sets one;
+  positions, other attention, norm or FFN types, an untied output matrix) are not offered: `mpt_config_to_kwargs`
+  refuses a config that sets one, or holds a field it does not know, naming it;
 - initialisation is GPT-2's (normal 0.02, residual output projections scaled by 1/sqrt(2 * depth)); MPT-1B
   was trained from kaiming_normal_.
 """
-import json
+import inspect
 import math
 import os
 from functools import partial
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmodal.config import BadInput
+from crossmodal.files import shown
 from crossmodal.models import convert
 from crossmodal.models.layers import KVCache, Transformer
 
@@ -156,47 +159,112 @@ def build_lm(name: str, **overrides: Any) -> DecoderLM:
     return DecoderLM(**{**LM_MODELS[name], **overrides})
 
 
-def mpt_config_to_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    """`DecoderLM` keyword arguments from a HuggingFace MPT `config.json` ("mpt" nests the attention options under
-    `attn_config`; MosaicGPT's "mosaic_gpt" keeps them flat, some with an `attn_` prefix)."""
+# An MPT config.json, field by field: transformers' MptConfig ("mpt", attention options nested in attn_config),
+# MosaicML's remote-code MPTConfig (also "mpt") and MosaicGPTConfig ("mosaic_gpt", flat, some with an `attn_`
+# prefix). READ fields build the model or are refused where this model cannot be what they say; IGNORED ones change
+# nothing the weights compute; any other field is refused (`convert.check_hf_fields`). Absent fields take MPT's
+# defaults, except alibi, whose default is transformers' True but MosaicML's False: a remote-code config (auto_map)
+# or MosaicGPT's must state it (absent no_bias, where they also differ, shows as unexpected bias weights).
+MPT_READ = (
+    "d_model", "n_heads", "n_layers", "expansion_ratio", "mlp_ratio", "max_seq_len", "vocab_size", "layer_norm_epsilon",
+    "no_bias", "norm_type", "logit_scale", "tie_word_embeddings", "ffn_config", "fc_type", "attn_config",
+    "alibi", "alibi_bias_max", "attn_qk_ln", "attn_clip_qkv", "softmax_scale", "prefix_lm", "attn_uses_sequence_id",
+    "low_precision_layernorm",  # MosaicGPT's: LayerNorm in bf16/fp16 under autocast, the same in fp32
+    "learned_pos_emb",  # MPT drops learned positions under ALiBi, which is required (a wpe weight shows as unexpected)
+)  # fmt: skip
+MPT_ATTENTION_READ = (
+    "attn_type", "alibi", "alibi_bias_max", "qk_ln", "clip_qkv", "softmax_scale", "prefix_lm", "attn_uses_sequence_id",
+)  # fmt: skip
+MPT_IGNORED = (
+    "resid_pdrop", "emb_pdrop", "attn_pdrop",  # dropout: training only
+    "init_config", "init_device", "initializer_range", "param_init_fn", "init_std", "init_gain", "init_nonlinearity",
+    "init_div_is_residual", "emb_init_std", "emb_init_uniform_lim", "fan_mode",  # initialisation
+    "embedding_fraction",  # scales the embedding's gradient, not its value
+    "attn_impl",  # torch, flash or triton: the same attention
+    "use_cache", "verbose", "tokenizer_name", "pad_token_id", "bos_token_id", "eos_token_id",  # the tokenizer's
+)  # fmt: skip
+MPT_NORMS = ("layernorm", "low_precision_layernorm")  # the same LayerNorm; the low-precision one under autocast only
+
+
+def mpt_config_to_kwargs(config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """`DecoderLM` keyword arguments from an MPT config.json (`where` names it in errors): every architecture field
+    built as it says, or refused (BadInput) naming it where this model cannot be what it says."""
     attn = config.get("attn_config") or {}
+    if not isinstance(attn, dict):
+        raise BadInput(f"{where}: attn_config={attn!r}: a JSON object expected")
+    convert.check_hf_fields(config, MPT_READ, MPT_IGNORED, where)
+    convert.check_hf_fields(attn, MPT_ATTENTION_READ, MPT_IGNORED, f"{where} attn_config")
 
-    def option(name: str, flat_name: str) -> Any:
-        return attn.get(name, config.get(flat_name))
+    def option(name: str, flat_name: str, default: Any = None) -> tuple[str, Any]:
+        """(the field's name as the file spells it, its value)."""
+        if name in attn:
+            return f"attn_config.{name}", attn[name]
+        return flat_name, config.get(flat_name, default)
 
-    refused = {
-        "clip_qkv": option("clip_qkv", "attn_clip_qkv"),
-        "softmax_scale": option("softmax_scale", "softmax_scale"),
-        "logit_scale": config.get("logit_scale"),
-        "prefix_lm": option("prefix_lm", "prefix_lm"),
-    }
-    refused = {name: value for name, value in refused.items() if value}
-    if refused:
-        raise ValueError(f"MPT options this model does not implement: {refused}")
-    if not option("alibi", "alibi"):
-        raise ValueError("only ALiBi MPT models are supported (the config has alibi off)")
-    if not config.get("no_bias", True):
-        raise ValueError("only bias-free MPT models are supported (the config has no_bias false)")
-    return dict(
-        vocab_size=config["vocab_size"],
-        context_length=config["max_seq_len"],
-        width=config["d_model"],
-        depth=config["n_layers"],
-        num_heads=config["n_heads"],
-        mlp_ratio=float(config.get("expansion_ratio", config.get("mlp_ratio", 4))),
-        qk_norm=bool(option("qk_ln", "attn_qk_ln")),
-        alibi_bias_max=float(option("alibi_bias_max", "alibi_bias_max") or 8),
-        norm_eps=config.get("layer_norm_epsilon", 1e-5),
+    alibi_default = True if config.get("model_type") == "mpt" and "auto_map" not in config else None
+    supported = (  # (the field as the file spells it, its value, the values this model can be, what they mean)
+        (*option("alibi", "alibi", alibi_default), (True,), "ALiBi (learned positions are not implemented)"),
+        (*option("attn_type", "attn_type", "multihead_attention"), ("multihead_attention",), "multi-head attention"),
+        (*option("clip_qkv", "attn_clip_qkv"), (None,), "no QKV clipping"),
+        (*option("softmax_scale", "softmax_scale"), (None,), "a softmax scale of 1/sqrt(head_dim)"),
+        (*option("prefix_lm", "prefix_lm", False), (False, None), "causal attention (no prefix LM)"),
+        (*option("attn_uses_sequence_id", "attn_uses_sequence_id", False), (False,), "attention across sequence ids"),
+        ("logit_scale", config.get("logit_scale"), (None,), "unscaled logits"),
+        ("no_bias", config.get("no_bias", True), (True,), "no biases"),
+        ("tie_word_embeddings", config.get("tie_word_embeddings", True), (True,), "the token embedding as output matrix"),
+        ("ffn_config", config.get("ffn_config"), (None, {"ffn_type": "mptmlp"}), "MPT's GELU MLP"),
+        ("fc_type", config.get("fc_type", "torch"), ("torch",), "plain linear layers"),
+        ("norm_type", config.get("norm_type", "low_precision_layernorm"), MPT_NORMS, "LayerNorm"),
     )
+    for key, value, values, what in supported:
+        if value not in values:
+            raise BadInput(f"{where}: {key}={value!r}: this MPT implements {what} only")
+    width, num_heads = convert.hf_size(config, "d_model", where), convert.hf_size(config, "n_heads", where)
+    if width % num_heads:
+        raise BadInput(f"{where}: d_model={width} is not a multiple of n_heads={num_heads}")
+    ratio_key = "expansion_ratio" if "expansion_ratio" in config else "mlp_ratio"  # MPT's, MosaicGPT's name
+    _, qk_norm = option("qk_ln", "attn_qk_ln", False)
+    alibi_key, alibi_bias_max = option("alibi_bias_max", "alibi_bias_max", 8)
+    return dict(
+        vocab_size=convert.hf_size(config, "vocab_size", where),
+        context_length=convert.hf_size(config, "max_seq_len", where),
+        width=width,
+        depth=convert.hf_size(config, "n_layers", where),
+        num_heads=num_heads,
+        mlp_ratio=convert.hf_number(config, ratio_key, where, 4.0),  # hidden int(width * ratio), as MPT's
+        qk_norm=bool(qk_norm),
+        alibi_bias_max=convert.hf_number({alibi_key: alibi_bias_max}, alibi_key, where, 8.0),
+        norm_eps=convert.hf_number(config, "layer_norm_epsilon", where, 1e-5),
+    )
+
+
+# `DecoderLM` keywords and the MPT config.json fields they come from.
+MPT_FIELDS = {
+    "vocab_size": "vocab_size", "context_length": "max_seq_len", "width": "d_model", "depth": "n_layers",
+    "num_heads": "n_heads", "mlp_ratio": "expansion_ratio", "qk_norm": "attn_config.qk_ln",
+    "alibi_bias_max": "attn_config.alibi_bias_max", "norm_eps": "layer_norm_epsilon",
+}  # fmt: skip
+
+
+def preset_differences(name: str, kwargs: dict[str, Any]) -> list[str]:
+    """'field=folder value (the preset's value)' for each architecture keyword in which `kwargs`
+    (`mpt_config_to_kwargs`) differ from preset `name`. Not compared: the vocabulary and context length, which a
+    run takes from its tokenizer (ALiBi has no position weights)."""
+    defaults = {key: parameter.default for key, parameter in inspect.signature(DecoderLM).parameters.items()}
+    preset = {**defaults, **LM_MODELS[name]}
+    return [f"{MPT_FIELDS[key]}={kwargs[key]!r} (the preset's {preset[key]!r})" for key in kwargs
+            if key not in ("vocab_size", "context_length") and kwargs[key] != preset[key]]
 
 
 def load_mpt(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> DecoderLM:
     """A `DecoderLM` with the weights of a local HuggingFace MPT folder, without the network. The model is built
     on the meta device and takes the file's tensors (in `dtype` if given), so no random copy is allocated."""
-    with open(os.path.join(path, "config.json")) as file:
-        config = json.load(file)
+    config = convert.read_hf_config(path)
+    if config is None:
+        raise FileNotFoundError(f"{shown(path)}: no MPT folder with a config.json there")
+    kwargs = mpt_config_to_kwargs(config, shown(os.path.join(path, "config.json")))
     with torch.device("meta"):
-        model = DecoderLM(**mpt_config_to_kwargs(config))
+        model = DecoderLM(**kwargs)
     state_dict = convert.mpt_to_ours(convert.read_hf_weights(path))
     problems = convert.describe_mismatch(model.state_dict(), state_dict)
     if problems:

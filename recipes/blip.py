@@ -15,7 +15,7 @@ from crossmodal.data import build_dataset
 from crossmodal.data.tokenizer import BertTokenizer
 from crossmodal.evaluation import blip as blip_evaluation
 from crossmodal.models import (BLIP_MODELS, BLIP_TEXT_LENGTH, convert_sync_batchnorm, create_model, is_run_checkpoint,
-                               load_blip_vision, load_run_weights)
+                               load_blip_vision, load_run_weights, released_folder_problem)
 from crossmodal.models.blip import OBJECTIVES
 from crossmodal.recipes.base import Recipe, check_unused
 from crossmodal.recipes.clip import check_no_decoder_data, contrastive_task
@@ -67,6 +67,10 @@ class BlipRecipe(Recipe):
             return (f"model.vision_checkpoint: no train.py checkpoint at '{cfg.model.vision_checkpoint}' (a BLIP's "
                     f"image tower starts from a CLIP run of the same tower; for BLIP-RN-tiny run "
                     f"configs/clip/tiny_shapes.yaml first)")
+        if cfg.model.pretrained:  # a HuggingFace folder must hold the preset's architecture
+            problem = released_folder_problem("model.pretrained", cfg.model.pretrained, cfg.model.name)
+            if problem:
+                return problem
         problem = check_unused(self.cfg, "blip")
         if problem or cfg.data.train.startswith("vqa:"):
             return problem

@@ -15,7 +15,7 @@ from crossmodal.data.tokenizer import PAD_ID, GPTNeoXTokenizer
 from crossmodal.evaluation import fewshot
 from crossmodal.losses import lm_labels, lm_loss
 from crossmodal.models import (FLAMINGO_MODELS, LM_MODELS, MODELS, create_flamingo, create_lm, create_model,
-                               is_run_checkpoint, load_run_weights)
+                               is_run_checkpoint, load_run_weights, released_folder_problem)
 from crossmodal.models.flamingo import freeze_for_training
 from crossmodal.recipes.base import Recipe, check_unused, mean_step
 
@@ -41,6 +41,10 @@ class LanguageModelRecipe(Recipe):
             return (f"lm.induction_fraction must lie in [0, 1) and is for language models on map-style interleaved specs "
                     f"(shapes_icl, interleaved); got {cfg.lm.induction_fraction} with model.name '{cfg.model.name}' and "
                     f"data.train '{cfg.data.train}'")
+        if cfg.model.pretrained and cfg.model.name in LM_MODELS:  # a Flamingo's is a run's (FlamingoRecipe.check)
+            problem = released_folder_problem("model.pretrained", cfg.model.pretrained, cfg.model.name)
+            if problem:
+                return problem
         return check_unused(cfg, "lm")
 
     def build_model(self, tokenizer, pretrained: bool = True) -> torch.nn.Module:
@@ -86,6 +90,11 @@ class FlamingoRecipe(LanguageModelRecipe):
         if cfg.model.pretrained and not is_run_checkpoint(cfg.model.pretrained):
             return (f"model.pretrained '{cfg.model.pretrained}': a Flamingo run starts from another run's "
                     f"checkpoint.pt (its frozen parts come from flamingo.lm_checkpoint and model.vision_checkpoint)")
+        if cfg.flamingo.lm_checkpoint:  # an MPT folder's architecture must be the preset's language model's
+            problem = released_folder_problem("flamingo.lm_checkpoint", cfg.flamingo.lm_checkpoint,
+                                              FLAMINGO_MODELS[cfg.model.name]["lm"])
+            if problem:
+                return problem
         return check_unused(cfg, "flamingo") or super().check(world_size)
 
     def build_model(self, tokenizer, pretrained: bool = True) -> torch.nn.Module:

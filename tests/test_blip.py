@@ -3,6 +3,7 @@ with HuggingFace transformers' BLIP on random weights at BLIP-base size (feature
 and beam-search token ids), salesforce checkpoints, the post-norm block, the key/value cache, sampling and
 partial checkpoints."""
 import dataclasses
+import json
 import math
 import os
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from crossmodal.config import BadInput
 from crossmodal.data.tokenizer import BertTokenizer
-from crossmodal.models import convert, create_model
-from crossmodal.models.blip import BLIP_MODELS, build_blip
+from crossmodal.models import convert, create_model, released_folder_problem
+from crossmodal.models.blip import BLIP_MODELS, blip_config_from_hf, build_blip
 from crossmodal.models.generation import beam_search, generate, nucleus_filter
 from crossmodal.models.layers import Block, KVCache, Transformer
 from crossmodal.kernels.linear import few_row_linear_available
@@ -372,3 +374,148 @@ def test_parameter_counts_match_the_paper():
     with torch.device("meta"):
         counts = [sum(p.numel() for p in create_model("BLIP-base", tie_text_decoder=tie).parameters()) for tie in (True, False)]
     assert [round(count / 1e6) for count in counts] == [252, 361]
+
+
+# ---------------------------------------------------------------- a folder's config.json
+
+
+TINY_TEXT = dict(
+    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, intermediate_size=96,
+    max_position_embeddings=32, bos_token_id=126, sep_token_id=SEP, pad_token_id=PAD,
+)  # fmt: skip
+TINY_VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=32, patch_size=8)
+
+
+def tiny_folder(folder, drop_text=(), **text) -> "transformers.BlipConfig":
+    """Random HF captioner and retriever sharing their ViT, saved as `folder`/captioner and /retriever, whose text
+    stacks have 8 heads (BlipConfig's default), 2 layers and an MLP of 1.5x; `drop_text`: text_config fields left
+    out of config.json, as transformers 4.x's save_pretrained leaves out a default value."""
+    config = transformers.BlipConfig(text_config={**TINY_TEXT, **text}, vision_config=TINY_VISION, image_text_hidden_size=24)
+    captioner = randomize_(transformers.BlipForConditionalGeneration(config), seed=1)
+    retriever = randomize_(transformers.BlipForImageTextRetrieval(config), seed=2)
+    retriever.vision_model.load_state_dict(captioner.vision_model.state_dict())
+    for name, model in (("captioner", captioner), ("retriever", retriever)):
+        model.save_pretrained(folder / name)
+        saved = json.loads((folder / name / "config.json").read_text())
+        for key in drop_text:
+            del saved["text_config"][key]
+        (folder / name / "config.json").write_text(json.dumps(saved))
+    return captioner, retriever
+
+
+@torch.no_grad()
+def test_folder_architecture_is_built_as_its_config_says(tmp_path):
+    """BLIP-base named, a folder of another architecture given: the folder's is built, and every output equals
+    transformers' (the 8 heads come from BlipConfig's default: config.json does not say them)."""
+    captioner, retriever = tiny_folder(tmp_path, drop_text=("num_attention_heads",))
+    assert "num_attention_heads" not in json.loads((tmp_path / "retriever" / "config.json").read_text())["text_config"]
+    ours_retriever = create_model("BLIP-base", pretrained=tmp_path / "retriever").eval()
+    ours_captioner = create_model("BLIP-base", pretrained=tmp_path / "captioner").eval()
+    assert ours_retriever.text_encoder.transformer.blocks[0].attn.num_heads == 8
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tokens = torch.tensor([[101, 10, 11, 12, SEP, PAD], [101, 13, 14, 15, 16, SEP]])
+    mask = (tokens != 0).long()
+    image_tokens = retriever.vision_model(pixel_values=images).last_hidden_state
+    assert_close(ours_retriever.encode_image(images), nn.functional.normalize(retriever.vision_proj(image_tokens[:, 0]), dim=-1))
+    text_states = retriever.text_encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
+    assert_close(ours_retriever.encode_text(tokens), nn.functional.normalize(retriever.text_proj(text_states[:, 0]), dim=-1))
+    enc_tokens = torch.cat([torch.full_like(tokens[:, :1], ours_retriever.enc_id), tokens[:, 1:]], dim=1)
+    itm = retriever(input_ids=enc_tokens, pixel_values=images, attention_mask=mask).itm_score
+    assert_close(ours_retriever.itm_logits(images, tokens), itm)
+    dec_tokens = torch.cat([torch.full_like(tokens[:, :1], 126), tokens[:, 1:]], dim=1)
+    expected = captioner(pixel_values=images, input_ids=dec_tokens, attention_mask=mask).logits
+    got = ours_captioner.decoder_logits(tokens, ours_captioner.forward_image(images))
+    assert_close(got[tokens != 0], expected[tokens != 0])
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("text_config", "hidden_act", "relu"),  # an activation this model does not compute
+    ("text_config", "position_embedding_type", "relative_key"),  # a field the loader does not know
+    ("text_config", "is_decoder", False),  # no cross-attention
+    ("vision_config", "num_channels", 1),
+    ("text_config", "num_attention_heads", 7),  # not a divisor of the width
+    ("vision_config", "pruned_heads", {"0": [1]}),
+])  # fmt: skip
+def test_folder_config_this_model_cannot_be_is_refused_naming_the_field(tmp_path, section, field, value):
+    config = transformers.BlipConfig(text_config=TINY_TEXT, vision_config=TINY_VISION).to_dict()
+    config[section][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))  # no weights: refused before they are read
+    with pytest.raises(BadInput, match=f"config.json {section}: .*{field}"):
+        create_model("BLIP-base", pretrained=tmp_path)
+
+
+def test_folder_config_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BadInput, match="config.json: not a readable JSON config"):
+        create_model("BLIP-base", pretrained=tmp_path)
+    config = transformers.BlipConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, tie_word_embeddings=False).to_dict()
+    config["text_config"]["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="tie_word_embeddings=false"):
+        create_model("BLIP-base", pretrained=tmp_path)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]  # [SEP] is 3, the config's sep_token_id 2
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    text = {**TINY_TEXT, "vocab_size": 8, "bos_token_id": 6, "sep_token_id": 2}
+    config = transformers.BlipConfig(text_config=text, vision_config=TINY_VISION).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="sep_token_id=2, but the tokenizer's eos_id is 3"):
+        create_model("BLIP-base", pretrained=tmp_path)
+
+
+def test_training_from_a_folder_of_another_architecture_is_refused(tmp_path):
+    """A run records only model.name and rebuilds the preset to resume: a folder it cannot rebuild is refused."""
+    config = transformers.BlipConfig(text_config=TINY_TEXT, vision_config=TINY_VISION).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    problem = released_folder_problem("model.pretrained", tmp_path, "BLIP-tiny")
+    assert "text_config.num_attention_heads=8 (the preset's 4)" in problem and "vision_config.hidden_size=48" in problem
+    same = dataclasses.asdict(BLIP_MODELS["BLIP-tiny"])
+    text = dict(hidden_size=same["text_width"], num_hidden_layers=same["text_layers"], num_attention_heads=same["text_heads"],
+                intermediate_size=4 * same["text_width"], max_position_embeddings=same["context_length"])
+    vision = dict(hidden_size=same["vision_width"], num_hidden_layers=same["vision_layers"], intermediate_size=4 * same["vision_width"],
+                  num_attention_heads=same["vision_heads"], patch_size=same["patch_size"], layer_norm_eps=same["vision_eps"])
+    config = transformers.BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=same["embed_dim"])
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    assert released_folder_problem("model.pretrained", tmp_path, "BLIP-tiny") is None
+
+
+def test_released_config_reads_every_field():
+    """Salesforce/blip-image-captioning-base's config.json (transformers 4.26, every PretrainedConfig field written
+    out): all of it read or ignored on purpose; what differs from BLIP-base is only what HF's port says otherwise
+    (ViT LayerNorm eps 1e-5; BLIP's timm ViT has 1e-6) and the 384-pixel finetuning size."""
+    common = {
+        "_name_or_path": "", "add_cross_attention": False, "architectures": None, "bad_words_ids": None,
+        "begin_suppress_tokens": None, "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None,
+        "decoder_start_token_id": None, "diversity_penalty": 0.0, "do_sample": False, "early_stopping": False,
+        "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None, "finetuning_task": None,
+        "forced_bos_token_id": None, "forced_eos_token_id": None, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+        "initializer_factor": 1.0, "initializer_range": 0.02, "is_encoder_decoder": False,
+        "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "length_penalty": 1.0, "max_length": 20, "min_length": 0,
+        "no_repeat_ngram_size": 0, "num_beam_groups": 1, "num_beams": 1, "num_return_sequences": 1,
+        "output_attentions": False, "output_hidden_states": False, "output_scores": False, "prefix": None,
+        "problem_type": None, "pruned_heads": {}, "remove_invalid_values": False, "repetition_penalty": 1.0,
+        "return_dict": True, "return_dict_in_generate": False, "suppress_tokens": None, "task_specific_params": None,
+        "temperature": 1.0, "tf_legacy_loss": False, "tie_encoder_decoder": False, "tie_word_embeddings": True,
+        "tokenizer_class": None, "top_k": 50, "top_p": 1.0, "torch_dtype": None, "torchscript": False,
+        "transformers_version": "4.26.0.dev0", "typical_p": 1.0, "use_bfloat16": False,
+    }  # fmt: skip
+    text = {
+        **common, "attention_probs_dropout_prob": 0.0, "bos_token_id": 30522, "eos_token_id": 2, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "hidden_size": 768, "intermediate_size": 3072, "is_decoder": True,
+        "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "blip_text_model",
+        "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0, "projection_dim": 768,
+        "sep_token_id": 102, "use_cache": True, "vocab_size": 30524,
+    }  # fmt: skip
+    vision = {
+        **common, "attention_dropout": 0.0, "bos_token_id": None, "dropout": 0.0, "eos_token_id": None,
+        "hidden_act": "gelu", "hidden_size": 768, "image_size": 384, "intermediate_size": 3072, "is_decoder": False,
+        "layer_norm_eps": 1e-05, "model_type": "blip_vision_model", "num_attention_heads": 12, "num_channels": 3,
+        "num_hidden_layers": 12, "pad_token_id": None, "patch_size": 16, "projection_dim": 512, "sep_token_id": None,
+    }  # fmt: skip
+    config = {
+        "_commit_hash": None, "architectures": ["BlipForConditionalGeneration"], "image_text_hidden_size": 256,
+        "initializer_factor": 1.0, "logit_scale_init_value": 2.6592, "model_type": "blip", "projection_dim": 512,
+        "text_config": text, "torch_dtype": "float32", "transformers_version": None, "vision_config": vision,
+    }  # fmt: skip
+    fields = blip_config_from_hf(config, "config.json")
+    differences = {key for key, value in fields.items() if value != getattr(BLIP_MODELS["BLIP-base"], key)}
+    assert differences == {"vision_eps", "image_size"}

@@ -4,14 +4,18 @@ padding), the key/value cache (logits and generated tokens, against HF's generat
 QK LayerNorm against an independent computation, and the MPT-1B preset."""
 import json
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
+from crossmodal.config import BadInput
+from crossmodal.models import released_folder_problem
 from crossmodal.models.generation import generate
 from crossmodal.models.layers import KVCache
 from crossmodal.models.lm import LM_MODELS, DecoderLM, alibi_slopes, build_lm, load_mpt, mpt_config_to_kwargs
+from crossmodal.models.lm import preset_differences as lm_preset_differences
 
 transformers = pytest.importorskip("transformers")  # test-only reference
 
@@ -139,14 +143,15 @@ def mosaic_gpt_logits(weights: dict, config: dict, tokens: torch.Tensor) -> torc
     return norm(x, "transformer.ln_f.weight") @ weights["transformer.wte.weight"].T
 
 
-@torch.no_grad()
-def test_mosaic_gpt_layout_with_qk_layernorm(tmp_path):
-    """mpt-1b-redpajama-200b's layout (MosaicGPT remote code, `pytorch_model.bin`) with its QK LayerNorm."""
+def mosaic_gpt_folder(folder, **config_changes) -> tuple[dict, dict]:
+    """A random folder of mpt-1b-redpajama-200b's layout (MosaicGPT remote code, `pytorch_model.bin`) with its QK
+    LayerNorm: (config, weights)."""
     config = {
         "model_type": "mosaic_gpt", "d_model": 32, "n_heads": 4, "n_layers": 2, "mlp_ratio": 4, "max_seq_len": 16,
         "vocab_size": VOCAB, "alibi": True, "alibi_bias_max": 8, "attn_qk_ln": True, "attn_clip_qkv": None,
-        "softmax_scale": None, "logit_scale": None, "no_bias": True, "prefix_lm": False,
+        "softmax_scale": None, "logit_scale": None, "no_bias": True, "prefix_lm": False, **config_changes,
     }  # fmt: skip
+    hidden = 32 * config["mlp_ratio"]
     generator = torch.Generator().manual_seed(4)
     shapes = {"transformer.wte.weight": (VOCAB, 32), "transformer.ln_f.weight": (32,)}
     for layer in range(2):
@@ -154,13 +159,20 @@ def test_mosaic_gpt_layout_with_qk_layernorm(tmp_path):
         shapes.update({
             prefix + "ln_1.weight": (32,), prefix + "attn.Wqkv.weight": (96, 32), prefix + "attn.q_ln.weight": (32,),
             prefix + "attn.k_ln.weight": (32,), prefix + "attn.out_proj.weight": (32, 32),
-            prefix + "ln_2.weight": (32,), prefix + "mlp.mlp_up.weight": (128, 32),
-            prefix + "mlp.mlp_down.weight": (32, 128),
+            prefix + "ln_2.weight": (32,), prefix + "mlp.mlp_up.weight": (hidden, 32),
+            prefix + "mlp.mlp_down.weight": (32, hidden),
         })  # fmt: skip
     weights = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
     weights = {name: 1 + 0.1 * value if value.ndim == 1 else 0.2 * value for name, value in weights.items()}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    torch.save(weights, tmp_path / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(weights, folder / "pytorch_model.bin")
+    return config, weights
+
+
+@torch.no_grad()
+def test_mosaic_gpt_layout_with_qk_layernorm(tmp_path):
+    """mpt-1b-redpajama-200b's layout with its QK LayerNorm."""
+    config, weights = mosaic_gpt_folder(tmp_path)
     ours = load_mpt(tmp_path)
     assert ours.transformer.blocks[0].attn.q_norm.weight.shape == (32,)
     tokens = random_tokens(2, 11, seed=5)
@@ -206,3 +218,67 @@ def test_trains_from_scratch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@torch.no_grad()
+def test_folder_heads_and_mlp_ratio_are_built_as_its_config_says(tmp_path):
+    """8 heads and an MLP of 3x (transformers' MptForCausalLM builds 4x whatever expansion_ratio says, so the
+    reference is MosaicGPT's forward written out); a training run from it is refused: it would resume as lm-tiny."""
+    config, weights = mosaic_gpt_folder(tmp_path, n_heads=8, mlp_ratio=3)
+    ours = load_mpt(tmp_path)
+    assert ours.num_heads == 8 and ours.transformer.blocks[0].mlp.fc1.out_features == 96
+    tokens = random_tokens(2, 11, seed=5)
+    assert_close(ours(tokens), mosaic_gpt_logits(weights, config, tokens))
+    problem = released_folder_problem("model.pretrained", tmp_path, "lm-tiny")
+    assert "n_heads=8 (the preset's 4)" in problem and "expansion_ratio=3.0 (the preset's 4.0)" in problem
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"attn_config": {"alibi": True, "attn_type": "multiquery_attention"}}, "attn_config.attn_type='multiquery_attention'"),
+    ({"attn_config": {"alibi": True, "rope": True}}, "rope=True"),  # unknown: refused, not ignored
+    ({"norm_type": "rmsnorm"}, "norm_type='rmsnorm'"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings=False"),
+    ({"logit_scale": "inv_sqrt_d_model"}, "logit_scale='inv_sqrt_d_model'"),
+    ({"alibi": False}, "alibi=False"),
+    ({"n_heads": 5}, "d_model=32 is not a multiple of n_heads=5"),
+    ({"n_layers": "2"}, "n_layers='2'"),
+])  # fmt: skip
+def test_folder_config_this_model_cannot_be_is_refused_naming_the_field(tmp_path, changes, named):
+    mosaic_gpt_folder(tmp_path, **changes)
+    with pytest.raises(BadInput, match=re.escape(named)):
+        load_mpt(tmp_path)
+
+
+def test_transformers_mpt_config_without_alibi_takes_transformers_default():
+    """transformers' MptAttentionConfig turns ALiBi on by default, which its 4.x save_pretrained may leave out;
+    MosaicML's remote code (auto_map) turns it off, so there it must be stated."""
+    config = transformers.MptConfig(d_model=48, n_heads=4, n_layers=2, max_seq_len=24, vocab_size=VOCAB).to_dict()
+    del config["attn_config"]["alibi"]
+    assert mpt_config_to_kwargs(config)["num_heads"] == 4
+    with pytest.raises(BadInput, match="alibi=None"):
+        mpt_config_to_kwargs({**config, "auto_map": {"AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"}})
+
+
+def test_mpt_7b_config_gives_the_preset():
+    """mosaicml/mpt-7b's config.json (MosaicML's remote-code MPTConfig), every field of it: read or ignored on
+    purpose, and what is read is the preset."""
+    config = {
+        "architectures": ["MPTForCausalLM"],
+        "attn_config": {
+            "alibi": True, "alibi_bias_max": 8, "attn_impl": "torch", "attn_pdrop": 0, "attn_type": "multihead_attention",
+            "attn_uses_sequence_id": False, "clip_qkv": None, "prefix_lm": False, "qk_ln": False, "softmax_scale": None,
+        },
+        "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
+        "d_model": 4096, "emb_pdrop": 0, "embedding_fraction": 1.0, "expansion_ratio": 4,
+        "init_config": {
+            "emb_init_std": None, "emb_init_uniform_lim": None, "fan_mode": "fan_in", "init_div_is_residual": True,
+            "init_gain": 0, "init_nonlinearity": "relu", "init_std": 0.02, "name": "kaiming_normal_", "verbose": 0,
+        },
+        "init_device": "cpu", "learned_pos_emb": True, "logit_scale": None, "max_seq_len": 2048, "model_type": "mpt",
+        "n_heads": 32, "n_layers": 32, "no_bias": True, "norm_type": "low_precision_layernorm", "resid_pdrop": 0,
+        "tokenizer_name": "EleutherAI/gpt-neox-20b", "torch_dtype": "bfloat16", "transformers_version": "4.28.1",
+        "use_cache": False, "verbose": 0, "vocab_size": 50432,
+    }  # fmt: skip
+    kwargs = mpt_config_to_kwargs(config)
+    assert {key: kwargs[key] for key in LM_MODELS["mpt-7b"]} == LM_MODELS["mpt-7b"]
+    assert lm_preset_differences("mpt-7b", kwargs) == []
