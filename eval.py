@@ -22,15 +22,17 @@ Extra `--data.KEY=VALUE` arguments override the data config (e.g. `--data.image_
 import argparse
 import contextlib
 import json
+import os
 
 import torch
 
-from crossmodal.config import ConfigError, fail, load_config, parse_overrides
+from crossmodal.config import fail, load_config, parse_overrides
 from crossmodal.data.templates import load_classnames, load_templates
+from crossmodal.evaluation.probe import scalar_metrics
+from crossmodal.files import shown, write_atomic
 from crossmodal.recipes import load_released, load_run, recipe_for
-from crossmodal.recipes.registry import family_tasks
-
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+from crossmodal.recipes.clip import BPE_FILE
+from crossmodal.recipes.registry import family_tasks, image_size_problem
 
 
 def all_tasks() -> list[str]:
@@ -82,6 +84,15 @@ def parse_args(argv: list[str] | None):
         parser.error("give either --checkpoint (a train.py run) or --model with --pretrained (released weights)")
     if any(not arg.startswith("--data.") for arg in overrides if arg.startswith("--")):
         parser.error(f"unrecognised arguments: {' '.join(overrides)} (only --data.KEY=VALUE overrides are passed on)")
+    for option, least in (("batch_size", 1), ("workers", 0), ("k_test", 1), ("num_beams", 1), ("max_length", 1),
+                          ("min_length", 0), ("answer_k", 1), ("num_queries", 1), ("log_every", 0), ("shots", 0),
+                          ("seeds", 0)):
+        values = getattr(args, option)
+        if any(value < least for value in (values if isinstance(values, list) else [values] if values is not None
+                                           else [])):
+            fail(f"eval.py: --{option.replace('_', '-')} must be at least {least}; got {values}")
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+        fail(f"eval.py: --out {shown(args.out)}: not a file in an existing folder")
     return args, overrides
 
 
@@ -98,18 +109,6 @@ def print_table(title: str, results: dict) -> None:
     width = max(len(name) for name in results)
     for name, value in results.items():
         print(f"  {name:<{width}}  {value:8.2f}" if isinstance(value, float) else f"  {name:<{width}}  {value:>8}")
-
-
-def scalar_metrics(results: dict) -> dict:
-    """The numbers worth a table line: the scalars, and each k-shot probe's mean and std."""
-    table = {key: value for key, value in results.items() if isinstance(value, (int, float, str))
-             and not isinstance(value, bool)}
-    for k, summary in results.get("shots", {}).items():
-        for metric in ("top1", "macro_f1"):
-            if f"{metric}_mean" in summary:
-                table[f"{k}-shot {metric}"] = summary[f"{metric}_mean"]
-                table[f"{k}-shot {metric} std"] = summary[f"{metric}_std"]
-    return table
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,19 +130,21 @@ def main(argv: list[str] | None = None) -> dict:
         data_cfg = load_config(None, overrides).data
         for key, _ in parse_overrides(overrides):  # only the keys the user named; the rest keep the run's
             setattr(cfg.data, key[len("data."):], getattr(data_cfg, key[len("data."):]))
+        problem = image_size_problem(cfg)
+        if problem:
+            raise ValueError(problem)
         spec = args.data or cfg.data.val
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
         autocast = torch.autocast(torch.device(args.device).type, dtype) if dtype else contextlib.nullcontext()
         with autocast:
             results = recipe.run_task(args.task, model, tokenizer, spec, args)
-    except (FileNotFoundError, ConfigError, ValueError) as error:  # bad input: say what, not a traceback
+    except (FileNotFoundError, ValueError) as error:  # bad input (a config.BadInput too): one line, no traceback
         fail(f"eval.py: {error}")
     source = {"checkpoint": args.checkpoint} if args.checkpoint else {"model": args.model, "pretrained": args.pretrained}
     table = scalar_metrics(results)
     print_table(f"{args.task} on {spec} ({', '.join(f'{k} {v}' for k, v in source.items())})", table)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"task": args.task, "data": spec, **source, **results}, f, indent=2)
+    if args.out:  # through a temporary file: a failure leaves the previous results as they were
+        write_atomic(args.out, json.dumps({"task": args.task, "data": spec, **source, **results}, indent=2))
     return results
 
 

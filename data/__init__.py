@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from crossmodal.config import DataConfig
+from crossmodal.config import BadInput, DataConfig
 from crossmodal.data.bad_samples import MAX_EXAMPLES, BadSample, BadSampleCount, clean_caption
 from crossmodal.data.coco import load_coco
 from crossmodal.data.csv_pairs import load_csv
@@ -44,6 +44,7 @@ from crossmodal.data.shapes import ShapesDataset
 from crossmodal.data.transforms import image_transform
 from crossmodal.data.vqa import VQA_PROMPT, VQADataset, load_vqa, question_answer_rows, text_ids
 from crossmodal.data.webdataset import WebDataset, check_record, expand_shards, shard_records
+from crossmodal.files import end_with_parent
 
 MAX_CONSECUTIVE_BAD = 100  # a map-style item gives up (and the run stops) after this many unreadable neighbours
 
@@ -183,8 +184,8 @@ def _read_or_next(read, index: int, size: int) -> tuple[dict, dict]:
             return read((index + step) % size), {"bad": 1, "bad_examples": [str(first)], "seen": 1}
         except BadSample:
             continue
-    raise RuntimeError(f"index {index} and the {min(MAX_CONSECUTIVE_BAD, size) - 1} after it cannot be read, "
-                       f"e.g. {first}")
+    raise BadInput(f"index {index} and the {min(MAX_CONSECUTIVE_BAD, size) - 1} after it cannot be read, e.g. "
+                   f"{first}")
 
 
 class ImageTextDataset(Dataset):
@@ -267,7 +268,10 @@ class GlobalBatchSampler(Sampler):
         return (self.steps - self.start_step) * self.accum_steps
 
 
-def _ignore_sigterm(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    # A worker that ignores SIGTERM (below) would outlive a parent killed by SIGKILL (the OOM killer, `kill -9`)
+    # and keep its memory and files: the kernel sends it SIGKILL when the parent dies.
+    end_with_parent(signal.SIGKILL)
     # A scheduler's SIGTERM (preemption, `scancel`) often reaches the whole process group. The training
     # process answers it by finishing its step and writing a checkpoint, which needs its data workers
     # alive until then; they are shut down with the loader (see `shutdown_workers`).
@@ -354,8 +358,9 @@ class Collate:
 
 
 def _loader(dataset: Dataset, collate, workers: int, **kwargs) -> DataLoader:
-    """A tracked DataLoader (its workers ignore SIGTERM and are shut down with the run) collating with `collate`."""
-    return _TrackedLoader(dataset, num_workers=workers, collate_fn=collate, worker_init_fn=_ignore_sigterm,
+    """A tracked DataLoader (its workers ignore SIGTERM, are shut down with the run and killed with their parent)
+    collating with `collate`."""
+    return _TrackedLoader(dataset, num_workers=workers, collate_fn=collate, worker_init_fn=_init_worker,
                           prefetch_factor=4 if workers else None, **kwargs)
 
 
@@ -533,6 +538,8 @@ class Questions(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item, bad_fields = _read_or_next(self.base.__getitem__, index, len(self.base))
+        if bad_fields["bad"]:  # a neighbour's item: only its image stands in
+            item = {**self.base.question_item(index), "image": item["image"]}
         answers = item.get("answers", [item["answer"]] if "answer" in item else None)
         return {"image": self.transform(item["image"]), "question": item["question"], "answers": answers,
                 "question_id": item.get("question_id", index), "key": item["key"], "index": index, **bad_fields}

@@ -8,7 +8,9 @@ batch (`bad`, `bad_examples`), so train.py can log it and stop when there are to
 When to stop: `too_many(bad, seen, max_fraction)` is true once more than `max_fraction` of the samples
 seen so far were bad AND at least `MIN_BAD_TO_STOP` were. The second condition keeps one stray broken
 file in a small or young run (1 bad out of the first 20 samples is 5%) from stopping it; a dataset
-that is really broken crosses both long before the first epoch ends.
+that is really broken crosses both long before the first epoch ends. A fraction that is not a number
+(`nan`) stops rather than switching the check off. Evaluation applies the same rule to the captions and
+queries that unreadable images affect (`BadSampleCount.check`).
 """
 import io
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from PIL import Image
+
+from crossmodal.config import BadInput
 
 MIN_BAD_TO_STOP = 10
 MAX_EXAMPLES = 5  # example locations kept for messages
@@ -63,7 +67,7 @@ def clean_caption(text: str | bytes, where: str) -> str:
 
 
 def too_many(bad: int, seen: int, max_fraction: float) -> bool:
-    return bad >= MIN_BAD_TO_STOP and bad > max_fraction * seen
+    return bad >= MIN_BAD_TO_STOP and not bad <= max_fraction * seen  # (a nan fraction stops)
 
 
 @dataclass
@@ -88,6 +92,12 @@ class BadSampleCount:
     def too_many(self, max_fraction: float) -> bool:
         return too_many(self.bad, self.seen, max_fraction)
 
+    def check(self, max_fraction: float, where: str, what: str = "samples", state: str = "bad") -> None:
+        """Raise BadInput naming `where` once too_many(max_fraction) (data.max_bad_fraction)."""
+        if self.too_many(max_fraction):
+            raise BadInput(f"{where}: {self.describe(what, state)}; more than data.max_bad_fraction={max_fraction} "
+                           f"(fix or remove them, or raise it)")
+
     def summed_over_ranks(self) -> "BadSampleCount":
         """The count over all processes (a collective: every rank must call it); examples rank 0's first."""
         if not (dist.is_available() and dist.is_initialized()):
@@ -102,7 +112,7 @@ class BadSampleCount:
                 total.add(0, 0, examples)
         return total
 
-    def describe(self, what: str = "samples") -> str:
+    def describe(self, what: str = "samples", state: str = "bad") -> str:
         """'3 of 1,600 samples bad (0.19%), e.g. a.jpg: missing file; ...'."""
-        text = f"{self.bad:,} of {self.seen:,} {what} bad ({100 * self.fraction:.2f}%)"
+        text = f"{self.bad:,} of {self.seen:,} {what} {state} ({100 * self.fraction:.2f}%)"
         return text + (f", e.g. {'; '.join(self.examples)}" if self.examples else "")

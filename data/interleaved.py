@@ -126,12 +126,14 @@ class ShapesICL(Dataset):
         return {"images": [render(scene, self.image_size) for scene in scenes], "text": "".join(texts),
                 "text_only": _text_only(texts, colors), "key": f"shapes_icl/{self.split}/{self.seed}/{index}"}
 
-    def example(self, shape_index: int, episode: int) -> dict:
-        """Shapes image `shape_index` (of the whole split) named in episode's words; `prompt`: the words episodes'
-        prompt (captioning), which few-shot VQA uses for these examples."""
+    def example(self, shape_index: int, episode: int, words: dict[str, str] | None = None) -> dict:
+        """Shapes image `shape_index` (of the whole split) named in episode's words (or `words`, another split's
+        episode's: few-shot demonstrations from the train split); `prompt`: the words episodes' prompt
+        (captioning), which few-shot VQA uses for these examples."""
         scene, caption, _, _ = self._describe(shape_index)
+        words = words or self.words(episode)
         return {"image": render(scene, self.image_size), "question": WORDS_QUESTION, "caption": caption,
-                "answers": [self.words(episode)[scene.objects[0].color]], "prompt": "caption"}
+                "answers": [words[scene.objects[0].color]], "prompt": "caption"}
 
 
 def _text_only(texts: list[str], colors: list[str]) -> str:

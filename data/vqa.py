@@ -115,16 +115,17 @@ class VQADataset(Dataset):
         path = self.image_paths[image_index]
         return open_image(path, where or path, self.draft_size)
 
-    def __getitem__(self, index: int) -> dict:
-        item = {
-            "image": self.image(self.image_of[index], self.where(index)),
-            "question": self.questions[index],
-            "question_id": self.question_ids[index],
-            "key": self.image_paths[self.image_of[index]],
-        }
+    def question_item(self, index: int) -> dict:
+        """Item `index` without its image (question, question_id, key[, answers, answer]): what evaluation scores
+        when the image cannot be read."""
+        item = {"question": self.questions[index], "question_id": self.question_ids[index],
+                "key": self.image_paths[self.image_of[index]]}
         if self.answers is not None:
             item["answers"], item["answer"] = self.answers[index], self.best_answers[index]
         return item
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.image(self.image_of[index], self.where(index)), **self.question_item(index)}
 
 
 def load_vqa(argument: str, image_root: str = "", draft_size: int = 0) -> VQADataset:

@@ -11,6 +11,11 @@ takes the best, after keeping the `answer_k` best by first-token probability as 
 given (a JSON list like BLIP's answer_list.json, or one per line), else the distinct answers of the data.
 Accuracy is the official VQA soft accuracy (metrics/vqa.py); a question with one answer (shapes) counts it as ten
 identical human answers, normalised as predictions are: exact match after normalisation.
+
+Unreadable images count as misses, as in evaluation/contrastive.py: in retrieval they are no candidate and their
+queries fail; an unreadable image's caption is empty (scored, not skipped) and its questions' answers are empty
+(wrong). Results report `bad_images` and what they affect (`affected_captions`, `affected_questions`), and the
+evaluation stops with one line once those pass data.max_bad_fraction.
 """
 import contextlib
 import json
@@ -23,7 +28,9 @@ import torch.nn.functional as F
 
 from crossmodal.data import build_dataset, caption_loader, has_questions, question_loader, retrieval_loader
 from crossmodal.data.vqa import VQA_PROMPT, VQADataset, text_ids
-from crossmodal.evaluation.contrastive import Progress, encode_texts, ranking_recalls, retrieval_metrics, zeroshot
+from crossmodal.data.bad_samples import BadSampleCount
+from crossmodal.evaluation.contrastive import (Progress, check_unreadable, encode_texts, ranking_recalls,
+                                               retrieval_metrics, zeroshot)
 from crossmodal.metrics import caption_scores, normalize_answer, vqa_score
 from crossmodal.models import generation
 from crossmodal.models.blip import BLIP
@@ -61,13 +68,16 @@ def blip_retrieval(model: BLIP, tokenizer, spec, image_size, device, batch_size=
     for ITM, as BLIP keeps them (5K COCO images at 384 px with ViT-B: ~9 GB in fp32)."""
     image_loader, text_tokens, text_to_image = retrieval_loader(
         spec, image_size, tokenizer, batch_size, workers, options=options)
-    image_tokens, image_features, bad = [], [], 0
+    image_tokens, image_features, unreadable, count = [], [], [], BadSampleCount()
     for batch in image_loader:
         tokens = model.forward_image(batch["image"].to(device))  # (B, 1 + HW, vision_width)
         image_tokens.append(tokens.cpu())
         image_features.append(F.normalize(model.part("vision_proj")(tokens[:, 0]).float(), dim=-1).cpu())
-        bad += int(batch["bad"].sum())
-    image_tokens, image_features = torch.cat(image_tokens), torch.cat(image_features)
+        unreadable.append(batch["bad"] > 0)
+        count.add_batch(batch)
+    image_tokens, image_features, unreadable = torch.cat(image_tokens), torch.cat(image_features), torch.cat(unreadable)
+    affected = int(unreadable[text_to_image].sum())
+    check_unreadable(count, affected, len(text_to_image), "captions", spec, options)
     text_features = encode_texts(model, text_tokens, device, batch_size)
 
     def itm_positive(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
@@ -78,32 +88,34 @@ def blip_retrieval(model: BLIP, tokenizer, spec, image_size, device, batch_size=
 
     similarity = image_features @ text_features.T  # (num_images, num_texts), cosine: BLIP uses no temperature here
     results = {f"itc_{name}": value for name, value in retrieval_metrics(image_features, text_features,
-                                                                         text_to_image).items()}
+                                                                         text_to_image, unreadable=unreadable).items()}
     image_to_text, text_to_image_scores = rerank_scores(similarity, itm_positive, k_test, batch_size, log_every)
-    results.update({f"itm_{name}": value for name, value in ranking_recalls(image_to_text, text_to_image_scores,
-                                                                            text_to_image).items()})
+    itm = ranking_recalls(image_to_text, text_to_image_scores, text_to_image, unreadable=unreadable)
+    results.update({f"itm_{name}": value for name, value in itm.items()})
     results.update(k_test=min(k_test, len(text_features), len(image_features)), num_images=len(image_features),
-                   num_texts=len(text_features), bad_images=bad)
+                   num_texts=len(text_features), bad_images=int(unreadable.sum()), affected_captions=affected)
     return results
 
 
 @torch.no_grad()
 def caption(model: BLIP, spec, image_size, device, batch_size=256, workers=0, options=None, num_beams=3,
             max_length=20, min_length=5, prompt="a picture of ", log_every=10) -> dict:
-    """A caption for every unique image, scored against all its captions (BLEU-1..4, CIDEr, x100)."""
+    """A caption for every unique image, scored against all its captions (BLEU-1..4, CIDEr, x100); an unreadable
+    image's caption is empty."""
     loader, references = caption_loader(spec, image_size, batch_size, workers, options=options)
-    captions, bad = [], 0
+    captions, count = [], BadSampleCount()
     progress = Progress("captioned images", len(references), log_every)
     for batch in loader:
         texts = model.generate(batch["image"].to(device), prompt=prompt, num_beams=num_beams, max_length=max_length,
                                min_length=min_length)
-        for key, index, text in zip(batch["key"], batch["index"].tolist(), texts):
-            captions.append({"image": key, "caption": text, "references": references[index]})
-        bad += int(batch["bad"].sum())
+        for key, index, text, bad in zip(batch["key"], batch["index"].tolist(), texts, batch["bad"].tolist()):
+            captions.append({"image": key, "caption": "" if bad else text, "references": references[index]})
+        count.add_batch(batch)
         progress.update(len(texts))
+    check_unreadable(count, count.bad, len(captions), "images", spec, options)
     scores = caption_scores({i: c["caption"] for i, c in enumerate(captions)},
                             {i: c["references"] for i, c in enumerate(captions)})
-    return {**scores, "num_images": len(captions), "bad_images": bad, "captions": captions}
+    return {**scores, "num_images": len(captions), "bad_images": count.bad, "captions": captions}
 
 
 def vqa_prompts(model: BLIP, tokenizer, questions: list[str]) -> list[list[int]]:
@@ -226,7 +238,7 @@ def vqa(model: BLIP, tokenizer, spec, image_size, device, batch_size=256, worker
     if mode == "rank":
         candidates = answers or dataset_answers(dataset)
         candidate_ids = [ids + [model.eos_id] for ids in text_ids(tokenizer, candidates, model.eos_id)]
-    predictions, references, rows, bad = {}, {}, [], 0
+    predictions, references, rows, count, bad_images = {}, {}, [], BadSampleCount(), set()
     progress = Progress("answered questions", len(dataset), log_every)
     for batch in loader:
         image_tokens = model.forward_image(batch["image"].to(device))  # (B, 1 + HW, vision_width)
@@ -236,16 +248,21 @@ def vqa(model: BLIP, tokenizer, spec, image_size, device, batch_size=256, worker
                                                               batch_size)]
         else:
             predicted = generate_answers(model, image_tokens, prompts, tokenizer, num_beams)
-        for question_id, question, answer, truth in zip(batch["question_id"], batch["question"], predicted,
-                                                        batch["answers"]):
+        for question_id, question, answer, truth, key, bad in zip(batch["question_id"], batch["question"], predicted,
+                                                                  batch["answers"], batch["key"], batch["bad"]):
+            if bad:  # the model saw a neighbour's image
+                answer = ""
+                bad_images.add(key)
             predictions[question_id] = answer
             rows.append({"question_id": question_id, "question": question, "answer": answer, "answers": truth})
             if truth is not None:
                 references[question_id] = reference_answers(truth)
-        bad += int(batch["bad"].sum())
+        count.add(int(batch["bad"].sum()), len(predicted), batch["bad_examples"])
         progress.update(len(predicted))
+    check_unreadable(count, count.bad, len(rows), "questions", spec, options)
     results = {"accuracy": vqa_score(predictions, references)} if references else {}
-    results.update(mode=mode, num_questions=len(rows), bad_images=bad, prompt=VQA_PROMPT)
+    results.update(mode=mode, num_questions=len(rows), bad_images=len(bad_images), affected_questions=count.bad,
+                   prompt=VQA_PROMPT)
     if mode == "rank":
         results["num_candidates"] = len(candidates)
     return {**results, "predictions": rows}

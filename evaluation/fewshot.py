@@ -1,9 +1,12 @@
 """Few-shot in-context evaluation of a Flamingo (eval.py --task fewshot_vqa | fewshot_caption), OpenFlamingo's
 protocol (`open_flamingo/eval/evaluate.py`, Alayrac et al. 2022 section 3):
 
-- each query gets k demonstrations from a pool of at most `pool_size` examples (OpenFlamingo: 2048 of the train
-  split; here the same spec's examples other than the queries): drawn at random per (seed, query), or RICES,
-  the k most similar by the frozen vision encoder's image embedding (cosine), ordered so the most similar is last;
+- each query gets k demonstrations from a pool of at most `pool_size` training-side examples (OpenFlamingo: 2048
+  of the train split), never the query itself: drawn at random per (seed, query), or RICES, the k most similar by
+  the frozen vision encoder's image embedding (cosine), ordered so the most similar is last. The pool: for
+  shapes_icl, the train split's images; for a spec that names one split only (coco, vqa, csv, shapes, ...), that
+  spec's examples other than the queries, and where the queries take the whole spec, the spec itself with each
+  query left out of its own pool (so a whole split evaluates however large; `--num-queries` keeps the two apart);
 - prompts `<image> Output: {caption}<|endofchunk|>` and `<image> Question: {q} Short answer: {a}<|endofchunk|>`
   (data/interleaved.py: a space after `<image>` for sentencepiece), the query's answer left open, after bos;
   `prompts="open_flamingo"` (released OpenFlamingo weights) writes OpenFlamingo's exact strings instead:
@@ -19,7 +22,12 @@ protocol (`open_flamingo/eval/evaluate.py`, Alayrac et al. 2022 section 3):
 `shapes_icl:SPLIT[:N]` queries are the first N shapes images of the split, each to be named by its colour in its
 own episode's made-up words (query i: episode i), with the captioning prompt its episodes train on
 (`<image> Output: dax`) and scored as VQA accuracy; every demonstration of query i is answered in episode i's
-words, so only the demonstrations reveal the answer. Its pool is the split's images after the first N.
+words, so only the demonstrations reveal the answer (those from the train split answered in episode i's words too).
+
+An unreadable image (coco, vqa, csv: a missing or corrupt file) makes a miss of every query whose prompt holds it,
+its own or a demonstration's (RICES never picks one); results report `affected_queries` (each run's, and the most
+of any run), and the evaluation stops with one line once a run's pass data.max_bad_fraction of the queries, the
+rule training applies.
 """
 import re
 import statistics
@@ -28,7 +36,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from crossmodal.config import BadInput, DataConfig
 from crossmodal.data import build_dataset, has_questions, map_style_dataset
+from crossmodal.data.bad_samples import BadSample, BadSampleCount
 from crossmodal.data.image_files import ImageFiles
 from crossmodal.data.interleaved import (CAPTION_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
                               vqa_prompt)
@@ -41,65 +51,105 @@ PROMPTS = ("ours", "open_flamingo")  # see the module docstring
 
 
 class FewShotData:
-    """Queries and a demonstration pool over one dataset spec: `example(index, episode)` -> dict(image (3, H, W),
-    question, answers, captions); `episode` only matters for shapes_icl (whose words answer the questions)."""
+    """Queries and a demonstration pool (module docstring): `example(index, episode)` -> dict(image (3, H, W),
+    question, answers, captions) of query `index`, `demonstration(index, episode)` the same of pool entry `index`;
+    `episode` only matters for shapes_icl (whose words answer the questions). `pool_position[index]`: where a query
+    sits in the pool when the pool is drawn from the queries' own spec (it is then left out of its own draws)."""
 
     def __init__(self, spec: str, image_size: int, seed: int = 0, options=None, pool_size: int = 2048,
                  num_queries: Optional[int] = None):
+        self.spec = spec
         self.base = map_style_dataset(spec, image_size, seed, options)
         self.transform = image_transform(image_size, train=False)
         base = self.base
         if isinstance(base, ShapesICL):
-            total = len(base.shapes)
-            self.queries = list(range(min(len(base), total - 1)))
-            self.pool = list(range(len(self.queries), min(total, len(self.queries) + pool_size)))
+            count = min(len(base), len(base.shapes), num_queries or len(base))
+            self.queries = list(range(count))
+            self.pool_source = base if base.split == "train" else ShapesICL("train", image_size, seed=base.seed)
+            order = list(range(len(self.pool_source.shapes)))
         else:
             total = len(base.image_paths) if isinstance(base, ImageFiles) else len(base)
             count = min(num_queries or total, total)
-            order = np.random.default_rng(seed).permutation(total)
-            self.queries = sorted(int(i) for i in order[:count])
-            rest = [int(i) for i in order[count:]] or [int(i) for i in order]  # too small: demos among the queries
-            self.pool = rest[:pool_size]
-        if num_queries:
-            self.queries = self.queries[:num_queries]
+            order = [int(i) for i in np.random.default_rng(seed).permutation(total)]
+            self.queries = sorted(order[:count])
+            self.pool_source = base
+        if self.pool_source is base:  # the other examples first; the queries themselves only when there are none
+            chosen = set(self.queries)
+            order = [i for i in order if i not in chosen] + [i for i in order if i in chosen]
+        self.pool = order[:pool_size]
+        self.pool_position = {index: position for position, index in enumerate(self.pool)} \
+            if self.pool_source is base else {}
         if isinstance(base, ImageFiles):  # references: every caption of an image
             self.references = [[] for _ in base.image_paths]
             for text, image in zip(base.texts, base.image_of):
                 self.references[image].append(text)
 
     def example(self, index: int, episode: int) -> dict:
-        base = self.base
-        if isinstance(base, ShapesICL):
-            item = base.example(index, episode)
+        """Query `index`; raises BadSample for an unreadable image."""
+        return self._example(self.base, index, episode)
+
+    def demonstration(self, index: int, episode: int) -> dict:
+        """Pool entry `index` (of pool_source), answered in query `episode`'s words; raises BadSample."""
+        return self._example(self.pool_source, index, episode)
+
+    def _example(self, source, index: int, episode: int) -> dict:
+        if isinstance(source, ShapesICL):
+            item = source.example(index, episode, words=self.base.words(episode))
             item["captions"] = [item["caption"]]
-        elif isinstance(base, ImageFiles):
-            item = {"image": base.image(index), "captions": self.references[index], "question": None, "answers": None}
+        elif isinstance(source, ImageFiles):
+            item = {"image": source.image(index), "captions": self.references[index], "question": None,
+                    "answers": None}
         else:
-            raw = base[index]
+            raw = source[index]
             item = {"image": raw["image"], "question": raw.get("question"), "captions": [raw.get("caption")],
                     "answers": raw.get("answers", [raw["answer"]] if "answer" in raw else None)}
         return {**item, "image": self.transform(item["image"])}
 
 
 @torch.no_grad()
-def image_features(model, data: FewShotData, indices: list[int], device, batch_size: int = 128) -> torch.Tensor:
-    """(N, D) normalised image embeddings of the frozen vision encoder (RICES' similarity)."""
-    features = []
+def image_features(model, data: FewShotData, indices: list[int], device, pool: bool = False,
+                   batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) normalised image embeddings of the frozen vision encoder (RICES' similarity) of queries or (`pool`)
+    pool entries, and which of them could be read (N,) (the others' rows are 0)."""
+    read = data.demonstration if pool else data.example
+    features, readable = [], []
     for start in range(0, len(indices), batch_size):
-        images = torch.stack([data.example(i, 0)["image"] for i in indices[start : start + batch_size]]).to(device)
-        features.append(torch.nn.functional.normalize(model.vision_encoder(images).float(), dim=-1))
-    return torch.cat(features)
+        images = []
+        for index in indices[start : start + batch_size]:
+            try:
+                images.append(read(index, 0)["image"])
+                readable.append(True)
+            except BadSample:
+                readable.append(False)
+        if images:
+            features.append(torch.nn.functional.normalize(model.vision_encoder(torch.stack(images).to(device)).float(),
+                                                          dim=-1).cpu())
+    readable = torch.tensor(readable, dtype=torch.bool)
+    rows = torch.zeros(len(indices), features[0].shape[-1] if features else 1)
+    if features:
+        rows[readable] = torch.cat(features)
+    return rows, readable
 
 
 def demonstrations(data: FewShotData, query_position: int, shots: int, seed: int,
                    similarity: Optional[torch.Tensor]) -> list[int]:
-    """Pool indices of a query's demonstrations (0 shots: 2, shown without images); RICES: most similar last."""
+    """Pool indices of a query's demonstrations (0 shots: 2, shown without images), never the query itself;
+    RICES: most similar last."""
     count = shots if shots else 2
+    own = data.pool_position.get(data.queries[query_position])  # the query's place in the pool, if it has one
+    available = len(data.pool) - (own is not None)
+    if available < count:
+        raise BadInput(f"{data.spec}: {count} demonstrations per query, but its pool holds {available} examples "
+                       f"besides the query; use fewer --shots or a larger split")
     if similarity is not None and shots:
-        best = similarity[query_position].topk(count).indices.tolist()  # most similar first
+        scores = similarity[query_position].clone()
+        if own is not None:
+            scores[own] = float("-inf")
+        best = scores.topk(count).indices.tolist()  # most similar first
         return [data.pool[i] for i in reversed(best)]
     rng = np.random.default_rng([seed, query_position])
-    return [data.pool[int(i)] for i in rng.choice(len(data.pool), size=count, replace=False)]
+    drawn = rng.choice(available, size=count, replace=False)
+    return [data.pool[int(i) + (own is not None and i >= own)] for i in drawn]  # skipping the query's own place
 
 
 def pair_text(task: str, example: dict, answer: Optional[str], prompts: str = "ours") -> str:
@@ -123,7 +173,7 @@ def build_prompt(task: str, data: FewShotData, query: int, demos: list[int], sho
     """(text, images) of one query's prompt."""
     texts, images = [], []
     for index in demos:
-        demo = data.example(index, episode=query)
+        demo = data.demonstration(index, episode=query)
         answers = demo["answers"] if task == "fewshot_vqa" else demo["captions"]
         text = pair_text(task, demo, answers[int(rng.integers(len(answers)))], prompts)
         if shots:
@@ -156,22 +206,32 @@ def answer_accuracy(prediction: str, answers: list[str]) -> float:
 @torch.no_grad()
 def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, seed: int, device,
                    similarity: Optional[torch.Tensor] = None, batch_size: int = 32, num_beams: int = 3,
-                   prompts: str = "ours") -> float:
-    """One (shots, seed) run over all queries: VQA accuracy (%) or CIDEr."""
+                   prompts: str = "ours") -> tuple[float, BadSampleCount]:
+    """One (shots, seed) run over all queries: VQA accuracy (%) or CIDEr, and the queries whose prompt held an
+    unreadable image (each a miss: no answer, an empty caption)."""
     max_new_tokens = 5 if task == "fewshot_vqa" else 20
-    predictions, truths = {}, {}
+    predictions, truths, affected = {}, {}, BadSampleCount(seen=len(data.queries))
     for start in range(0, len(data.queries), batch_size):
-        prompt_ids, images = [], []
+        prompt_ids, images, answered = [], [], []
         for position in range(start, min(start + batch_size, len(data.queries))):
             query = data.queries[position]
             rng = np.random.default_rng([seed, query, 1])
-            text, pictures = build_prompt(task, data, query, demonstrations(data, position, shots, seed, similarity),
-                                          shots, rng, prompts)
+            try:
+                text, pictures = build_prompt(task, data, query, demonstrations(data, position, shots, seed,
+                                                                                similarity), shots, rng, prompts)
+                target = data.example(query, episode=query)
+            except BadSample as error:
+                affected.add(1, 0, [str(error)])
+                if task == "fewshot_caption" and hasattr(data, "references"):  # (known without the image)
+                    predictions[query], truths[query] = "", data.references[query]
+                continue
             start_ids = [tokenizer.bos_id] if prompts == "ours" else []  # OpenFlamingo's tokenizer adds no bos
             prompt_ids.append([*start_ids, *tokenizer.encode(text)])
             images.append(torch.stack(pictures))
-            target = data.example(query, episode=query)
+            answered.append(query)
             truths[query] = target["answers"] if task == "fewshot_vqa" else target["captions"]
+        if not answered:
+            continue
         length = max(map(len, prompt_ids))
         if length + max_new_tokens > model.lang_model.context_length:
             raise ValueError(f"{shots}-shot prompts reach {length} tokens, + {max_new_tokens} to generate: more "
@@ -179,45 +239,61 @@ def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, s
         tokens = torch.tensor([[tokenizer.pad_id] * (length - len(p)) + p for p in prompt_ids])  # padded on the left
         new = model.generate(torch.stack(images).to(device), tokens.to(device), max_new_tokens=max_new_tokens,
                              num_beams=num_beams, length_penalty=0.0)
-        for position, row in zip(range(start, start + len(prompt_ids)), new.tolist()):
+        for query, row in zip(answered, new.tolist()):
             row = row[: row.index(model.eoc_token_id)] if model.eoc_token_id in row else row
             text = tokenizer.decode([i for i in row if i != tokenizer.pad_id])
-            predictions[data.queries[position]] = answer_text(task, text, prompts)
-    if task == "fewshot_vqa":
-        return 100 * sum(answer_accuracy(predictions[q], truths[q]) for q in predictions) / len(predictions)
-    return caption_scores(predictions, truths)["CIDEr"]
+            predictions[query] = answer_text(task, text, prompts)
+    if task == "fewshot_vqa":  # the affected queries score 0 over all queries
+        score = 100 * sum(answer_accuracy(predictions[q], truths[q]) for q in predictions) / len(data.queries)
+    else:
+        score = caption_scores(predictions, truths)["CIDEr"]
+    return score, affected
 
 
 def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, shots=(0, 4, 8), seeds=(0, 1, 2),
              rices: bool = False, options=None, batch_size: int = 32, num_beams: int = 3, pool_size: int = 2048,
              num_queries: Optional[int] = None, log=print, prompts: str = "ours") -> dict:
-    """{"shots": {"0": {"mean", "std", "runs"}, ...}, "metric", "num_queries", "demonstrations", "prompts"} (see
-    module doc; prompts: one of PROMPTS)."""
+    """{"shots": {"0": {"mean", "std", "runs", "affected_queries"}, ...}, "metric", "num_queries", "pool_size",
+    "demonstrations", "prompts", "affected_queries" (the most of any run)} (see module doc; prompts: one of
+    PROMPTS). Stops (BadInput) once a run's affected queries pass data.max_bad_fraction."""
     if task not in TASKS:
         raise ValueError(f"few-shot tasks: {', '.join(TASKS)}; got {task!r}")
     if prompts not in PROMPTS:
         raise ValueError(f"few-shot prompts: {', '.join(PROMPTS)}; got {prompts!r}")
     if not hasattr(model, "perceiver"):
         raise ValueError(f"--task {task} needs a Flamingo checkpoint")
+    if not seeds or not shots:
+        raise BadInput(f"few-shot evaluation needs at least one seed and one shot count; got seeds {list(seeds)}, "
+                       f"shots {list(shots)}")
     data = FewShotData(spec, image_size, 0, options, pool_size, num_queries)
     if task == "fewshot_vqa" and not (has_questions(data.base) or isinstance(data.base, ShapesICL)):
         raise ValueError(f"{spec}: fewshot_vqa needs questions (shapes, shapes_icl, vqa with annotations)")
+    max_fraction = (options or DataConfig()).max_bad_fraction
     similarity = None
     if rices:
-        query_features = image_features(model, data, data.queries, device)
-        similarity = query_features @ image_features(model, data, data.pool, device).T  # (queries, pool)
-    results = {}
+        query_features, _ = image_features(model, data, data.queries, device)
+        pool_features, readable = image_features(model, data, data.pool, device, pool=True)
+        similarity = (query_features @ pool_features.T).masked_fill(~readable, float("-inf"))  # (queries, pool)
+    results, most_affected = {}, 0
     for count in shots:
-        runs = [evaluate_shots(model, tokenizer, data, task, count, seed, device, similarity, batch_size, num_beams,
-                               prompts)
-                for seed in (seeds if not rices else seeds[:1])]  # RICES is deterministic
+        runs, affected = [], []
+        for seed in (seeds if not rices else seeds[:1]):  # RICES is deterministic
+            score, unreadable = evaluate_shots(model, tokenizer, data, task, count, seed, device, similarity,
+                                               batch_size, num_beams, prompts)
+            unreadable.check(max_fraction, f"{spec} ({count} shots, seed {seed})", "queries",
+                             "with an unreadable image in their prompt")
+            runs.append(score)
+            affected.append(unreadable.bad)
         results[str(count)] = {"mean": statistics.fmean(runs), "std": statistics.pstdev(runs) if len(runs) > 1 else 0.0,
-                               "runs": runs}
+                               "runs": runs, "affected_queries": affected}
+        most_affected = max(most_affected, *affected)
         if log:
             log(f"{task} {count} shots: {results[str(count)]['mean']:.2f} +- {results[str(count)]['std']:.2f} "
-                f"({', '.join(f'{run:.2f}' for run in runs)})")
+                f"({', '.join(f'{run:.2f}' for run in runs)})" +
+                (f", queries with an unreadable image: {', '.join(map(str, affected))}" if any(affected) else ""))
     return {"metric": "accuracy" if task == "fewshot_vqa" else "CIDEr", "num_queries": len(data.queries),
-            "demonstrations": "rices" if rices else "random", "prompts": prompts, "shots": results}
+            "pool_size": len(data.pool), "demonstrations": "rices" if rices else "random", "prompts": prompts,
+            "affected_queries": most_affected, "shots": results}
 
 
 @torch.no_grad()

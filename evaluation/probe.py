@@ -3,7 +3,7 @@
     results = linear_probe(model, tokenizer, "shapes:train:5000", None, image_size=64, device="cpu",
                            test_spec="shapes:val", shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2))
 
-Features: eval.encode_images over data.eval_loader (evaluation preprocessing, L2-normalised, computed
+Features: contrastive.encode_marked over data.eval_loader (evaluation preprocessing, L2-normalised, computed
 once per split; every fit below reuses them).
 
 Classifier: L2-regularised multinomial logistic regression with a bias, minimising
@@ -34,6 +34,10 @@ by a generator seeded with the seed; classes without training images are left ou
 above on the validation features, no refit (the validation images would add shots); mean and standard
 deviation (ddof 0) over seeds.
 
+Unreadable images (a missing or corrupt file) are left out of every split: a feature that cannot be computed can
+neither train the classifier nor be scored by it. Each split is checked against data.max_bad_fraction (one line
+and a stop past it, as in training); `bad_images` counts them over all splits.
+
 Metrics, all in percent: top-1 accuracy, macro F1 (the mean of per-class F1 over the classes present
 in the labels or the predictions, as sklearn.metrics.f1_score(average="macro")), per-class precision
 and recall (0 for a class never predicted / never present, sklearn's zero_division=0), and the
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from crossmodal.data import eval_loader
-from crossmodal.evaluation.contrastive import encode_images
+from crossmodal.evaluation.contrastive import check_unreadable, encode_marked
 
 GRAD_TOLERANCE = 1e-8
 MAX_ITER = 1000
@@ -230,10 +234,12 @@ def linear_probe(model, tokenizer, train_spec: str, val_spec: str | None, image_
 
     def features(spec):
         dataset, loader = eval_loader(spec, image_size, tokenizer, batch_size, workers, options=options)
-        x, y, bad = encode_images(model, loader, device)
+        x, y, unreadable, count = encode_marked(model, loader, device)
         if len(y) and y.min() < 0:
             raise ValueError(f"{spec} has no class labels; a linear probe needs a classification dataset")
-        return dataset, x.to(device), y.to(device), bad
+        check_unreadable(count, count.bad, len(y), "images", spec, options, fate="left out")
+        readable = ~unreadable  # (their slots hold a neighbour's features)
+        return dataset, x[readable].to(device), y[readable].to(device), count.bad
 
     dataset, train_x, train_y, bad = features(train_spec)
     classnames = list(getattr(dataset, "classnames", [str(c) for c in range(int(train_y.max()) + 1)]))
@@ -261,11 +267,13 @@ def linear_probe(model, tokenizer, train_spec: str, val_spec: str | None, image_
 
 
 def scalar_metrics(results: dict) -> dict:
-    """The numbers worth a table line: top1, macro_f1, lambda, sizes, and `{k}-shot top1` mean and std."""
+    """The lines of a results table: the scalars (and short texts) of any evaluation's results, and each k-shot
+    summary's mean and std (a probe's `{k}-shot top1` and `macro_f1`, a few-shot evaluation's `{k}-shot accuracy`)."""
     table = {key: value for key, value in results.items()
-             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+             if isinstance(value, (int, float, str)) and not isinstance(value, bool)}
     for k, summary in results.get("shots", {}).items():
-        for metric in ("top1", "macro_f1"):
-            table[f"{k}-shot {metric}"] = summary[f"{metric}_mean"]
-            table[f"{k}-shot {metric} std"] = summary[f"{metric}_std"]
+        for metric in ("top1_", "macro_f1_", ""):  # "": few-shot's one metric, named by results["metric"]
+            if f"{metric}mean" in summary:
+                name = f"{k}-shot {metric.rstrip('_') or results.get('metric', 'score')}"
+                table[name], table[f"{name} std"] = summary[f"{metric}mean"], summary[f"{metric}std"]
     return table

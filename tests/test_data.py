@@ -226,3 +226,36 @@ def test_global_batch_is_the_same_for_any_process_count_and_accumulation():
 def test_global_batch_must_divide():
     with pytest.raises(ValueError, match="batch_size=10 must divide evenly into 3 processes x 1"):
         GlobalBatchSampler(100, 10, 5, rank=0, world_size=3)
+
+
+# ---------------------------------------------------------------- imagefolder, bad-sample rule
+
+
+def test_imagefolder_leaves_out_empty_class_folders_links_and_fifos(tmp_path):
+    import os
+
+    from crossmodal.data.imagefolder import ImageFolder
+
+    for folder in ("b_cat", "d_dog"):
+        os.makedirs(tmp_path / folder / "nested")
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "nested" / "0.png")
+    (tmp_path / "a_empty").mkdir()
+    (tmp_path / "c_only_text").mkdir()
+    (tmp_path / "c_only_text" / "notes.txt").write_text("no image")
+    os.mkfifo(tmp_path / "d_dog" / "pipe.png")  # a read would block forever
+    os.symlink(tmp_path / "d_dog", tmp_path / "d_dog" / "nested" / "loop")
+    dataset = ImageFolder(str(tmp_path))
+    assert dataset.classnames == ["b cat", "d dog"] and dataset.labels == [0, 1]
+    assert dataset.empty_folders == ["a_empty", "c_only_text"] and dataset.folder_positions == [1, 3]
+    left_out = "\n".join(dataset.left_out())
+    assert "a_empty: an empty class folder" in left_out and "pipe.png: a FIFO" in left_out and "loop" in left_out
+
+
+def test_a_nan_max_bad_fraction_stops():
+    from crossmodal.config import BadInput
+    from crossmodal.data.bad_samples import BadSampleCount, too_many
+
+    assert too_many(10, 100, float("nan")) and not too_many(10, 100, 0.5)
+    with pytest.raises(BadInput, match="x.csv: 30 of 40 captions with an unreadable image .75.00%.*max_bad_fraction"):
+        BadSampleCount(30, 40).check(0.01, "x.csv", "captions", "with an unreadable image")
+    BadSampleCount(30, 40).check(0.8, "x.csv")

@@ -218,14 +218,14 @@ def test_imagefolder_classes_labels_and_errors(tmp_path, tokenizer):
     write_images(tmp_path / "root" / "dog", 3, prefix="d")
     (tmp_path / "root" / "dog" / "notes.txt").write_text("not an image")
     dataset = build_dataset(f"imagefolder:{tmp_path / 'root'}")
-    assert dataset.folders == ["dog", "empty_class", "tabby_cat"]
-    assert dataset.classnames == ["dog", "empty class", "tabby cat"]
-    assert [dataset[i]["label"] for i in range(len(dataset))] == [0, 0, 0, 2, 2]
+    assert dataset.folders == ["dog", "tabby_cat"] and dataset.empty_folders == ["empty_class"]
+    assert dataset.classnames == ["dog", "tabby cat"]
+    assert [dataset[i]["label"] for i in range(len(dataset))] == [0, 0, 0, 1, 1]
     assert dataset[4]["caption"] == "tabby cat"
 
     base, loader = eval_loader(f"imagefolder:{tmp_path / 'root'}", 32, tokenizer)
     batch = next(iter(loader))
-    assert base.classnames == dataset.classnames and batch["label"].tolist() == [0, 0, 0, 2, 2]
+    assert base.classnames == dataset.classnames and batch["label"].tolist() == [0, 0, 0, 1, 1]
     assert batch["tokens"].shape == (5, 16)
     os.makedirs(tmp_path / "nothing" / "a")
     with pytest.raises(ValueError, match=f"no images under '{re.escape(str(tmp_path / 'nothing'))}'"):

@@ -247,3 +247,37 @@ def test_linear_probe_command_line(tmp_path, tokenizer_path, monkeypatch):  # no
     assert [run["seed"] for run in written["shots"]["1"]["runs"]] == [3]
     with pytest.raises(SystemExit, match="needs --data"):
         evaluation.main(["--checkpoint", checkpoint, "--task", "linear_probe", "--data", "shapes:train:36"])
+
+
+def test_unreadable_images_are_misses_and_never_candidates():
+    images = torch.eye(3)
+    texts = torch.eye(3)[[0, 1, 2, 2]]  # captions 2 and 3 describe image 2
+    text_to_image = torch.tensor([0, 1, 2, 2])
+    whole = contrastive.retrieval_metrics(images, texts, text_to_image, ks=(1,))
+    assert whole == {"image_to_text_R@1": 100.0, "text_to_image_R@1": 100.0}
+    unreadable = torch.tensor([False, False, True])
+    broken = contrastive.retrieval_metrics(images, texts, text_to_image, ks=(1, 3), unreadable=unreadable)
+    assert broken["image_to_text_R@1"] == pytest.approx(200 / 3) and broken["text_to_image_R@3"] == 50.0
+    # a caption of image 0 that looks most like the unreadable image 2 still finds image 0 first
+    similar = contrastive.retrieval_metrics(images, torch.tensor([[0.5, 0.0, 1.0]]), torch.tensor([0]), ks=(1,),
+                                            unreadable=unreadable)
+    assert similar["text_to_image_R@1"] == 100.0
+
+
+def test_fewshot_pool_is_the_train_side_and_never_the_query():
+    from crossmodal.evaluation.fewshot import FewShotData, demonstrations
+
+    whole = FewShotData("shapes_icl:val", 32, num_queries=None, pool_size=64)
+    assert len(whole.queries) == 2000 and whole.pool_source.split == "train" and not whole.pool_position
+    words = whole.base.words(5)
+    demo = whole.demonstration(whole.pool[0], episode=5)
+    assert demo["answers"][0] in words.values()  # a train image named in the query's episode's words
+    same = FewShotData("shapes:val:6", 32)  # the queries take the whole spec: each is left out of its own pool
+    assert sorted(same.pool) == same.queries == list(range(6))
+    for position, query in enumerate(same.queries):
+        for seed in range(5):
+            assert query not in demonstrations(same, position, 5, seed, None)
+        similarity = torch.zeros(6, 6).fill_diagonal_(1.0)  # RICES would pick the query itself first
+        assert query not in demonstrations(same, position, 2, 0, similarity)
+    apart = FewShotData("shapes:val:6", 32, num_queries=2)
+    assert not set(apart.pool[:4]) & set(apart.queries)  # the other examples come first
