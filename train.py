@@ -22,8 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from crossmodal import checkpointing, distributed, parallel
-from crossmodal.config import (ConfigError, apply_overrides, config_from_dict, differences, fail, load_config,
-                               save_config)
+from crossmodal.config import (BadInput, ConfigError, apply_overrides, config_from_dict, differences, fail,
+                               load_config, save_config)
 from crossmodal.data import shutdown_workers, skipped_rows, train_loader
 from crossmodal.data.bad_samples import BadSampleCount
 from crossmodal.recipes import check_config, recipe_for, resolve
@@ -74,7 +74,7 @@ def load_run_config(args, overrides: list[str]):
                 print(f"--resume auto: no checkpoint at '{path}' yet; starting a new run", flush=True)
             return cfg, None
         raise FileNotFoundError(f"--resume: no checkpoint at '{path}'")
-    checkpoint = checkpointing.read(path)
+    checkpoint = checkpointing.read(path, resuming=True)
     saved = resolve(config_from_dict(checkpoint["config"]))
     resumed = apply_overrides(saved, overrides)
     if resumed.train.strategy == "fsdp" and "folder" not in checkpoint and int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -104,18 +104,23 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg, checkpoint = load_run_config(args, overrides)
         cfg = resolve(cfg)  # what the run adopts from its start, then the preset's image size and context length
-        problem = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        problem = checkpointing.out_dir_problem(cfg.out_dir) or check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     except (ConfigError, FileNotFoundError) as error:
         fail(f"config error: {error}")
+    except BadInput as error:  # a checkpoint that cannot be read
+        fail(f"train.py: {error}")
     if problem:
         fail(f"config error: {problem}")
     recipe_for(cfg).plan()
-    sigterm_handler = signal.getsignal(signal.SIGTERM)  # train() answers SIGTERM with a checkpoint meanwhile
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT)}  # train() answers them
     try:
         return train(cfg, checkpoint)
-    finally:  # every way out (the end, an error, sys.exit, SIGTERM) stops the data workers
+    except (BadInput, FileNotFoundError) as error:  # found while building: e.g. weights that do not fit the model
+        fail(f"train.py: {error}")
+    finally:  # every way out (the end, an error, sys.exit, a stop signal) stops the data workers
         shutdown_workers()
-        signal.signal(signal.SIGTERM, sigterm_handler)
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
 
 
 def build(cfg, recipe, checkpoint: dict | None, device: torch.device):
@@ -128,14 +133,7 @@ def build(cfg, recipe, checkpoint: dict | None, device: torch.device):
     model = parallel.prepare(model, cfg.train, device)  # on the device; FSDP shards it here
     optimizer = build_optimizer(model, cfg.train, layers)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    step = 0
-    if checkpoint is not None:
-        checkpointing.load(checkpoint, model, optimizer)
-        scaler.load_state_dict(checkpoint["scaler"])
-        checkpointing.set_rng_state(checkpoint["rng"][distributed.rank() % len(checkpoint["rng"])], device)
-        step = checkpoint["step"]
-        if distributed.is_main():
-            print(f"resumed from step {step}", flush=True)
+    step = checkpointing.resume(checkpoint, model, optimizer, scaler, device) if checkpoint is not None else 0
     trained = model  # (fsdp: sharded above)
     if distributed.world_size() > 1 and cfg.train.strategy == "ddp":
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -145,13 +143,12 @@ def build(cfg, recipe, checkpoint: dict | None, device: torch.device):
 
 def train(cfg, checkpoint: dict | None) -> dict:
     device, rank, main_process = distributed.init(cfg.device), distributed.rank(), distributed.is_main()
-    if main_process:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
-    distributed.barrier()
+    os.makedirs(cfg.out_dir, exist_ok=True)  # (on every process: exist_ok makes that safe)
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     recipe = recipe_for(cfg)
     tokenizer, raw_model, model, optimizer, scaler, step = build(cfg, recipe, checkpoint, device)
+    if main_process:  # once a resumed checkpoint is known to fit: a refused one leaves the run as it was
+        save_config(cfg, os.path.join(cfg.out_dir, "config.yaml"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -167,10 +164,11 @@ def train(cfg, checkpoint: dict | None) -> dict:
         return run_evaluation(cfg, recipe, whole, tokenizer, device, log.writer, step)
 
     loader = train_loader(cfg, tokenizer, rank, distributed.world_size(), start_step=step, **recipe.loader_options())
-    stop_requested, batches, log = [False], iter(loader), TrainingLog(cfg, loader, step)
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.__setitem__(0, True))
+    received, batches, log = [], iter(loader), TrainingLog(cfg, loader, step)  # received: the stop signals
+    for stop in (signal.SIGTERM, signal.SIGINT):  # a scheduler's preemption, Ctrl-C: a checkpoint, then exit
+        signal.signal(stop, lambda signum, frame: received.append(signum))
     recipe.begin(step, resumed=checkpoint is not None)
-    stop_early, results = False, {}
+    stop_requested, stop_early, results = False, False, {}
     model.train()
     while step < cfg.train.steps:
         lr = learning_rate(step, cfg.train)
@@ -197,14 +195,15 @@ def train(cfg, checkpoint: dict | None) -> dict:
             keep, stop_early = distributed.broadcast_object(recipe.after_evaluation(results, step))
             if keep:
                 save(keep)
-        stop_requested[0] = distributed.any_rank(stop_requested[0])  # a SIGTERM on any rank stops them all here
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop_requested[0] or stop_early:
+        stop_requested = distributed.any_rank(bool(received))  # a stop signal on any rank stops them all here
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop_requested or stop_early:
             save()
-        if stop_early or stop_requested[0]:
+        if stop_early or stop_requested:
             break
-    if stop_requested[0]:
+    if stop_requested:
         if main_process:
-            print(f"SIGTERM: saved checkpoint at step {step}; continue with --resume", flush=True)
+            name = signal.Signals(received[0]).name if received else "a stop signal on another process"
+            print(f"{name}: saved checkpoint at step {step}; continue with --resume", flush=True)
         distributed.cleanup()
         sys.exit(0)
     if main_process:

@@ -272,10 +272,11 @@ def _init_worker(worker_id: int) -> None:
     # A worker that ignores SIGTERM (below) would outlive a parent killed by SIGKILL (the OOM killer, `kill -9`)
     # and keep its memory and files: the kernel sends it SIGKILL when the parent dies.
     end_with_parent(signal.SIGKILL)
-    # A scheduler's SIGTERM (preemption, `scancel`) often reaches the whole process group. The training
-    # process answers it by finishing its step and writing a checkpoint, which needs its data workers
-    # alive until then; they are shut down with the loader (see `shutdown_workers`).
+    # A scheduler's SIGTERM (preemption, `scancel`) often reaches the whole process group, as Ctrl-C's SIGINT
+    # does. The training process answers either by finishing its step and writing a checkpoint, which needs
+    # its data workers alive until then; they are shut down with the loader (see `shutdown_workers`).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # Worker processes are stopped when their loader iterator is garbage-collected. An iterator caught in

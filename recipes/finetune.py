@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmodal import checkpointing
-from crossmodal.config import config_from_dict
+from crossmodal import checkpointing, files
+from crossmodal.config import BadInput, config_from_dict
 from crossmodal.data import build_dataset, eval_loader
 from crossmodal.data.templates import load_templates
 from crossmodal.evaluation import contrastive
@@ -287,10 +287,15 @@ class EarlyStopping:
         self.patience, self.eval_every = cfg.finetune.patience, cfg.train.eval_every
         self.best, self.best_step = -math.inf, 0
         if resumed_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                record = json.load(f)
-            if record["step"] <= resumed_step:  # not a record from beyond the checkpoint
-                self.best, self.best_step = record["val/top1"], record["step"]
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    record = json.load(f)
+                step, best = int(record["step"]), float(record["val/top1"])
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise BadInput(f"'{files.shown(self.path)}' is not the record early stopping wrote "
+                               f"({checkpointing.first_line(error)}); remove it to start the record again") from None
+            if step <= resumed_step:  # not a record from beyond the checkpoint
+                self.best, self.best_step = best, step
 
     def update(self, results: dict, step: int) -> tuple[bool, bool]:
         """(improved, stop) after an evaluation; both False on processes that did not evaluate."""
@@ -299,8 +304,7 @@ class EarlyStopping:
         improved = results["val/top1"] > self.best
         if improved:
             self.best, self.best_step = results["val/top1"], step
-            with open(self.path, "w") as f:
-                json.dump({"step": step, "val/top1": self.best}, f)
+            files.write_atomic(self.path, json.dumps({"step": step, "val/top1": self.best}))
         waited = (step - self.best_step) // self.eval_every if self.eval_every else 0
         return improved, self.patience > 0 and waited >= self.patience
 
@@ -308,7 +312,7 @@ class EarlyStopping:
 def finish(cfg, model: nn.Module, zeroshot: dict, tokenizer, device) -> dict:
     """After training (rank 0): best.pt's weights mixed with the zero-shot ones at each of finetune.wise_alphas,
     evaluated (wise.json, a line each), then at finetune.wise_alpha: the run's result (wise.pt when below 1)."""
-    best = torch.load(os.path.join(cfg.out_dir, "best.pt"), map_location="cpu", weights_only=True)
+    best = checkpointing.load_file(os.path.join(cfg.out_dir, "best.pt"))
     alphas = parse_alphas(cfg.finetune.wise_alphas)
     table = {}
     for alpha in [*alphas, *([] if cfg.finetune.wise_alpha in alphas else [cfg.finetune.wise_alpha])]:
@@ -317,16 +321,14 @@ def finish(cfg, model: nn.Module, zeroshot: dict, tokenizer, device) -> dict:
         table[alpha] = evaluate(cfg, model, tokenizer, device)
         print(f"WiSE-FT alpha {alpha:g}: " + " ".join(f"{name} {value:.2f}" for name, value in table[alpha].items()
                                                       if name.endswith("top1")), flush=True)
-    with open(os.path.join(cfg.out_dir, "wise.json"), "w") as f:
-        json.dump({"best_step": best["step"], "alphas": [{"alpha": alpha, **table[alpha]} for alpha in alphas]}, f,
-                  indent=2)
+    files.write_atomic(os.path.join(cfg.out_dir, "wise.json"), json.dumps(
+        {"best_step": best["step"], "alphas": [{"alpha": alpha, **table[alpha]} for alpha in alphas]}, indent=2))
     alpha = cfg.finetune.wise_alpha
     model.load_state_dict(wise_ft(zeroshot, best["model"], alpha))
     if alpha < 1:
-        path = os.path.join(cfg.out_dir, "wise.pt")
-        torch.save({key: value for key, value in best.items() if key not in ("optimizer", "scaler")}
-                   | {"model": model.state_dict(), "wise_alpha": alpha}, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        wise = {key: value for key, value in best.items() if key not in ("optimizer", "scaler")}
+        wise |= {"model": model.state_dict(), "wise_alpha": alpha}
+        files.write_atomic(os.path.join(cfg.out_dir, "wise.pt"), lambda f: torch.save(wise, f), binary=True)
     return {**table[alpha], "best_step": best["step"], "wise_alpha": alpha,
             **{f"wise/{a:g}/{name}": value for a in alphas for name, value in table[a].items()
                if name.endswith("top1")}}

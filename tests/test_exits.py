@@ -73,7 +73,7 @@ def test_bad_rows_run_ends_by_itself(tmp_path, tokenizer_path, bad_rows_csv):  #
                                "--data.heldout=", "--train.steps=5"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "left out 2 of 205 index rows" in result.stdout and "val/image_to_text_R@1" in result.stdout
-    assert "unreadable image replaced" in result.stderr
+    assert "unreadable image (captions count as misses)" in result.stderr
 
 
 def test_exception_in_the_final_evaluation_ends_the_process(tmp_path, tokenizer_path):  # noqa: F811

@@ -2,6 +2,7 @@
 gradient accumulation) train the same weights, and a config typo fails before anything runs."""
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -187,6 +188,96 @@ def test_checkpoint_rng_states_old_and_new_format():
     assert torch.equal(torch.rand(3), expected)
 
 
+class Payload:
+    """What a crafted pickle carries: unpickling it calls `function(*arguments)`."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+def sharded(tmp_path) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
+    """A small model and optimizer after one step, saved as a DCP folder by checkpointing.save."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    checkpointing.save(str(tmp_path), model, optimizer, {"step": 1, "config": {}}, sharded=True)
+    return model, optimizer, str(tmp_path / "checkpoint")
+
+
+def test_a_sharded_checkpoint_loads_through_the_restricted_metadata_reader(tmp_path):
+    model, optimizer, folder = sharded(tmp_path)
+    assert isinstance(checkpointing.check_folder(folder), checkpointing.Metadata)
+    again = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    again_optimizer = torch.optim.AdamW(again.parameters(), lr=5.0)
+    checkpointing.load({"folder": folder, "path": folder}, again, again_optimizer)
+    for name, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
+    assert again_optimizer.param_groups[0]["lr"] == 1e-3  # a non-tensor value, read with weights_only
+    saved, loaded = optimizer.state_dict()["state"][0], again_optimizer.state_dict()["state"][0]
+    assert torch.equal(loaded["exp_avg"], saved["exp_avg"])
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (lambda marker: Payload(os.system, f"touch {marker}"), "posix.system"),
+    (lambda marker: Payload(exec, f"open({str(marker)!r}, 'w').close()"), "builtins.exec"),
+    (lambda marker: Payload(open, str(marker), "w"), "io.open"),
+    (lambda marker: Payload(torch.load, str(marker)), "torch.serialization.load"),
+])
+def test_metadata_that_would_run_code_is_refused_unrun(tmp_path, payload, refused):
+    _, _, folder = sharded(tmp_path)
+    marker = tmp_path / "ran"
+    with open(os.path.join(folder, ".metadata"), "rb") as f:
+        metadata = pickle.load(f)  # written by this test: trusted
+    metadata.planner_data = payload(marker)  # inside a real metadata object: every global is checked, not the top
+    with open(os.path.join(folder, ".metadata"), "wb") as f:
+        pickle.dump(metadata, f)
+    for attempt in (lambda: checkpointing.read_metadata(os.path.join(folder, ".metadata")),
+                    lambda: checkpointing.load({"folder": folder, "path": folder}, torch.nn.Linear(4, 3))):
+        with pytest.raises(checkpointing.BadInput, match=f"'{re.escape(folder)}/.metadata' names {refused}"):
+            attempt()
+    assert not marker.exists()
+
+
+def test_damaged_files_and_folders_are_refused_naming_them(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {}, "config": {}, "tokenizer": "t"}, good)
+    data = good.read_bytes()
+    cases = {"empty.pt": (b"", "is empty"), "cut.pt": (data[:len(data) // 2], "is cut short"),
+             "text.pt": (b"not a checkpoint\n", "is not a file torch.save wrote"),
+             "evil.pt": (None, "holds Python objects that could run code.* GLOBAL posix.system")}
+    torch.save(Payload(os.system, "true"), tmp_path / "evil.pt")
+    for name, (content, message) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(checkpointing.BadInput, match=f"'{re.escape(str(tmp_path / name))}' {message}"):
+            checkpointing.read(str(tmp_path / name))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(checkpointing.BadInput, match="not a checkpoint train.py wrote .it holds a list"):
+        checkpointing.read(str(tmp_path / "list.pt"))
+    with pytest.raises(checkpointing.BadInput, match="to resume from .it has no optimizer, scaler, step, rng"):
+        checkpointing.read(str(good), resuming=True)
+    _, _, folder = sharded(tmp_path / "run")
+    os.remove(os.path.join(folder, ".metadata"))
+    with pytest.raises(checkpointing.BadInput, match="has no .metadata"):
+        checkpointing.check_folder(folder)
+    assert checkpointing.out_dir_problem(str(good)).endswith("is a file, not a folder")
+    assert "which is a file" in checkpointing.out_dir_problem(str(good / "run"))
+    assert checkpointing.out_dir_problem(str(tmp_path / "new" / "run")) is None
+
+
+def test_weights_that_do_not_fit_name_the_first_mismatches():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    weights = {"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3), "2.weight": torch.zeros(2, 3)}
+    with pytest.raises(checkpointing.BadInput, match=r"checkpoint 'run.pt' does not fit the model its config builds: "
+                       r"missing 1.weight, 1.bias; unexpected 2.weight; other shapes: 0.weight \(3, 5\) "
+                       r"\(the model's \(3, 4\)\)"):
+        checkpointing.load({"model": weights, "path": "run.pt"}, model)
+
+
 def test_a_preset_brings_its_input_size_and_context_length():
     from crossmodal.config import load_config
 
@@ -291,11 +382,11 @@ def test_fixed_temperature_stays_and_learned_one_moves(tmp_path, tokenizer_path)
     assert abs(learned["logit_scale"].item() - math.log(5.0)) > 1e-5
 
 
-def test_sigterm_handler_is_restored_after_a_run(tmp_path, tokenizer_path):
-    # a library user's (or pytest's) process must still die on SIGTERM after train.main returns
-    before = signal.getsignal(signal.SIGTERM)
+def test_stop_signal_handlers_are_restored_after_a_run(tmp_path, tokenizer_path):
+    # a library user's (or pytest's) process must still die on SIGTERM and Ctrl-C after train.main returns
+    before = [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)]
     train.main(small_run(tmp_path, tokenizer_path, "--train.steps=1", "--model.name=ViT-tiny", "--data.heldout="))
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert [signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)] == before
 
 
 def test_blip_trains_through_the_same_loop(tmp_path, capsys):
