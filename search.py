@@ -12,7 +12,9 @@ picture changes, at most one every --every seconds). Files stream through a Data
 (a list of images, or a 32-sample segment of one video), so memory does not grow with the folder.
 Running it again on the same index embeds only new and changed files (size or modification time) and
 drops removed ones; a changed model (its weights' hash) or video sampling re-embeds what it affects.
-Unreadable files are skipped, printed, and kept in the index's `skipped` table (retried on every run).
+Unreadable files are skipped, printed, and kept in the index's `skipped` table (retried on every run), and so
+are the entries the folder walk leaves out (files.walk: each real folder once, so a symlink loop indexes nothing
+twice; FIFOs, sockets and devices, which would block a read; dangling and looping links).
 Long runs save the index every SAVE_EVERY_ROWS new rows, so an interrupted run resumes where it stopped.
 
 Videos are decoded by the `ffmpeg` and `ffprobe` programs when they are on PATH (no Python package);
@@ -20,8 +22,8 @@ without them videos are skipped with that reason. Frames are sampled by ffmpeg's
 timed by its `showinfo` filter. Segments are decoded apart (input seeking), so a scene change that
 falls exactly on a segment boundary is missed.
 
-The index file is one torch.save dict (loadable with weights_only=True), written atomically (a
-temporary file, then a rename):
+The index file is one torch.save dict, loaded with weights_only=True (so a crafted index runs no code) and written
+atomically (files.write_atomic: a temporary file, then a rename):
     features    (N, D) float16, L2-normalised image features, one row per image or video frame
     times       (N,) float64, the frame's time in seconds, NaN for a still image
     paths       the N rows' absolute file paths joined by "\\0" (one string unpickles far faster than
@@ -37,7 +39,12 @@ against every stored vector: a float16 matrix-vector product in chunks of CHUNK_
 in float32 by PyTorch's CPU kernel; ~0.1-0.3 s for 1,000,000 x 512 on 2 CPU cores, see
 benchmarks/bench_search.py), the best k + RESCORE_EXTRA candidates rescored in float32. Results go to
 --out as JSON ({"query", "text", "image", "image_weight", "results": [{"path", "score", "time"}]}) or
-as a self-contained HTML page (thumbnails embedded as base64 JPEGs).
+as a self-contained HTML page (thumbnails embedded as base64 JPEGs), written atomically. File names that are not
+UTF-8 are shown escaped (files.shown) there and in what is printed; the index keeps them as they are on disk.
+
+Bad input (a missing or corrupt file, a value out of range, a checkpoint that is refused) ends in one line on
+stderr and exit status 2; SIGTERM or SIGINT stop the workers and end in one line and status 128 + the signal,
+the index as last saved.
 """
 import argparse
 import base64
@@ -49,19 +56,23 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from crossmodal.config import BadInput, fail
 from crossmodal.data.bad_samples import BadSample, open_image
 from crossmodal.data.image_files import IMAGE_EXTENSIONS
 from crossmodal.data.transforms import image_transform
-from crossmodal import recipes
+from crossmodal.files import end_with_parent, shown, walk, write_atomic
+from crossmodal import checkpointing, recipes
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv")
 FORMAT, VERSION = "crossmodal-search-index", 1
@@ -70,6 +81,7 @@ SAVE_EVERY_ROWS = 20_000
 CHUNK_ROWS = 1 << 20
 RESCORE_EXTRA = 64
 THUMBNAIL_SIZE = 160
+MIN_EVERY = 0.001  # seconds; no video has frames closer than this, and smaller values only multiply the segments
 NO_DECODER = "no video decoder: install ffmpeg (e.g. apt-get install ffmpeg) so that ffmpeg and ffprobe are on PATH"
 
 
@@ -83,7 +95,7 @@ def video_decoder() -> bool:
 def video_duration(path: str) -> float:
     result = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
                              "stream=codec_type:format=duration", "-of", "json", path],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, preexec_fn=end_with_parent)
     try:
         info = json.loads(result.stdout)
         if result.returncode or not info.get("streams"):
@@ -118,7 +130,7 @@ def run_ffmpeg(path: str, input_args: list[str], filters: str,
                "-an", "-sn", "-vf", f"{filters},showinfo", "-vsync", "vfr", "-f", "image2pipe", "-c:v", "ppm"]
     if max_frames:
         command += ["-frames:v", str(max_frames)]
-    result = subprocess.run([*command, "-"], capture_output=True)
+    result = subprocess.run([*command, "-"], capture_output=True, preexec_fn=end_with_parent)
     log = result.stderr.decode("utf-8", "replace")
     if result.returncode:
         reason = [line for line in log.splitlines() if line.strip()][-1:] or [f"exit status {result.returncode}"]
@@ -161,22 +173,21 @@ def video_frame_at(path: str, seconds: float) -> Image.Image:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def scan(root: str) -> dict[str, tuple[int, int]]:
-    """{absolute path: (size in bytes, mtime in ns)} of the images and videos under root, recursively."""
+def scan(root: str) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """({absolute path: (size in bytes, mtime in ns)} of the images and videos under root, recursively, each real
+    file once; {path: reason} of the entries left out: dangling, looping or repeated links, FIFOs, sockets, devices)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--images: no folder at '{root}'")
+        raise FileNotFoundError(f"--images: no folder at '{shown(root)}'")
+    paths, left_out = walk(root, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
     files = {}
-    for directory, subdirectories, names in os.walk(os.path.abspath(root), followlinks=True):
-        subdirectories.sort()
-        for name in sorted(names):
-            if name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
-                path = os.path.join(directory, name)
-                try:
-                    stat = os.stat(path)
-                except OSError:
-                    continue  # a dangling link
-                files[path] = (stat.st_size, stat.st_mtime_ns)
-    return files
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError as error:  # gone since the walk
+            left_out.append((path, f"unreadable ({error.strerror})"))
+            continue
+        files[path] = (info.st_size, info.st_mtime_ns)
+    return files, dict(left_out)
 
 
 def is_video(path: str) -> bool:
@@ -220,6 +231,13 @@ class Units(Dataset):
                 "paths": paths, "times": times, "skipped": skipped}
 
 
+def start_worker(worker_id: int) -> None:
+    """A DataLoader worker's first act: it ends with search.py, however search.py ends."""
+    end_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: search.py stops the workers
+
+
 def plan_units(paths: list[str], batch_size: int, every: float, skipped: dict[str, str]) -> list[tuple]:
     """Images in runs of batch_size; each video cut into segments of SEGMENT_SAMPLES * every seconds.
     Videos that cannot be planned (no decoder, no duration) go to `skipped`."""
@@ -253,17 +271,71 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def empty_index() -> dict:
+    """No rows yet; the model and sampling fields are set by build_index (None: unknown, so everything is embedded)."""
     return {"format": FORMAT, "version": VERSION, "features": torch.empty(0, 0, dtype=torch.float16),
-            "times": torch.empty(0, dtype=torch.float64), "paths": [], "files": {}, "skipped": {}}
+            "times": torch.empty(0, dtype=torch.float64), "paths": [], "files": {}, "skipped": {}, "source": None,
+            "fingerprint": None, "image_size": None, "root": None, "every": None, "scene": None}
+
+
+def source_problem(source) -> str | None:
+    """What is wrong with an index's `source` (how to load its model), or None."""
+    if source is None or (isinstance(source, dict) and set(source) == {"checkpoint"}
+                          and isinstance(source["checkpoint"], str)):
+        return None
+    if (isinstance(source, dict) and set(source) == {"model", "pretrained", "bpe"}
+            and isinstance(source["model"], str) and isinstance(source["pretrained"], str)
+            and isinstance(source["bpe"], (str, type(None)))):
+        return None
+    return "its source is neither {'checkpoint': PATH} nor {'model', 'pretrained', 'bpe'}"
+
+
+def stored_problem(stored) -> str | None:
+    """What makes a loaded file not an intact index (of this version), or None."""
+    if not isinstance(stored, dict):
+        return f"it holds a {type(stored).__name__}, not a dict"
+    if stored.get("format") != FORMAT:
+        return f"its format is {stored.get('format')!r}, not {FORMAT!r}"
+    if stored.get("version") != VERSION:
+        return f"it is of version {stored.get('version')!r}"
+    kinds = {"features": torch.Tensor, "times": torch.Tensor, "paths": str, "file_paths": str,
+             "file_sizes": torch.Tensor, "file_mtimes": torch.Tensor, "skipped": dict, "source": (dict, type(None)),
+             "fingerprint": (str, type(None)), "image_size": (int, type(None)), "root": (str, type(None)),
+             "every": (float, type(None)), "scene": (float, type(None))}
+    for key, kind in kinds.items():
+        if not isinstance(stored.get(key), kind):
+            return f"'{key}' is missing or a {type(stored.get(key)).__name__}"
+    features, times = stored["features"], stored["times"]
+    if features.dim() != 2 or not features.is_floating_point() or times.dim() != 1:
+        return f"'features' is {tuple(features.shape)} {features.dtype}, 'times' {tuple(times.shape)}"
+    rows = {len(features), len(times), stored["paths"].count("\0") + 1 if stored["paths"] else 0}
+    files = {stored["file_paths"].count("\0") + 1 if stored["file_paths"] else 0, stored["file_sizes"].numel(),
+             stored["file_mtimes"].numel()}
+    if len(rows) > 1 or len(files) > 1:
+        return f"its parts disagree on the number of rows ({sorted(rows)}) or files ({sorted(files)})"
+    return source_problem(stored["source"])
 
 
 def load_index(path: str, mmap: bool = False) -> dict:
-    """The index with `paths` as a list and `files` as {path: (size, mtime_ns)}."""
+    """The index with `paths` as a list and `files` as {path: (size, mtime_ns)}. Loading runs no code
+    (weights_only); a file that is not an intact index raises BadInput."""
+    if os.path.isdir(path):
+        raise BadInput(f"--index: '{shown(path)}' is a folder, not an index file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--index: no index at '{path}' (build one with `search.py index`)")
-    stored = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    if stored.get("format") != FORMAT or stored.get("version") != VERSION:
-        raise ValueError(f"{path} is not a search index of version {VERSION} (made by search.py index)")
+        raise FileNotFoundError(f"--index: no index at '{shown(path)}' (build one with `search.py index`)")
+    # save_index writes torch.save's zip archive: anything else (empty, cut short, text, a plain pickle) is refused
+    # before torch.load, whose errors for such files are internal ones
+    problem = checkpointing.damage(path) or (None if zipfile.is_zipfile(path) else "is not a torch.save archive")
+    if problem:
+        raise BadInput(f"--index: '{shown(path)}' is not a search index: it {problem}")
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # whatever torch.load makes of an archive it did not write
+        reason = checkpointing.unloadable(error)
+        raise BadInput(f"--index: '{shown(path)}' is not a search index: it {reason}") from None
+    problem = stored_problem(stored)
+    if problem:
+        raise BadInput(f"--index: '{shown(path)}' is not a search index of version {VERSION} (made by search.py "
+                       f"index): {problem}")
     split = lambda text: text.split("\0") if text else []  # noqa: E731
     files = dict(zip(split(stored.pop("file_paths")), zip(stored.pop("file_sizes").tolist(),
                                                          stored.pop("file_mtimes").tolist())))
@@ -278,9 +350,7 @@ def save_index(index: dict, path: str) -> None:
               "file_mtimes": torch.tensor([mtime for _, mtime in files.values()], dtype=torch.int64)}
     del stored["files"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    torch.save(stored, temporary)
-    os.replace(temporary, path)
+    write_atomic(path, lambda f: torch.save(stored, f), binary=True)
 
 
 def keep_rows(index: dict, keep: torch.Tensor) -> dict:
@@ -295,15 +365,15 @@ def build_index(model, image_size: int, root: str, index_path: str, source: dict
     """Create or update the index of `root` at index_path; returns counts and the skipped files."""
     fingerprint = model_fingerprint(model)
     sampling = {"every": float(every), "scene": None if scene is None else float(scene)}
-    on_disk = scan(root)
+    on_disk, left_out = scan(root)
     index = load_index(index_path) if os.path.exists(index_path) else None
     if index is not None and index["fingerprint"] != fingerprint:
-        log(f"{index_path}: built with other model weights; embedding everything again")
+        log(f"{shown(index_path)}: built with other model weights; embedding everything again")
         index = None
     index = index or empty_index()
     redo_videos = bool(index["files"]) and any(index.get(key) != value for key, value in sampling.items())
     if redo_videos:
-        log(f"{index_path}: video sampling changed to {sampling}; embedding the videos again")
+        log(f"{shown(index_path)}: video sampling changed to {sampling}; embedding the videos again")
 
     todo = [path for path, signature in on_disk.items()
             if index["files"].get(path) != signature or (redo_videos and is_video(path))]
@@ -313,17 +383,20 @@ def build_index(model, image_size: int, root: str, index_path: str, source: dict
     removed = sum(path not in on_disk for path in gone)
     index.update(source=source, fingerprint=fingerprint, image_size=image_size, root=os.path.abspath(root),
                  skipped={}, **sampling)
-    log(f"{len(on_disk):,} files under {root}: {len(on_disk) - len(todo):,} unchanged, {len(todo):,} to embed, "
-        f"{removed:,} removed")
+    log(f"{len(on_disk):,} files under {shown(root)}: {len(on_disk) - len(todo):,} unchanged, {len(todo):,} to "
+        f"embed, {removed:,} removed" + (f", {len(left_out):,} left out by the walk" if left_out else ""))
 
     skipped = index["skipped"]
+    for path, reason in left_out.items():
+        skipped[path] = reason
+        log(shown(f"skipped {path}: {reason}"))
     units = plan_units(todo, batch_size, every, skipped)
     segments_left = {}
     for unit in units:
         if unit[0] == "video":
             segments_left[unit[1]] = segments_left.get(unit[1], 0) + 1
     loader = DataLoader(Units(units, image_size, every, scene), batch_size=None, num_workers=workers,
-                        prefetch_factor=2 if workers else None)
+                        prefetch_factor=2 if workers else None, worker_init_fn=start_worker if workers else None)
     new_features, new_times, new_paths, pending = [], [], [], {}
     rows_since_save, embedded_rows, start = 0, 0, time.perf_counter()
 
@@ -337,38 +410,43 @@ def build_index(model, image_size: int, root: str, index_path: str, source: dict
         return {**index, "features": torch.cat(features) if features else index["features"],
                 "times": torch.cat([index["times"], *new_times]), "paths": index["paths"] + new_paths}
 
-    with torch.no_grad():
-        for number, item in enumerate(loader):
-            for path, reason in item["skipped"]:
-                skipped[path] = reason
-                log(f"skipped {path}: {reason}")
-            features = torch.cat([model.encode_image(chunk.to(device), normalize=True).float().cpu()
-                                  for chunk in item["pictures"].split(batch_size)]) if item["paths"] else None
-            times = torch.tensor(item["times"], dtype=torch.float64)
-            if units[number][0] == "images":
-                if features is not None:
-                    commit(features.half(), times, item["paths"])
-            else:  # a video counts once all its segments are in, and not at all if one fails
-                path = units[number][1]
-                parts = pending.setdefault(path, [])
-                if features is not None:
-                    parts.append((features.half(), times))
-                segments_left[path] -= 1
-                if segments_left[path] == 0:
-                    pending.pop(path)
-                    if path not in skipped and parts:
-                        commit(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                               [path] * sum(len(p[1]) for p in parts))
-                    elif path not in skipped:
-                        skipped[path] = "no frames decoded"
-            rows = len(item["paths"])
-            embedded_rows, rows_since_save = embedded_rows + rows, rows_since_save + rows
-            if rows_since_save >= SAVE_EVERY_ROWS:
-                index = merged()
-                new_features, new_times, new_paths, rows_since_save = [], [], [], 0
-                save_index(index, index_path)
-                log(f"embedded {embedded_rows:,} pictures ({embedded_rows / (time.perf_counter() - start):.1f}/s),"
-                    f" saved")
+    batches = iter(loader)
+    try:
+        with torch.no_grad():
+            for number, item in enumerate(batches):
+                for path, reason in item["skipped"]:
+                    skipped[path] = reason
+                    log(shown(f"skipped {path}: {reason}"))
+                features = torch.cat([model.encode_image(chunk.to(device), normalize=True).float().cpu()
+                                      for chunk in item["pictures"].split(batch_size)]) if item["paths"] else None
+                times = torch.tensor(item["times"], dtype=torch.float64)
+                if units[number][0] == "images":
+                    if features is not None:
+                        commit(features.half(), times, item["paths"])
+                else:  # a video counts once all its segments are in, and not at all if one fails
+                    path = units[number][1]
+                    parts = pending.setdefault(path, [])
+                    if features is not None:
+                        parts.append((features.half(), times))
+                    segments_left[path] -= 1
+                    if segments_left[path] == 0:
+                        pending.pop(path)
+                        if path not in skipped and parts:
+                            commit(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                   [path] * sum(len(p[1]) for p in parts))
+                        elif path not in skipped:
+                            skipped[path] = "no frames decoded"
+                rows = len(item["paths"])
+                embedded_rows, rows_since_save = embedded_rows + rows, rows_since_save + rows
+                if rows_since_save >= SAVE_EVERY_ROWS:
+                    index = merged()
+                    new_features, new_times, new_paths, rows_since_save = [], [], [], 0
+                    save_index(index, index_path)
+                    log(f"embedded {embedded_rows:,} pictures ({embedded_rows / (time.perf_counter() - start):.1f}/s),"
+                        f" saved")
+    finally:  # every way out (an error, SIGTERM): the workers stop now, not when the traceback is freed
+        if workers:
+            batches._shutdown_workers()
     index = merged()
     save_index(index, index_path)
     seconds = time.perf_counter() - start
@@ -376,7 +454,7 @@ def build_index(model, image_size: int, root: str, index_path: str, source: dict
         f"{seconds:.1f} s; the index holds {len(index['paths']):,} pictures of {len(index['files']):,} files"
         + (f"; {len(skipped):,} skipped:" if skipped else ""))
     for path, reason in skipped.items():
-        log(f"  {path}: {reason}")
+        log(shown(f"  {path}: {reason}"))
     return {"files": len(index["files"]), "rows": len(index["paths"]), "embedded_rows": embedded_rows,
             "embedded_files": len(todo) - len([p for p in todo if p in skipped]), "removed_files": removed,
             "unchanged_files": len(on_disk) - len(todo), "skipped": dict(skipped)}
@@ -434,6 +512,8 @@ def search(index: dict, query: torch.Tensor, k: int) -> list[dict]:
 
 def thumbnail(path: str, seconds: float | None) -> str | None:
     """A small JPEG as a data URI, or None when the file cannot be read any more."""
+    if not os.path.isfile(path):  # gone, or now a FIFO or a device, whose read would block
+        return None
     try:
         picture = open_image(path, path) if seconds is None else video_frame_at(path, seconds)
     except BadSample:
@@ -444,15 +524,22 @@ def thumbnail(path: str, seconds: float | None) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def shown_report(report: dict) -> dict:
+    """The report as it is shown (JSON, HTML): file names that are not UTF-8 escaped."""
+    return {**{key: shown(value) if isinstance(value, str) else value for key, value in report.items()},
+            "results": [{**result, "path": shown(result["path"])} for result in report["results"]]}
+
+
 def write_html(report: dict, path: str) -> None:
-    title = " + ".join(f"{name} {report[name]!r}" for name in ("text", "image") if report[name] is not None)
+    """The results page, written atomically; `report` holds the paths as stored (the thumbnails read them)."""
+    title = " + ".join(f"{name} '{shown(report[name])}'" for name in ("text", "image") if report[name] is not None)
     cells = []
     for rank, result in enumerate(report["results"], 1):
         uri = thumbnail(result["path"], result["time"])
         picture = (f'<img src="{uri}" alt="result {rank}">' if uri else '<div class="missing">no preview</div>')
         when = "" if result["time"] is None else f" at {result['time']:.1f} s"
         cells.append(f'<figure>{picture}<figcaption><b>{rank}.</b> {result["score"]:.4f}{when}<br>'
-                     f'{html.escape(result["path"])}</figcaption></figure>')
+                     f'{html.escape(shown(result["path"]))}</figcaption></figure>')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>search: {html.escape(title)}</title>
 <style>
@@ -469,8 +556,7 @@ figcaption {{ font-size: 12px; word-break: break-all; margin-top: 6px; }}
 {chr(10).join(cells)}
 </div></body></html>
 """
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_atomic(path, page)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -496,6 +582,45 @@ def model_source(args, parser) -> dict | None:
         bpe = os.path.abspath(args.bpe) if args.bpe else None
         return {"model": args.model, "pretrained": os.path.abspath(args.pretrained), "bpe": bpe}
     return None
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT, raised in the main process so the loader's workers are shut down on the way out; a
+    BaseException, as KeyboardInterrupt is, so that no `except Exception` takes it for an error."""
+
+
+def raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def check_options(args) -> None:
+    """Every value in range before any work: a bad one ends here, an existing index untouched."""
+    def need(ok: bool, option: str, value, rule: str) -> None:
+        if not ok:
+            fail(f"search.py: {option} must be {rule}, got {value}")
+
+    if args.command == "index":
+        need(MIN_EVERY <= args.every < math.inf, "--every", args.every, f"a number of seconds >= {MIN_EVERY}")
+        need(args.scene is None or 0 <= args.scene <= 1, "--scene", args.scene, "a scene score between 0 and 1")
+        need(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
+        need(args.workers >= 0, "--workers", args.workers, ">= 0")
+        if not os.path.isdir(args.images):
+            fail(f"search.py: --images: no folder at '{shown(args.images)}'")
+    else:
+        need(0 <= args.image_weight <= 1, "--image-weight", args.image_weight, "between 0 and 1")  # NaN fails
+        need(args.k >= 1, "--k", args.k, ">= 1")
+        if args.image is not None and not os.path.isfile(args.image):  # a FIFO would block the read
+            fail(f"search.py: --image: no file at '{shown(args.image)}'")
+        if args.out and (not args.out.endswith((".json", ".html")) or os.path.isdir(args.out)):
+            fail(f"search.py: --out must name a .json or .html file, got '{shown(args.out)}'")
+        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            fail(f"search.py: --out: no folder for '{shown(args.out)}'")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"search.py: --device: '{args.device}' is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"search.py: --device {args.device}: no CUDA device here")
 
 
 def main(argv: list[str] | None = None):
@@ -524,44 +649,59 @@ def main(argv: list[str] | None = None):
     query_parser.add_argument("--out", help="results.json or results.html")
     args = parser.parse_args(argv)
     source = model_source(args, parser)
+    if args.command == "query" and args.text is None and args.image is None:
+        parser.error("give --text, --image, or both")
+    check_options(args)
 
+    handlers = {number: signal.signal(number, raise_stopped) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
-        if args.command == "index":
-            if args.every <= 0:
-                parser.error("--every must be positive")
-            if source is None:
-                if not os.path.exists(args.index):
-                    parser.error("a new index needs --checkpoint, or --model with --pretrained")
-                source = load_index(args.index)["source"]
-            model, _, image_size = load_model(source, args.device)
-            return build_index(model, image_size, args.images, args.index, source, args.every, args.scene,
-                               args.batch_size, args.workers, args.device)
-        if args.text is None and args.image is None:
-            parser.error("give --text, --image, or both")
-        if not 0 <= args.image_weight <= 1:
-            parser.error("--image-weight must be between 0 and 1")
-        if args.out and not args.out.endswith((".json", ".html")):
-            parser.error("--out must end in .json or .html")
-        index = load_index(args.index, mmap=True)
-        model, tokenizer, image_size = load_model(source or index["source"], args.device)
-        if image_size != index["image_size"] or (source and model_fingerprint(model) != index["fingerprint"]):
-            raise ValueError(f"{args.index} was built with other model weights; query with those, or re-index")
-        start = time.perf_counter()
-        query = query_vector(model, tokenizer, image_size, args.text, args.image, args.image_weight, args.device)
-        results = search(index, query, args.k)
-        seconds = time.perf_counter() - start
-    except (FileNotFoundError, ValueError, BadSample) as error:
-        sys.exit(f"search.py: {error}")
+        return index_or_query(args, source)
+    except (BadInput, ValueError, OSError, BadSample) as error:  # BadInput: a library's known problem with input
+        fail(shown(f"search.py: {error}"))
+    except Stopped as stop:
+        number = stop.args[0]
+        saved = f"; {shown(args.index)} is as last saved" if args.command == "index" else ""
+        print(f"search.py: stopped by {signal.Signals(number).name}{saved}", file=sys.stderr, flush=True)
+        sys.exit(128 + number)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def index_or_query(args, source: dict | None) -> dict:
+    """The command, once its options are checked: the index summary, or the query's report."""
+    if args.command == "index":
+        existing = load_index(args.index, mmap=True) if os.path.exists(args.index) else None  # refused before work
+        if source is None:
+            if existing is None:
+                raise BadInput(f"--index: no index at '{shown(args.index)}' yet; a new index needs --checkpoint, "
+                               f"or --model with --pretrained")
+            if existing["source"] is None:
+                raise BadInput(f"--index: {shown(args.index)} names no model; give --checkpoint or --model")
+            source = existing["source"]
+        model, _, image_size = load_model(source, args.device)
+        return build_index(model, image_size, args.images, args.index, source, args.every, args.scene,
+                           args.batch_size, args.workers, args.device)
+    index = load_index(args.index, mmap=True)
+    if source is None and index["source"] is None:
+        raise BadInput(f"--index: {shown(args.index)} names no model; give --checkpoint or --model")
+    model, tokenizer, image_size = load_model(source or index["source"], args.device)
+    start = time.perf_counter()
+    query = query_vector(model, tokenizer, image_size, args.text, args.image, args.image_weight, args.device)
+    if (image_size != index["image_size"] or (len(index["paths"]) and index["features"].shape[1] != len(query))
+            or (source and model_fingerprint(model) != index["fingerprint"])):
+        raise BadInput(f"{shown(args.index)} was built with other model weights; query with those, or re-index")
+    results = search(index, query, args.k)
+    seconds = time.perf_counter() - start
     report = {"query": args.text if args.text is not None else args.image, "text": args.text, "image": args.image,
               "image_weight": args.image_weight if args.text is not None and args.image is not None else None,
               "results": results}
     print(f"{len(results)} best of {len(index['paths']):,} pictures ({seconds * 1000:.0f} ms):")
     for rank, result in enumerate(results, 1):
         when = "" if result["time"] is None else f" at {result['time']:.1f} s"
-        print(f"  {rank:>3}. {result['score']:.4f}  {result['path']}{when}")
+        print(f"  {rank:>3}. {result['score']:.4f}  {shown(result['path'])}{when}")
     if args.out and args.out.endswith(".json"):
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_atomic(args.out, json.dumps(shown_report(report), indent=2))
     elif args.out:
         write_html(report, args.out)
     return report

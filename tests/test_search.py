@@ -1,6 +1,7 @@
 """search.py: the index finds what it must (a colour model whose text and image features agree by
-construction), incremental updates embed only new files and keep old scores, unreadable files are
-skipped and listed, videos are sampled at the right times (when ffmpeg is installed), the command line
+construction), incremental updates embed only new files and keep old scores, unreadable files and
+what the folder walk leaves out (FIFOs, loops, dangling links) are skipped and listed, a failed page leaves
+the previous one, an index that is not intact is a BadInput, videos are sampled at the right times (when ffmpeg is installed), the command line
 on a train.py checkpoint writes the JSON and HTML formats, and a real browser shows the thumbnails."""
 import base64
 import io
@@ -19,6 +20,7 @@ from PIL import Image
 
 from crossmodal import search
 from crossmodal import train
+from crossmodal.config import BadInput
 from crossmodal.data.transforms import image_transform
 from tests.test_train import ROOT, small_run, tokenizer_path  # noqa: F401  (module-scoped fixture)
 
@@ -174,6 +176,57 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path):
     assert set(summary["skipped"]) == {str(folder / name) for name in unreadable}
     assert all(any(path in line for line in lines) for path in summary["skipped"])
     assert search.load_index(str(index))["skipped"] == summary["skipped"]
+
+
+def test_the_walk_sees_each_file_once_and_lists_what_it_leaves_out(tmp_path):
+    folder, index = tmp_path / "pictures", tmp_path / "index.pt"
+    write_picture(folder / "red.png", "red")
+    write_picture(folder / "sub" / "blue.png", "blue")
+    os.symlink("..", folder / "sub" / "up")  # a loop: pictures/sub/up/sub/up/...
+    os.mkfifo(folder / "pipe.png")
+    os.symlink("nowhere.png", folder / "gone.png")
+    summary, lines = build(ColourModel(), folder, index)
+    assert summary["rows"] == 2
+    assert summary["skipped"] == {str(folder / "pipe.png"): "a FIFO", str(folder / "gone.png"): "a dangling link",
+                                  str(folder / "sub" / "up"): "a link to a folder already walked"}
+    assert all(any(path in line for line in lines) for path in summary["skipped"])
+
+
+def test_a_failed_page_keeps_the_previous_one(tmp_path, monkeypatch):
+    folder, index = tmp_path / "pictures", tmp_path / "index.pt"
+    for colour in ("red", "green"):
+        write_picture(folder / f"{colour}.png", colour)
+    model = ColourModel()
+    build(model, folder, index)
+    report = {"query": "red", "text": "red", "image": None, "image_weight": None,
+              "results": ask(model, index, text="red", k=2)}
+    page = tmp_path / "results.html"
+    page.write_text("the previous page")
+
+    def broken(path, seconds):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(search, "thumbnail", broken)
+    with pytest.raises(OSError):
+        search.write_html(report, str(page))
+    assert page.read_text() == "the previous page"
+    assert sorted(os.listdir(tmp_path)) == ["index.pt", "pictures", "results.html"]  # no temporary file left
+
+
+def test_an_index_that_is_not_intact_raises_bad_input(tmp_path):
+    folder, index = tmp_path / "pictures", tmp_path / "index.pt"
+    write_picture(folder / "red.png", "red")
+    build(ColourModel(), folder, index)
+    stored = torch.load(index, weights_only=True)
+    for what, content in {"no source": {**stored, "source": {"model": "ViT-tiny"}},
+                          "a 1-D features": {**stored, "features": stored["features"][0]},
+                          "missing files": {**stored, "file_sizes": stored["file_sizes"][:0]}}.items():
+        torch.save(content, index)
+        with pytest.raises(BadInput, match="is not a search index"):
+            search.load_index(str(index))
+    index.write_bytes(b"")
+    with pytest.raises(BadInput, match="empty"):
+        search.load_index(str(index))
 
 
 def test_videos_without_a_decoder_are_skipped_with_the_reason(tmp_path, monkeypatch):
