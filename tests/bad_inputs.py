@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -44,23 +45,54 @@ def session_alive(session: int) -> list[int]:
     return alive
 
 
-def run(args: list[str], timeout: int = TIMEOUT, signal_after: tuple[float, int] | None = None,
+def run(args: list[str], timeout: int = TIMEOUT, signal_after: tuple | None = None, signal_group: bool = False,
         input: str | None = None, cwd: str = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python *args` in its own session; fails the test if it outlives `timeout` or leaves a process behind.
-    signal_after: (seconds, signal) sent to the entry point alone (not its session), as a scheduler or a user does."""
+    """`python -u *args` in its own session; fails the test if it outlives `timeout` or leaves a process behind.
+    signal_after: (when, signal[, seconds]) sent to the entry point alone (not its session), as a scheduler or a user
+    does; `when` is seconds after the start, or a text to wait for in its output (stdout or stderr), then `seconds`
+    more. signal_group: to its whole process group instead, as Ctrl-C in a terminal does. The result's `stopped_in`:
+    seconds from the signal (without one, the start) to the end."""
     environment = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=environment, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-u", *args], cwd=cwd, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, stdin=subprocess.PIPE if input is not None else None,
                                text=True, start_new_session=True)
+    output = {"stdout": [], "stderr": []}
+    seen = threading.Event()
+    text = signal_after[0] if signal_after and isinstance(signal_after[0], str) else None
+
+    def read(name: str) -> None:
+        for line in getattr(process, name):
+            output[name].append(line)
+            if text is not None and text in line:
+                seen.set()
+
+    readers = [threading.Thread(target=read, args=(name,), daemon=True) for name in output]
+    for reader in readers:
+        reader.start()
+    if input is not None:
+        process.stdin.write(input)
+        process.stdin.close()
+    deadline = time.monotonic() + timeout
     try:
         if signal_after:
-            time.sleep(signal_after[0])
-            process.send_signal(signal_after[1])
-        out, err = process.communicate(input, timeout=timeout)
+            if text is None:
+                time.sleep(signal_after[0])
+            else:
+                while not seen.wait(0.05) and process.poll() is None and time.monotonic() < deadline:
+                    pass
+                time.sleep(signal_after[2] if len(signal_after) > 2 else 0)
+            if process.poll() is None:
+                (os.killpg if signal_group else os.kill)(process.pid, signal_after[1])
+        signalled = time.monotonic()
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        stopped_in = time.monotonic() - signalled
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"{' '.join(args)} did not end within {timeout} s (hung):\n{out[-2000:]}\n{err[-2000:]}")
+        process.wait()
+        for reader in readers:
+            reader.join(5)
+        pytest.fail(f"{' '.join(args)} did not end within {timeout} s (hung):\n"
+                    f"{''.join(output['stdout'])[-2000:]}\n{''.join(output['stderr'])[-2000:]}")
     deadline = time.monotonic() + 10  # children get the parent-death signal; give them a moment to go
     while session_alive(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -68,7 +100,12 @@ def run(args: list[str], timeout: int = TIMEOUT, signal_after: tuple[float, int]
     if left:
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail(f"{' '.join(args)} left processes running: {left}")
-    return subprocess.CompletedProcess(args, process.returncode, out, err)
+    for reader in readers:
+        reader.join(10)
+    result = subprocess.CompletedProcess(args, process.returncode, "".join(output["stdout"]),
+                                         "".join(output["stderr"]))
+    result.stopped_in = stopped_in  # seconds from the signal (or the start) to the end
+    return result
 
 
 def refused(result: subprocess.CompletedProcess, *texts: str) -> str:
