@@ -40,6 +40,7 @@ class BlipConfig:  # recipes/blip.py
     prompt: str = ""  # text put before every caption for the decoder, not learned ("a picture of " to finetune)
     text_drop: float = 0.1  # the text stack's hidden and attention dropout (BERT's 0.1)
     lock_vision: bool = False  # the image tower frozen (LiT's locked tower; with model.vision_checkpoint)
+    swap_negatives: bool = False  # ITM also learns each image against its caption with two objects' attributes exchanged (shapes data; NegCLIP's hard negatives)
 
 
 @dataclass

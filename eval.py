@@ -12,10 +12,11 @@ Released weights (no network, no HuggingFace):
     python eval.py --model OpenFlamingo-3B-vitl-mpt1b --pretrained checkpoint.pt --vision ViT-L-14.pt \
         --lm mpt-1b-redpajama-200b --task fewshot_caption --data coco:PATH/dataset_coco.json#test --shots 0 4 8
 
-Tasks by family: CLIP and SigLIP zeroshot, retrieval, linear_probe (evaluation/contrastive.py, probe.py); the
-predictive baselines zeroshot, linear_probe; BLIP also retrieval with ITM re-ranking, caption and vqa
-(evaluation/blip.py); the language model words_rule, Flamingo fewshot_vqa and fewshot_caption (evaluation/
-fewshot.py). A task the model's family does not have is a one-line error naming the tasks it has.
+Tasks by family: CLIP and SigLIP zeroshot, retrieval, linear_probe (evaluation/contrastive.py, probe.py) and
+binding on shapes:binding (evaluation/binding.py); the predictive baselines zeroshot, linear_probe; BLIP also
+retrieval with ITM re-ranking, binding by ITC and ITM, caption and vqa (evaluation/blip.py); the language model
+words_rule, Flamingo fewshot_vqa and fewshot_caption (evaluation/fewshot.py). A task the model's family does not
+have is a one-line error naming the tasks it has.
 
 Extra `--data.KEY=VALUE` arguments override the data config (e.g. `--data.image_root=/data/coco`).
 """

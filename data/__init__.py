@@ -2,7 +2,8 @@
 
 Spec strings (config keys `data.train`, `data.val`, `data.heldout`, and `eval.py --data`):
     shapes:SPLIT[:LENGTH]     the built-in procedural dataset (splits train, val, heldout), needs no
-                              files; LENGTH overrides the split's default number of samples
+                              files; LENGTH overrides the split's default number of samples; the split
+                              binding holds attribute-binding candidate sets (data/binding.py)
     coco:PATH[#SPLIT]         COCO captions JSON, or a Karpathy split file with its split (data/coco.py)
     csv:PATH                  one image path and caption per row (data/csv_pairs.py)
     imagefolder:PATH          one folder of images per class, for zero-shot classification (data/imagefolder.py)
@@ -34,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from crossmodal.config import BadInput, DataConfig
+from crossmodal.data.binding import BindingDataset
 from crossmodal.data.bad_samples import MAX_EXAMPLES, BadSample, BadSampleCount, clean_caption
 from crossmodal.data.coco import load_coco
 from crossmodal.data.csv_pairs import load_csv
@@ -56,10 +58,12 @@ def _draft_size(options: DataConfig, image_size: int) -> int:
 def _shapes(argument: str, image_size: int, seed: int, options: DataConfig) -> Dataset:
     split, _, length = argument.partition(":")
     split = split or "train"
-    if split not in ("train", "val", "heldout"):
-        raise ValueError(f"shapes dataset has splits train, val, heldout; got '{split}'")
+    if split not in ("train", "val", "heldout", "binding"):
+        raise ValueError(f"shapes dataset has splits train, val, heldout, binding; got '{split}'")
     if length and not length.isdigit():
         raise ValueError(f"shapes:{argument}: the length after the split must be a number of samples")
+    if split == "binding":
+        return BindingDataset(image_size=image_size, length=int(length) if length else None, seed=seed)
     return ShapesDataset(split=split, image_size=image_size, length=int(length) if length else None, seed=seed)
 
 
@@ -189,10 +193,11 @@ def _read_or_next(read, index: int, size: int) -> tuple[dict, dict]:
 
 
 class ImageTextDataset(Dataset):
-    """Decode and augment one sample (Collate tokenizes); indexed by (epoch, index) so augmentation is reproducible."""
+    """Decode and augment one sample (Collate tokenizes); indexed by (epoch, index) so augmentation is reproducible.
+    negatives: each sample also gets its base's `negative_caption` (shapes: attributes exchanged between objects)."""
 
-    def __init__(self, base: Dataset, transform, seed: int = 0):
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base: Dataset, transform, seed: int = 0, negatives: bool = False):
+        self.base, self.transform, self.seed, self.negatives = base, transform, seed, negatives
 
     def __len__(self) -> int:
         return len(self.base)
@@ -201,6 +206,8 @@ class ImageTextDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         item, bad_fields = _read_or_next(self.base.__getitem__, index, len(self.base))
         sample = _augment(item, self.transform, self.seed, epoch, index)
+        if self.negatives:
+            sample["negative_caption"] = self.base.negative_caption(index)
         return {**sample, "index": index, **bad_fields}
 
 
@@ -334,6 +341,9 @@ class Collate:
         if "caption" in items[0]:
             batch["caption"] = [item["caption"] for item in items]
             batch["tokens"] = self.tokenizer(batch["caption"])
+        if "negative_caption" in items[0]:  # "" where a sample has none
+            batch["negative_tokens"] = self.tokenizer([item["negative_caption"] for item in items])
+            batch["has_negative"] = torch.tensor([bool(item["negative_caption"]) for item in items])
         if self.prompt or (self.qa_fraction > 0 and "question" in items[0]):
             batch.update(self.decoder_rows(items, batch.get("tokens")))
         return batch
@@ -405,12 +415,14 @@ def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: i
 
 
 def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False,
-                 qa_fraction: float = 0.0, prompt: str = "", induction_fraction: float = 0.0) -> DataLoader:
+                 qa_fraction: float = 0.0, prompt: str = "", induction_fraction: float = 0.0,
+                 negatives: bool = False) -> DataLoader:
     """This process's micro-batches (image, tokens, label, key, bad, bad_examples), from `start_step` on.
 
     text_only (interleaved specs): the text alone, for a language model; induction_fraction: that share of rows
     synthetic induction rows (InterleavedItems). qa_fraction and prompt: decoder rows for a family whose recipe asks
-    for them (see Collate), on every spec kind, streams included.
+    for them (see Collate), on every spec kind, streams included. negatives: each sample's `negative_caption` as
+    `negative_tokens` and `has_negative` (shapes specs: data/shapes.py's binding_negative).
 
     Map-style specs go through GlobalBatchSampler and stop after train.steps; a wds stream never ends.
     With wds, each process uses at most as many workers as it has shards (the others would idle).
@@ -432,7 +444,9 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
         collate = Collate(tokenizer, qa_fraction, prompt)
         return _loader(ImageTextStream(stream, transform, cfg.seed), collate, workers, batch_size=micro)
     base = build_dataset(data.train, data.image_size, cfg.seed, data)
-    dataset = ImageTextDataset(base, transform, cfg.seed)
+    if negatives and not hasattr(base, "negative_caption"):
+        raise ValueError(f"data.train: '{data.train}' has no attribute-swapped negative captions (shapes specs do)")
+    dataset = ImageTextDataset(base, transform, cfg.seed, negatives)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
     collate = Collate(tokenizer, qa_fraction, prompt)

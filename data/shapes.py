@@ -15,7 +15,9 @@ images, captions or questions. The `heldout` split draws its main shape from the
 are seen pairs), so zero-shot accuracy on `heldout` measures compositional generalisation.
 """
 import math
+import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -169,10 +171,14 @@ def _split_class(index: int) -> tuple[str, str]:
     return tuple(CLASSNAMES[index].split(" "))
 
 
-def _sample_scene(rng: np.random.Generator, main_classes: list[int]) -> Scene:
+def _sample_scene(rng: np.random.Generator, main_classes: list[int], num_objects: int = 0,
+                  fits: Callable[[int, list[ShapeObject]], bool] | None = None) -> Scene:
+    """A scene of `num_objects` shapes (0: one to three at random); `fits(class, objects)` further limits the classes
+    of the shapes after the main one (data/binding.py)."""
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    u = rng.random()
-    num_objects = 1 if u < 0.4 else 2 if u < 0.75 else 3
+    if not num_objects:
+        u = rng.random()
+        num_objects = 1 if u < 0.4 else 2 if u < 0.75 else 3
 
     color, shape = _split_class(main_classes[rng.integers(len(main_classes))])
     size = float(rng.uniform(*MAIN_SIZE))
@@ -182,7 +188,9 @@ def _sample_scene(rng: np.random.Generator, main_classes: list[int]) -> Scene:
 
     for _ in range(num_objects - 1):
         used = {obj.shape for obj in objects}
-        choices = [c for c in SEEN_CLASSES if _split_class(c)[1] not in used]
+        choices = [c for c in SEEN_CLASSES if _split_class(c)[1] not in used and (fits is None or fits(c, objects))]
+        if not choices:
+            break
         color, shape = _split_class(choices[rng.integers(len(choices))])
         size = float(rng.uniform(*DISTRACTOR_SIZE))
         candidates = rng.uniform(size / 2, 1 - size / 2, size=(PLACEMENT_TRIES, 2))
@@ -245,6 +253,60 @@ def _question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return "what colour is the background?", scene.background
 
 
+SIZE_WORDS = ("large", "big", "small", "tiny")
+EXCHANGES = ("colour", "shape", "size", "position")  # what exchange() swaps between two objects of a caption
+
+
+def _size_word(obj: ShapeObject, k: int) -> str:
+    return "large" if k == 0 else "small" if obj.size > SMALL_SIZE else "tiny"
+
+
+def exchange(caption: str, scene: Scene, kind: str, a: int, b: int) -> str | None:
+    """`caption` of `scene` with an attribute of objects a and b exchanged (the same words bound the other way
+    round), or None where that says nothing false or is not in the caption:
+    colour / shape: object a (named in the caption) takes b's colour / shape and b, where named, a's; a and b must
+    differ in colour, since shapes in one scene are all different;
+    size: the size words of a and b exchanged, one of them the largest object (0) and a named with its size word;
+    position: the largest object (a = 0) said to be at b's position, where the caption says its position and b's
+    has another name."""
+    objects = scene.objects
+    first, second = objects[a], objects[b]
+    if kind == "position":
+        here, there = POSITION_PHRASES[first.position], POSITION_PHRASES[second.position]
+        if a != 0 or here == there or here not in caption:
+            return None
+        return caption.replace(here, there)
+    if kind in ("colour", "shape") and first.color == second.color or kind == "size" and 0 not in (a, b):
+        return None
+    pattern = r"\b(?:(large|big|small|tiny) )?({}) ({})\b"
+    spans = {}  # object -> (match of its phrase)
+    for k in (a, b):
+        match = re.search(pattern.format(objects[k].color, objects[k].shape), caption)
+        if match:
+            spans[k] = match
+    if a not in spans or kind == "size" and not spans[a].group(1):
+        return None
+    words = {k: [spans[k].group(1) if k in spans and spans[k].group(1) else _size_word(objects[k], k),
+                 objects[k].color, objects[k].shape] for k in (a, b)}
+    slot = {"size": 0, "colour": 1, "shape": 2}[kind]
+    words[a][slot], words[b][slot] = words[b][slot], words[a][slot]
+    out, end = [], 0
+    for k, match in sorted(spans.items(), key=lambda item: item[1].start()):
+        size = words[k][0] if match.group(1) else None
+        out += [caption[end : match.start()], " ".join(filter(None, [size, *words[k][1:]]))]
+        end = match.end()
+    return "".join(out) + caption[end:]
+
+
+def binding_negative(scene: Scene, caption: str, rng: np.random.Generator) -> str:
+    """One of the exchanges (see exchange()) of the caption's objects, drawn uniformly; "" where there is none
+    (a one-object scene). Training's attribute-swapped hard negatives (NegCLIP, ARO)."""
+    options = [(kind, a, b) for kind in EXCHANGES for a in range(len(scene.objects))
+               for b in range(len(scene.objects)) if a != b]
+    texts = [text for text in (exchange(caption, scene, *option) for option in options) if text and text != caption]
+    return texts[rng.integers(len(texts))] if texts else ""
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Items: dict(image=PIL RGB, caption, label (class of the main shape), question, answer, key)."""
 
@@ -269,6 +331,14 @@ class ShapesDataset(torch.utils.data.Dataset):
     def describe(self, index: int) -> Scene:
         """The objects of image `index` (main first) without drawing it."""
         return _sample_scene(self._rng(index), self._main_classes)
+
+    def negative_caption(self, index: int) -> str:
+        """Item `index`'s caption with two of its objects' attributes exchanged (binding_negative; "" for one
+        object), drawn from its own stream so that the items stay what they are without it."""
+        rng = self._rng(index)
+        scene = _sample_scene(rng, self._main_classes)
+        caption = _caption(scene, rng)
+        return binding_negative(scene, caption, np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1]))
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)

@@ -258,6 +258,7 @@ class BLIP(nn.Module):
         prompt_length: int | torch.Tensor = 0,
         decoder_tokens: Optional[torch.Tensor] = None,
         itm_uniform: Optional[float] = None,
+        swapped: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> dict[str, torch.Tensor]:
         """BLIP's training losses {"itc", "itm", "lm"} (scalars, to be summed) of this rank's batch.
 
@@ -268,7 +269,9 @@ class BLIP(nn.Module):
         decoder tokens ([DEC] included) the LM loss skips, 4 for caption finetuning on "a picture of " (BLIP), or
         (B,) one per row. decoder_tokens (B, T'): the decoder's sequences when they are not the captions (rows
         that are "question: q answer: a" with the question as their prompt); None: the captions. itm_uniform: the share
-        of ITM negatives drawn uniformly this step (None: `self.itm_uniform`; train.py ramps it).
+        of ITM negatives drawn uniformly this step (None: `self.itm_uniform`; train.py ramps it). swapped: (indices
+        (S,), tokens (S, T)), captions of those images with attributes exchanged between objects, which ITM also
+        learns as non-matches (NegCLIP's hard negatives; blip.swap_negatives).
         Computes `self.objectives` (all three unless set otherwise) of those the model has parts for: a model
         without a text encoder (a captioning checkpoint) gives only "lm"; one without a decoder (a retrieval
         checkpoint) only "itc" and "itm". ITM needs ITC's similarities: "itm" computes "itc" too. Each call with
@@ -281,7 +284,7 @@ class BLIP(nn.Module):
         losses = {}
         if self.text_encoder is not None and ("itc" in self.objectives or "itm" in self.objectives):
             uniform = self.itm_uniform if itm_uniform is None else itm_uniform
-            losses.update(self.itc_itm_losses(image_tokens, images, tokens, image_ids, alpha, uniform))
+            losses.update(self.itc_itm_losses(image_tokens, images, tokens, image_ids, alpha, uniform, swapped))
         if self.text_decoder is not None and "lm" in self.objectives:
             decoder_tokens = tokens if decoder_tokens is None else decoder_tokens
             logits = self.decoder_logits(decoder_tokens, image_tokens)  # (B, T, vocab), [DEC] first
@@ -296,8 +299,10 @@ class BLIP(nn.Module):
         image_ids: Optional[torch.Tensor],
         alpha: float,
         itm_uniform: float = 0.0,
+        swapped: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> dict[str, torch.Tensor]:
-        """ITC with momentum distillation and the queue, then ITM on hard negatives (losses/blip.py's order)."""
+        """ITC with momentum distillation and the queue, then ITM on hard negatives (losses/blip.py's order), and on
+        the `swapped` captions of their images where given (see forward)."""
         if self.queue is None:
             raise RuntimeError("ITC/ITM need the momentum encoders: build with momentum_encoders=True, or call "
                                "model.add_momentum_encoders() after loading released weights")
@@ -336,6 +341,9 @@ class BLIP(nn.Module):
         # rows: B positives, B (text_i, negative image), B (negative text, image_i), as BLIP
         itm_tokens = torch.cat([tokens, tokens, tokens[neg_text]])  # (3B, T)
         itm_images = torch.cat([image_tokens, image_tokens[neg_image], image_tokens])  # (3B, 1 + HW, vision_width)
+        if swapped is not None:  # then S rows (swapped caption, its image), negatives too
+            index, swapped_tokens = swapped
+            itm_tokens, itm_images = torch.cat([itm_tokens, swapped_tokens]), torch.cat([itm_images, image_tokens[index]])
         logits = self.itm_head(self.forward_multimodal(itm_tokens, itm_images)[:, 0])  # (3B, 2)
         return {"itc": loss_itc, "itm": itm_loss(logits[:batch_size], logits[batch_size:])}
 

@@ -22,13 +22,13 @@ from crossmodal.recipes.clip import check_no_decoder_data, contrastive_task
 
 TASK_PARTS = {"retrieval": ("text_encoder", "text_proj", "vision_proj", "itm_head"), "caption": ("text_decoder",),
               "vqa": ("text_decoder",), "zeroshot": ("text_encoder", "text_proj", "vision_proj"),
-              "linear_probe": ("vision_proj",)}
+              "linear_probe": ("vision_proj",), "binding": ("text_encoder", "text_proj", "vision_proj")}
 
 
 class BlipRecipe(Recipe):
     """BLIP pretraining and finetuning (ITC, ITM, LM) of a BLIP preset."""
 
-    tasks = ("retrieval", "caption", "vqa", "zeroshot", "linear_probe")
+    tasks = ("retrieval", "caption", "vqa", "zeroshot", "linear_probe", "binding")
     tokenizers = ("sentencepiece", "bert")  # CLIP's BPE has no [DEC] and [ENC]
     sentencepiece_tokens = {"blip_tokens": True}  # [DEC], [ENC]
     sharded = False  # momentum encoders
@@ -55,6 +55,10 @@ class BlipRecipe(Recipe):
                     f"'{cfg.blip.losses}'")
         if "itm" in objectives and "itc" not in objectives:
             return "blip.losses: itm samples its hard negatives from ITC's similarities; add itc"
+        if cfg.blip.swap_negatives and ("itm" not in objectives or not cfg.data.train.startswith("shapes:")):
+            return (f"blip.swap_negatives trains ITM on captions with attributes exchanged between a scene's objects: "
+                    f"it needs itm in blip.losses and shapes training data; got blip.losses={cfg.blip.losses}, "
+                    f"data.train={cfg.data.train}")
         preset_queue = BLIP_MODELS[cfg.model.name].queue_size
         if "itc" in objectives and (cfg.blip.queue_size < -1 or self.queue_size() % cfg.train.batch_size):
             return (f"blip.queue_size must be 0 (no queue), a multiple of the global batch "
@@ -131,7 +135,8 @@ class BlipRecipe(Recipe):
         return {"forward_sync_buffers": False, "find_unused_parameters": set(self.objectives()) != set(OBJECTIVES)}
 
     def loader_options(self) -> dict:
-        return {"qa_fraction": self.cfg.blip.qa_fraction, "prompt": self.cfg.blip.prompt}
+        return {"qa_fraction": self.cfg.blip.qa_fraction, "prompt": self.cfg.blip.prompt,
+                "negatives": self.cfg.blip.swap_negatives}
 
     def alpha(self, step: int) -> float:
         """BLIP's momentum-distillation weight, ramped linearly from 0 over blip.alpha_steps."""
@@ -139,14 +144,17 @@ class BlipRecipe(Recipe):
 
     def train_step(self, model, micro_batches, step, device, autocast, scaler) -> dict[str, torch.Tensor]:
         (batch,) = micro_batches  # check: BLIP trains without accumulation
-        decoder = {}  # blip.qa_fraction or blip_prompt: the decoder's own rows (data.Collate)
+        extra = {}  # the decoder's own rows (blip.qa_fraction, blip.prompt) and swapped captions (data.Collate)
         if "decoder_tokens" in batch:
-            decoder = {"decoder_tokens": batch["decoder_tokens"].to(device), "prompt_length": batch["prompt_lengths"]}
+            extra = {"decoder_tokens": batch["decoder_tokens"].to(device), "prompt_length": batch["prompt_lengths"]}
         tokens = batch["tokens"].to(device, non_blocking=True) if "tokens" in batch else None  # vqa: questions only
+        if "negative_tokens" in batch:  # blip.swap_negatives: more ITM negatives, the images' own swapped captions
+            keep = batch["has_negative"].nonzero()[:, 0]
+            extra["swapped"] = (keep.to(device), batch["negative_tokens"][keep].to(device))
         itm_uniform = self.cfg.blip.itm_uniform * max(0.0, 1 - step / self.cfg.train.steps)
         with autocast:
             losses = model(batch["image"].to(device, non_blocking=True), tokens, image_ids=image_ids(batch["key"]).to(
-                device), alpha=self.alpha(step), itm_uniform=itm_uniform, **decoder)
+                device), alpha=self.alpha(step), itm_uniform=itm_uniform, **extra)
         scaler.scale(sum(losses.values())).backward()
         return {name: value.detach() for name, value in losses.items()}
 

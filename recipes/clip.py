@@ -14,7 +14,7 @@ import torch
 
 from crossmodal.config import Config
 from crossmodal.data.tokenizer import ClipTokenizer
-from crossmodal.evaluation import contrastive, probe
+from crossmodal.evaluation import binding, contrastive, probe
 from crossmodal.losses import clip_loss, siglip_loss
 from crossmodal.models import MODELS, convert_sync_batchnorm, create_model, is_run_checkpoint, load_run_weights
 from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor
@@ -28,7 +28,7 @@ LOSSES = ("clip", "siglip")
 class ClipRecipe(Recipe):
     """Contrastive image-text training of a CLIP preset (ViT or ResNet image tower, causal text tower)."""
 
-    tasks = ("zeroshot", "retrieval", "linear_probe")
+    tasks = ("zeroshot", "retrieval", "linear_probe", "binding")
 
     def inputs(self) -> tuple[int, int]:
         preset = MODELS[self.cfg.model.name]
@@ -147,7 +147,7 @@ def is_predictive(cfg) -> bool:
 
 
 def contrastive_task(cfg, task: str, model, tokenizer, spec: str, args) -> dict:
-    """eval.py's zeroshot, retrieval and linear_probe for any model with encode_image (and encode_text)."""
+    """eval.py's zeroshot, retrieval, binding and linear_probe for any model with encode_image (and encode_text)."""
     loading = dict(batch_size=args.batch_size, workers=args.workers, options=cfg.data)
     if task == "zeroshot":
         return contrastive.zeroshot(model, tokenizer, spec, cfg.data.image_size, args.device,
@@ -155,6 +155,9 @@ def contrastive_task(cfg, task: str, model, tokenizer, spec: str, args) -> dict:
                                     args.workers, cfg.data)
     if task == "retrieval":
         return contrastive.retrieval(model, tokenizer, spec, cfg.data.image_size, args.device, **loading)
+    if task == "binding":  # with BLIP's ITM too where the model has it
+        return binding.binding(model, tokenizer, spec, cfg.data.image_size, args.device, **loading,
+                               log_every=args.log_every)
     plot_path = os.path.splitext(args.out)[0] + "_confusion.png" if args.out else None
     if not args.data or (args.val is None and args.test is None):
         raise ValueError("--task linear_probe needs --data (the training split) and --val or --test (labelled splits)")

@@ -362,3 +362,33 @@ def test_question_rows_teach_the_decoder_only_the_answer(tmp_path):
         labels[i, :length] = -100
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), label_smoothing=0.1)
     torch.testing.assert_close(losses["lm"], expected)
+
+
+def test_swapped_captions_are_more_itm_negatives(batch):
+    """blip.swap_negatives: the S swapped rows join ITM's 2B hard negatives in one mean cross-entropy."""
+    images, tokens, tokenizer = batch
+    model = tiny(tokenizer, queue_size=0, text_drop=0.0)
+    model.eval()  # (no dropout; ITC, ITM and their negatives are the same either way)
+    index = torch.tensor([1, 4, 6])
+    swapped = tokens[[2, 0, 3]]  # other images' captions stand in for swapped ones
+    torch.manual_seed(1)
+    plain = model(images, tokens, alpha=0.4)["itm"]
+    torch.manual_seed(1)
+    with_swapped = model(images, tokens, alpha=0.4, swapped=(index, swapped))["itm"]
+    with torch.no_grad():
+        logits = model.itm_head(model.forward_multimodal(swapped, model.forward_image(images)[index])[:, 0])
+    extra = F.cross_entropy(logits, torch.zeros(3, dtype=torch.long), reduction="sum")
+    rows = 3 * len(images)
+    torch.testing.assert_close(with_swapped, (plain * rows + extra) / (rows + 3), rtol=1e-5, atol=1e-6)
+
+
+def test_swap_negatives_needs_itm_and_shapes():
+    from crossmodal.config import Config
+
+    cfg = Config()
+    cfg.model.name, cfg.blip.queue_size, cfg.data.image_size, cfg.blip.swap_negatives = "BLIP-tiny", 0, 64, True
+    assert recipes.check_config(recipes.resolve(cfg)) is None
+    cfg.blip.losses = "itc,lm"
+    assert "blip.swap_negatives trains ITM" in recipes.check_config(recipes.resolve(cfg))
+    cfg.blip.losses, cfg.data.train = "itc,itm,lm", "csv:pairs.csv"
+    assert "data.train=csv:pairs.csv" in recipes.check_config(recipes.resolve(cfg))
