@@ -1,7 +1,7 @@
 """Datasets named by spec strings, and the loaders that feed train.py and eval.py.
 
 Spec strings (config keys `data.train`, `data.val`, `data.heldout`, and `eval.py --data`):
-    shapes:SPLIT[:LENGTH]     the built-in procedural dataset (splits train, val, heldout), needs no
+    shapes:SPLIT[:LENGTH]     the built-in procedural dataset (splits train, val, heldout, binding), needs no
                               files; LENGTH overrides the split's default number of samples; the split
                               binding holds attribute-binding candidate sets (data/binding.py)
     coco:PATH[#SPLIT]         COCO captions JSON, or a Karpathy split file with its split (data/coco.py)

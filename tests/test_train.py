@@ -117,7 +117,7 @@ def test_bad_values_fail_before_training(tmp_path):
 def test_bad_dataset_spec_fails_before_training(tmp_path):
     with pytest.raises(SystemExit, match=r"data\.val: unknown dataset 'shape'.*did you mean 'shapes'"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.val=shape:val"])
-    with pytest.raises(SystemExit, match=r"data\.train: shapes dataset has splits train, val, heldout; got 'tran'"):
+    with pytest.raises(SystemExit, match=r"data\.train: shapes dataset has splits train, val, heldout, binding; got 'tran'"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=shapes:tran"])
     with pytest.raises(SystemExit, match=r"data\.train: vqa specs hold questions and answers, not captions; CLIP cannot"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=vqa:questions.json"])
