@@ -40,6 +40,7 @@ class BlipConfig:  # recipes/blip.py
     prompt: str = ""  # text put before every caption for the decoder, not learned ("a picture of " to finetune)
     text_drop: float = 0.1  # the text stack's hidden and attention dropout (BERT's 0.1)
     lock_vision: bool = False  # the image tower frozen (LiT's locked tower; with model.vision_checkpoint)
+    token_stride: int = 32  # a ResNet tower's image tokens after the pooled one: 32, the attention pool's grid; 16, the third stage's, 4x as many (models/blip.py, StageTokens)
     swap_negatives: bool = False  # ITM also learns each image against its caption with two objects' attributes exchanged (shapes data; NegCLIP's hard negatives)
 
 
@@ -189,6 +190,7 @@ RANGES = {
     "eval.batch_size": AT_LEAST_ONE,
     "blip.momentum": FRACTION, "blip.queue_size": Range(-1), "blip.alpha": FRACTION, "blip.alpha_steps": NON_NEGATIVE,
     "blip.itm_uniform": FRACTION, "blip.qa_fraction": FRACTION, "blip.text_drop": BELOW_ONE,
+    "blip.token_stride": Range(16, 32),  # and 16 or 32: recipes/blip.py
     "lm.induction_fraction": BELOW_ONE,
     "finetune.unfreeze_every": AT_LEAST_ONE, "finetune.layer_decay": Range(0, 1, open_low=True),
     "finetune.patience": NON_NEGATIVE, "finetune.wise_alpha": FRACTION,

@@ -278,22 +278,22 @@ def exchange(caption: str, scene: Scene, kind: str, a: int, b: int) -> str | Non
         return caption.replace(here, there)
     if kind in ("colour", "shape") and first.color == second.color or kind == "size" and 0 not in (a, b):
         return None
-    pattern = r"\b(?:(large|big|small|tiny) )?({}) ({})\b"
+    pattern = r"\b(?:(an?) )?(?:(large|big|small|tiny) )?({}) ({})\b"  # the article too: "an orange" -> "a red"
     spans = {}  # object -> (match of its phrase)
     for k in (a, b):
         match = re.search(pattern.format(objects[k].color, objects[k].shape), caption)
         if match:
             spans[k] = match
-    if a not in spans or kind == "size" and not spans[a].group(1):
+    if a not in spans or kind == "size" and not spans[a].group(2):
         return None
-    words = {k: [spans[k].group(1) if k in spans and spans[k].group(1) else _size_word(objects[k], k),
+    words = {k: [spans[k].group(2) if k in spans and spans[k].group(2) else _size_word(objects[k], k),
                  objects[k].color, objects[k].shape] for k in (a, b)}
     slot = {"size": 0, "colour": 1, "shape": 2}[kind]
     words[a][slot], words[b][slot] = words[b][slot], words[a][slot]
     out, end = [], 0
     for k, match in sorted(spans.items(), key=lambda item: item[1].start()):
-        size = words[k][0] if match.group(1) else None
-        out += [caption[end : match.start()], " ".join(filter(None, [size, *words[k][1:]]))]
+        phrase = " ".join(filter(None, [words[k][0] if match.group(2) else None, *words[k][1:]]))
+        out += [caption[end : match.start()], _with_article(phrase) if match.group(1) else phrase]
         end = match.end()
     return "".join(out) + caption[end:]
 

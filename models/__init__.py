@@ -112,7 +112,7 @@ def infer_preset(state_dict: dict) -> Optional[str]:
 
 
 BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "grad_checkpointing", "tokenizer",
-                  "momentum_encoders", "momentum", "queue_size", "itm_uniform", "vision_stem")
+                  "momentum_encoders", "momentum", "queue_size", "itm_uniform", "vision_stem", "token_stride")
 
 
 FLAMINGO_OVERRIDES = ("vision", "lm", "tokenizer")

@@ -26,7 +26,8 @@ Deliberate differences from salesforce/BLIP `models/blip*.py`:
   LayerNorm eps 1e-6, initialised as CLIP's (BLIP starts from DeiT/timm weights instead);
 - `vision_tower="resnet"` (the `BLIP-RN-tiny` preset) puts CLIP's ResNet in the ViT's place: its attention pool
   lets every position query (`AttentionPool2d(all_tokens=True)`), so the pooled token stands first as the CLS
-  token does and the grid cells follow; a tower that learns shape within the CPU demo's budget;
+  token does and the grid cells follow; a tower that learns shape within the CPU demo's budget; with
+  `token_stride=16` the cells after the pooled token are the third stage's (`StageTokens`), four times as many;
 - generation goes through `models/generation.py`, with HuggingFace transformers 5.x's conventions (BLIP's own
   code ran transformers 4.15, whose beam search normalised scores by the length including the prompt).
 """
@@ -101,6 +102,10 @@ class BLIPConfig:
     vision_tower: str = "vit"
     resnet_layers: tuple[int, ...] = (1, 1, 1, 1)
     resnet_width: int = 16
+    # The ResNet grid whose cells are the image tokens after the pooled one: 32, the attention pool's (every cell
+    # a query of the pool); 16, the third stage's, twice as fine, each cell normalised and projected to vision_width
+    # by `StageTokens` (trained with BLIP, also under a locked tower). ITC reads the pooled token either way.
+    token_stride: int = 32
 
 
 # Paper section 4.1 and salesforce/BLIP `models/blip.py::create_vit`: ViT-B/16 or ViT-L/16 (drop-path 0.1) with
@@ -141,6 +146,7 @@ class BLIP(nn.Module):
         momentum: float = 0.995,
         queue_size: int = 57600,
         itm_uniform: float = 0.0,
+        stage_tokens: Optional["StageTokens"] = None,
     ):
         super().__init__()
         if isinstance(visual_encoder, ModifiedResNet):
@@ -153,6 +159,7 @@ class BLIP(nn.Module):
         self.tokenizer = tokenizer  # for `generate`: tokenizer(text) -> (1, T) ids, decode(ids) -> text
         self.visual_encoder = visual_encoder
         self.visual_encoder.proj = None  # CLIP's bias-free projection; BLIP projects with `vision_proj`
+        self.stage_tokens = stage_tokens  # a ResNet's third-stage cells as image tokens (token_stride 16); None: the pool's
         self.text_encoder = text_encoder
         self.text_decoder = text_decoder
         if tie_text_decoder:
@@ -217,7 +224,11 @@ class BLIP(nn.Module):
 
     def forward_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image tokens (B, 1 + HW, vision_width), CLS first."""
-        return tower_tokens(self.visual_encoder, images)
+        if self.stage_tokens is None:
+            return tower_tokens(self.visual_encoder, images)
+        stage3, stage4 = self.visual_encoder.forward_stages(images)
+        pooled = self.visual_encoder.attnpool(stage4)  # (B, vision_width), the tower's embedding
+        return torch.cat([pooled[:, None], self.stage_tokens(stage3)], dim=1)  # (B, 1 + H/16 * W/16, vision_width)
 
     def forward_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Unimodal text encoder: (B, T) ids, [CLS] first, pad_id after the text -> (B, T, text_width)."""
@@ -449,6 +460,21 @@ class BLIP(nn.Module):
         return captions
 
 
+class StageTokens(nn.Module):
+    """A ResNet's third-stage cells (B, HW, channels) as image tokens (B, HW, width): LayerNorm, a linear map and a
+    learned position per cell (`token_stride=16`: 16 cells at 64x64 where the attention pool gives 4, so that the
+    image-grounded encoder can tell which object is where; not in BLIP, whose ViT gives one token per patch)."""
+
+    def __init__(self, channels: int, cells: int, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.proj = nn.Linear(channels, width)
+        self.positional_embedding = nn.Parameter(torch.randn(cells, width) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(features)) + self.positional_embedding
+
+
 def tower_tokens(encoder: VisionTransformer | ModifiedResNet, images: torch.Tensor) -> torch.Tensor:
     """An image tower's tokens (B, 1 + HW, width), the one ITC reads first."""
     if isinstance(encoder, ModifiedResNet):
@@ -484,6 +510,12 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         raise ValueError(f"vision_tower must be vit or resnet, got {config.vision_tower!r}")
     if config.vision_tower == "resnet" and config.vision_stem != "patch":
         raise ValueError(f"vision_stem={config.vision_stem!r} is a ViT option; this preset has a ResNet image tower")
+    if config.token_stride not in (32, 16) or (config.token_stride == 16 and config.vision_tower != "resnet"):
+        raise ValueError(f"token_stride must be 32 or 16 (16: a ResNet tower's third stage), got {config.token_stride}"
+                         f" with vision_tower={config.vision_tower!r}")
+    stage_tokens = None
+    if config.token_stride == 16:
+        stage_tokens = StageTokens(config.resnet_width * 16, (config.image_size // 16) ** 2, config.vision_width)
     if config.vision_tower == "resnet":
         visual_encoder = ModifiedResNet(
             layers=config.resnet_layers,
@@ -521,6 +553,7 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         momentum=config.momentum,
         queue_size=config.queue_size,
         itm_uniform=config.itm_uniform,
+        stage_tokens=stage_tokens,
     )
 
 

@@ -151,15 +151,20 @@ class ModifiedResNet(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> spatial tokens of the last stage (B, H/32 * W/32, 32 * width)."""
+        return self.forward_stages(images)[1]
+
+    def forward_stages(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> spatial tokens of the third and the last stage: (B, H/16 * W/16, 16 * width) and
+        (B, H/32 * W/32, 32 * width)."""
         x = self.act1(self.bn1(self.conv1(images)))  # (B, width/2, H/2, W/2)
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.act3(self.bn3(self.conv3(x)))  # (B, width, H/2, W/2)
         x = self.avgpool(x)  # (B, width, H/4, W/4)
         x = self.layer1(x)  # (B, 4 width, H/4, W/4)
         x = self.layer2(x)  # (B, 8 width, H/8, W/8)
-        x = self.layer3(x)  # (B, 16 width, H/16, W/16)
-        x = self.layer4(x)  # (B, 32 width, H/32, W/32)
-        return rearrange(x, "b c h w -> b (h w) c")
+        stage3 = self.layer3(x)  # (B, 16 width, H/16, W/16)
+        x = self.layer4(stage3)  # (B, 32 width, H/32, W/32)
+        return rearrange(stage3, "b c h w -> b (h w) c"), rearrange(x, "b c h w -> b (h w) c")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image embedding (B, output_dim)."""

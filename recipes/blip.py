@@ -59,6 +59,10 @@ class BlipRecipe(Recipe):
             return (f"blip.swap_negatives trains ITM on captions with attributes exchanged between a scene's objects: "
                     f"it needs itm in blip.losses and shapes training data; got blip.losses={cfg.blip.losses}, "
                     f"data.train={cfg.data.train}")
+        if cfg.blip.token_stride not in (32, 16) or (
+                cfg.blip.token_stride == 16 and BLIP_MODELS[cfg.model.name].vision_tower != "resnet"):
+            return (f"blip.token_stride must be 32 (the image tower's own tokens) or 16 (a ResNet tower's third stage, "
+                    f"BLIP-RN-tiny); got {cfg.blip.token_stride} for {cfg.model.name}")
         preset_queue = BLIP_MODELS[cfg.model.name].queue_size
         if "itc" in objectives and (cfg.blip.queue_size < -1 or self.queue_size() % cfg.train.batch_size):
             return (f"blip.queue_size must be 0 (no queue), a multiple of the global batch "
@@ -112,7 +116,8 @@ class BlipRecipe(Recipe):
                              grad_checkpointing=cfg.model.grad_checkpointing, tokenizer=tokenizer,
                              momentum_encoders=False, momentum=cfg.blip.momentum,
                              queue_size=self.queue_size(), itm_uniform=cfg.blip.itm_uniform,
-                             vision_stem=cfg.model.vit_stem, text_drop=cfg.blip.text_drop)
+                             vision_stem=cfg.model.vit_stem, text_drop=cfg.blip.text_drop,
+                             token_stride=cfg.blip.token_stride)
         model.objectives = objectives
         if run_start:
             load_run_weights(model, start)

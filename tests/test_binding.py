@@ -165,6 +165,11 @@ def test_exchange_on_training_captions_by_hand():
     assert exchange("a photo of the red circle on the left.", scene, "shape", 0, 1) == "a photo of the red square on the left."
     assert exchange("a photo of the red circle on the left.", scene, "shape", 0, 2) is None  # a red star is there
     assert exchange("a blue square", scene, "colour", 0, 1) is None  # the circle is not named
+    # the article follows the word that now comes first, so that no negative gives itself away by its grammar
+    orange = Scene("white", (ShapeObject("orange", "circle", 0.6, (0.3, 0.5), 0.0), square))
+    assert exchange("an orange circle and a blue square.", orange, "colour", 0, 1) == "a blue circle and an orange square."
+    assert exchange("the orange circle and a blue square.", orange, "colour", 1, 0) == "the blue circle and an orange square."
+    assert exchange("an orange circle and a small blue square.", orange, "colour", 0, 1) == "a blue circle and a small orange square."
 
 
 def test_training_negatives_are_false_and_drawn_from_their_own_stream():

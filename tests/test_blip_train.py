@@ -392,3 +392,41 @@ def test_swap_negatives_needs_itm_and_shapes():
     assert "blip.swap_negatives trains ITM" in recipes.check_config(recipes.resolve(cfg))
     cfg.blip.losses, cfg.data.train = "itc,itm,lm", "csv:pairs.csv"
     assert "data.train=csv:pairs.csv" in recipes.check_config(recipes.resolve(cfg))
+
+
+def test_stage_tokens_are_the_third_stage_cells_and_train_under_a_locked_tower(batch, tmp_path):
+    """blip.token_stride=16: the pooled token is still CLIP's image embedding, and the 16 cells after it are the
+    CLIP tower's third stage (recomputed here layer by layer), normalised, projected and given a position; with
+    the tower locked, they are what trains on the image side."""
+    from crossmodal.config import Config
+    from crossmodal.recipes import model_from_config
+
+    images, tokens, tokenizer = batch
+    torch.manual_seed(3)
+    clip = create_model("RN-tiny").eval()
+    torch.save({"model": clip.state_dict(), "config": {}}, tmp_path / "clip.pt")
+    cfg = Config()
+    cfg.model.name, cfg.model.vision_checkpoint = "BLIP-RN-tiny", str(tmp_path / "clip.pt")
+    cfg.blip.lock_vision, cfg.blip.queue_size, cfg.data.image_size, cfg.blip.token_stride = True, 0, 64, 16
+    model = model_from_config(cfg, tokenizer).eval()
+    tower, cells = clip.visual, model.stage_tokens
+    with torch.no_grad():
+        x = images
+        for conv, bn in ((tower.conv1, tower.bn1), (tower.conv2, tower.bn2), (tower.conv3, tower.bn3)):
+            x = torch.relu(bn(conv(x)))
+        x = tower.layer3(tower.layer2(tower.layer1(tower.avgpool(x))))  # (B, 256, 4, 4)
+        x = x.flatten(2).transpose(1, 2)  # (B, 16, 256), row-major cells
+        expected = F.layer_norm(x, (256,), cells.norm.weight, cells.norm.bias) @ cells.proj.weight.T + cells.proj.bias
+        expected = expected + cells.positional_embedding
+        image_tokens = model.forward_image(images)
+    assert image_tokens.shape == (8, 17, 128)
+    torch.testing.assert_close(image_tokens[:, 0], clip.visual(images), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(image_tokens[:, 1:], expected, rtol=1e-5, atol=1e-5)
+    model.train()
+    sum(model(images, tokens).values()).backward()
+    assert all(param.grad is None for param in model.visual_encoder.parameters())
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in cells.parameters())
+    cfg.model.vision_checkpoint = ""  # checks of the values alone
+    assert recipes.check_config(recipes.resolve(cfg)) is None
+    cfg.model.name = "BLIP-tiny"  # a ViT has no third stage
+    assert "blip.token_stride must be 32" in recipes.check_config(recipes.resolve(cfg))
