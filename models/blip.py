@@ -460,6 +460,14 @@ class BLIP(nn.Module):
         return captions
 
 
+def token_stride_problem(token_stride: int, vision_tower: str) -> Optional[str]:
+    """Why image tokens at `token_stride` cannot come from a `vision_tower`, or None (BLIPConfig.token_stride)."""
+    if token_stride not in (32, 16) or (token_stride == 16 and vision_tower != "resnet"):
+        return (f"token_stride must be 32 (the image tower's own tokens) or 16 (a ResNet tower's third stage); "
+                f"got {token_stride} with vision_tower={vision_tower!r}")
+    return None
+
+
 class StageTokens(nn.Module):
     """A ResNet's third-stage cells (B, HW, channels) as image tokens (B, HW, width): LayerNorm, a linear map and a
     learned position per cell (`token_stride=16`: 16 cells at 64x64 where the attention pool gives 4, so that the
@@ -510,9 +518,9 @@ def build_blip(config: BLIPConfig, tokenizer: Optional[Any] = None) -> BLIP:
         raise ValueError(f"vision_tower must be vit or resnet, got {config.vision_tower!r}")
     if config.vision_tower == "resnet" and config.vision_stem != "patch":
         raise ValueError(f"vision_stem={config.vision_stem!r} is a ViT option; this preset has a ResNet image tower")
-    if config.token_stride not in (32, 16) or (config.token_stride == 16 and config.vision_tower != "resnet"):
-        raise ValueError(f"token_stride must be 32 or 16 (16: a ResNet tower's third stage), got {config.token_stride}"
-                         f" with vision_tower={config.vision_tower!r}")
+    problem = token_stride_problem(config.token_stride, config.vision_tower)
+    if problem:
+        raise ValueError(problem)
     stage_tokens = None
     if config.token_stride == 16:
         stage_tokens = StageTokens(config.resnet_width * 16, (config.image_size // 16) ** 2, config.vision_width)

@@ -16,7 +16,7 @@ from crossmodal.data.tokenizer import BertTokenizer
 from crossmodal.evaluation import blip as blip_evaluation
 from crossmodal.models import (BLIP_MODELS, BLIP_TEXT_LENGTH, convert_sync_batchnorm, create_model, is_run_checkpoint,
                                load_blip_vision, load_run_weights, released_folder_problem)
-from crossmodal.models.blip import OBJECTIVES
+from crossmodal.models.blip import OBJECTIVES, token_stride_problem
 from crossmodal.recipes.base import Recipe, check_unused
 from crossmodal.recipes.clip import check_no_decoder_data, contrastive_task
 
@@ -59,10 +59,9 @@ class BlipRecipe(Recipe):
             return (f"blip.swap_negatives trains ITM on captions with attributes exchanged between a scene's objects: "
                     f"it needs itm in blip.losses and shapes training data; got blip.losses={cfg.blip.losses}, "
                     f"data.train={cfg.data.train}")
-        if cfg.blip.token_stride not in (32, 16) or (
-                cfg.blip.token_stride == 16 and BLIP_MODELS[cfg.model.name].vision_tower != "resnet"):
-            return (f"blip.token_stride must be 32 (the image tower's own tokens) or 16 (a ResNet tower's third stage, "
-                    f"BLIP-RN-tiny); got {cfg.blip.token_stride} for {cfg.model.name}")
+        problem = token_stride_problem(cfg.blip.token_stride, BLIP_MODELS[cfg.model.name].vision_tower)
+        if problem:
+            return f"blip.{problem} ({cfg.model.name})"
         preset_queue = BLIP_MODELS[cfg.model.name].queue_size
         if "itc" in objectives and (cfg.blip.queue_size < -1 or self.queue_size() % cfg.train.batch_size):
             return (f"blip.queue_size must be 0 (no queue), a multiple of the global batch "
