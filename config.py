@@ -79,7 +79,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     name: str = "clip"  # clip (InfoNCE) | siglip (sigmoid)
-    impl: str = "torch"  # torch | fused (kernels/ op; clip only)
+    impl: str = "torch"  # torch | fused (kernels/ ops: the logits in blocks, never N x N; clip and siglip)
 
 
 @dataclass

@@ -1,21 +1,24 @@
-"""Forward + backward time and peak memory of the CLIP loss: naive (open_clip style) vs the fused op.
+"""Forward + backward time and peak memory of the contrastive losses: naive (open_clip style) vs the fused ops.
 
-    python3 benchmarks/bench_loss.py                      # N = 1024 ... 32768, D = 512, CPU
+    python3 benchmarks/bench_loss.py                      # InfoNCE, N = 1024 ... 32768, D = 512, CPU
     python3 benchmarks/bench_loss.py --sizes 8192 16384   # the two target cases
+    python3 benchmarks/bench_loss.py --loss siglip        # the sigmoid (SigLIP) loss
     python3 benchmarks/bench_loss.py --device cuda        # the CUDA op; memory = peak CUDA allocation
     python3 benchmarks/bench_loss.py --device cuda --dtype bfloat16   # bf16 features; naive under autocast
     python3 benchmarks/bench_loss.py --device cuda --tf32             # fp32 matmuls on TF32 tensor cores
 
-Naive: two logits matmuls (image @ text^T, text @ image^T) and two cross entropies, as open_clip's
-ClipLoss with world size 1 (with --dtype bfloat16 under torch.autocast, as in AMP training: bf16
-matmuls, fp32 cross entropy). Fused: kernels.contrastive_loss(backend="cpu" or "cuda") with its
-default block size (256 on the CPU, 4096 on a GPU) unless --block-size is given; it computes its
-blocks with the same ATen matmuls (cuBLAS on a GPU) as the naive loss. Each case runs in a fresh
-subprocess. On the CPU its peak memory is the increase of the peak resident set (VmHWM, reset after
+Naive InfoNCE: two logits matmuls (image @ text^T, text @ image^T) and two cross entropies, as open_clip's
+ClipLoss with world size 1; naive sigmoid: one logits matmul plus the bias, the +-1 label matrix and
+logsigmoid, as open_clip's SigLipLoss with world size 1 (both with --dtype bfloat16 under torch.autocast,
+as in AMP training: bf16 matmuls, fp32 losses). Fused: kernels.contrastive_loss or kernels.siglip_loss
+(backend="cpu" or "cuda") with the default block size (256 on the CPU, 4096 on a GPU) unless --block-size
+is given; they compute their blocks with the same ATen matmuls (cuBLAS on a GPU) as the naive losses.
+Each case runs in a fresh subprocess. On the CPU its peak memory is the increase of the peak resident set (VmHWM, reset after
 the inputs are built) over the resident set with the inputs in place, so it counts the loss's
 activations and the feature gradients; on a GPU it is the peak CUDA allocation above the inputs.
 Targets: on the 2-core CPU, at N = 16384 the fused peak is <= 5% of the naive one and at N = 8192 the
 fused time is <= 1.3x the naive one; on a GPU, at N >= 16384 the fused time is <= 1.1x the naive one.
+(The sigmoid op has a third fewer matmuls than the InfoNCE op: one pass yields loss and gradients.)
 """
 import argparse
 import json
@@ -50,6 +53,7 @@ def gpu_memory_bytes() -> int:
 
 
 def run_case(
+    loss: str,
     method: str,
     n: int,
     dim: int,
@@ -68,23 +72,34 @@ def run_case(
     torch.backends.cuda.matmul.allow_tf32 = tf32
     feature_dtype = getattr(torch, dtype)
 
-    def naive(image, text, logit_scale) -> torch.Tensor:
+    def naive_clip(image, text, logit_scale, _logit_bias) -> torch.Tensor:
         with torch.autocast(device, dtype=feature_dtype, enabled=feature_dtype != torch.float32):
             labels = torch.arange(len(image), device=image.device)
             logits_per_image = logit_scale * image @ text.T  # (N, N)
             logits_per_text = logit_scale * text @ image.T  # (N, N)
             return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
-    def fused(image, text, logit_scale) -> torch.Tensor:
+    def naive_siglip(image, text, logit_scale, logit_bias) -> torch.Tensor:
+        with torch.autocast(device, dtype=feature_dtype, enabled=feature_dtype != torch.float32):
+            logits = logit_scale * image @ text.T + logit_bias  # (N, N)
+            labels = 2 * torch.eye(len(image), device=image.device, dtype=logits.dtype) - 1  # (N, N)
+            return -F.logsigmoid(labels * logits).sum() / len(image)
+
+    def fused_clip(image, text, logit_scale, _logit_bias) -> torch.Tensor:
         return kernels.contrastive_loss(image, text, logit_scale, backend=device, block_size=block_size)
 
-    loss_fn = {"naive": naive, "fused": fused}[method]
+    def fused_siglip(image, text, logit_scale, logit_bias) -> torch.Tensor:
+        return kernels.siglip_loss(image, text, logit_scale, logit_bias, backend=device, block_size=block_size)
+
+    loss_fn = {("clip", "naive"): naive_clip, ("clip", "fused"): fused_clip,
+               ("siglip", "naive"): naive_siglip, ("siglip", "fused"): fused_siglip}[loss, method]
 
     def inputs(n: int) -> list[torch.Tensor]:
         torch.manual_seed(0)
         image = F.normalize(torch.randn(n, dim, device=device), dim=-1).to(feature_dtype)
         text = F.normalize(torch.randn(n, dim, device=device), dim=-1).to(feature_dtype)
-        return [t.requires_grad_() for t in (image, text, torch.tensor(100.0, device=device))]
+        scalars = (torch.tensor(100.0, device=device), torch.tensor(-10.0, device=device))
+        return [t.requires_grad_() for t in (image, text, *scalars)]
 
     def step(features: list[torch.Tensor]) -> float:
         for t in features:
@@ -116,7 +131,8 @@ def run_case(
 
 
 def measure(method: str, n: int, repeats: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--sizes", str(n), "--dim", str(args.dim)]
+    command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--loss", args.loss, "--sizes", str(n)]
+    command += ["--dim", str(args.dim)]
     command += ["--repeats", str(repeats), "--device", args.device, "--dtype", args.dtype]
     command += ["--block-size", str(args.block_size)] + (["--tf32"] if args.tf32 else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -125,6 +141,7 @@ def measure(method: str, n: int, repeats: int, args: argparse.Namespace) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss", default="clip", choices=("clip", "siglip"), help="InfoNCE or the sigmoid loss")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, help="timed passes after the first (default 3, 1 for N >= 8192)")
@@ -137,9 +154,8 @@ def main() -> None:
 
     if args.worker:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        result = run_case(
-            args.worker, args.sizes[0], args.dim, args.repeats, args.device, args.dtype, args.block_size, args.tf32
-        )
+        result = run_case(args.loss, args.worker, args.sizes[0], args.dim, args.repeats, args.device, args.dtype,
+                          args.block_size, args.tf32)
         print(json.dumps(result))
         return
 
@@ -147,7 +163,7 @@ def main() -> None:
     memory = "peak RSS increase" if args.device == "cpu" else "peak CUDA allocation above the inputs"
     precision = args.dtype + (", TF32 allowed" if args.tf32 else "")
     block = f"block {args.block_size}" if args.block_size else "default block"
-    print(f"D = {args.dim}, {precision}, {args.device}, fused with its {block}, forward + backward; "
+    print(f"{args.loss} loss, D = {args.dim}, {precision}, {args.device}, fused with its {block}, forward + backward; "
           f"time = best of the timed passes; MiB = {memory}")
     print(row.format("N", "naive s", "fused s", "time ratio", "naive MiB", "fused MiB", "mem ratio"))
     notes = []

@@ -1,5 +1,11 @@
-"""Python side of the fused contrastive loss: loads `kernels._C`, registers the fake (meta) kernels
+"""Python side of the fused contrastive losses: loads `kernels._C`, registers the fake (meta) kernels
 and autograd of the `crossmodal::` ops, and picks a backend.
+
+The sigmoid loss (`siglip_loss`, SigLIP: Zhai et al. 2023) is one pass over the same blocks
+(kernels/csrc/siglip_loss.cpp): each entry's gradient depends on that entry alone, so the forward
+returns the gradients for an upstream gradient of 1 along with the loss (three matmuls per block in
+all) and its backward only scales them. Extra memory: a block of logits, the fp32 feature gradients
+and O(N) row sums.
 
 The loss is the symmetric InfoNCE of CLIP (Radford et al. 2021) computed in blocks as in Inf-CL
 (Cheng et al. 2024, arXiv 2410.17243): the forward keeps only per-row and per-column log-sum-exps,
@@ -128,6 +134,51 @@ def contrastive_loss_local(
     return loss
 
 
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    backend: str = "auto",
+    block_size: int = 0,
+) -> torch.Tensor:
+    """Sigmoid loss of one batch: -(1/N) sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z = +1 on the diagonal.
+
+    image_features, text_features: (N, D), normally L2-normalised; logit_scale t (already exp'd) and
+    logit_bias b: 0-dim tensors that receive gradients. The same value and gradients as
+    `losses.contrastive.siglip_loss` on one process. Returns a 0-dim float32 loss (float64 for float64
+    features). block_size: as in contrastive_loss.
+    """
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"image and text batches differ: {image_features.shape[0]} vs {text_features.shape[0]}")
+    return siglip_loss_local(image_features, text_features, logit_scale, logit_bias, 0, backend, block_size)
+
+
+def siglip_loss_local(
+    image_local: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    offset: int,
+    backend: str = "auto",
+    block_size: int = 0,
+) -> torch.Tensor:
+    """One rank's sigmoid loss: its b images against all N gathered texts, image i's positive at text
+    offset + i, a mean over the b local images (big_vision's normalisation). Gradients flow to both feature
+    tensors (the all-gather's backward routes text_all's home), logit_scale and logit_bias; DDP's average
+    over ranks then equals the full-batch gradient. One all-gather instead of big_vision's ring of
+    permutes: the same result, and the op still never holds more than a block of the b x N logits.
+    """
+    if _select_backend(backend, image_local) == "torch":
+        return reference.siglip_loss_local(image_local, text_all, logit_scale, logit_bias, offset)
+    logit_scale, image_local, text_all = _prepare(logit_scale, image_local, text_all)
+    logit_bias = torch.as_tensor(logit_bias, device=image_local.device)
+    inputs = (image_local, text_all, logit_scale, logit_bias)
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    loss, *_ = torch.ops.crossmodal.siglip_loss_forward(*inputs, offset, block_size, with_grad)
+    return loss
+
+
 def _accumulation_dtype(features: torch.Tensor) -> torch.dtype:
     return torch.promote_types(features.dtype, torch.float32)
 
@@ -186,6 +237,35 @@ def _register() -> None:
 
     torch.library.register_autograd(
         "crossmodal::contrastive_loss_local_forward", backward_local, setup_context=setup_context_local
+    )
+
+
+    @torch.library.register_fake("crossmodal::siglip_loss_forward")
+    def _(image, text, logit_scale, logit_bias, offset=0, block=0, with_grad=True):
+        dtype = _accumulation_dtype(image)
+        if not with_grad:
+            return (image.new_empty((), dtype=dtype),) + tuple(image.new_empty(0, dtype=dtype) for _ in range(4))
+        return (image.new_empty((), dtype=dtype), image.new_empty(image.shape, dtype=dtype),
+                text.new_empty(text.shape, dtype=dtype), image.new_empty((), dtype=dtype),
+                image.new_empty((), dtype=dtype))
+
+    # The forward's gradients are for an upstream gradient of 1; the backward scales them by g.
+    def setup_context_siglip(ctx, inputs, output):
+        image, text, logit_scale, logit_bias, _offset, _block, with_grad = inputs
+        _, *grads = output
+        ctx.mark_non_differentiable(*grads)
+        ctx.save_for_backward(*grads)
+        ctx.with_grad = with_grad
+        ctx.like = [(t.dtype, t.shape) for t in (image, text, logit_scale, logit_bias)]
+
+    def backward_siglip(ctx, grad, *_grad_of_grads):
+        if not ctx.with_grad:
+            raise RuntimeError("siglip_loss_forward ran with with_grad=False: call it with gradients enabled")
+        grads = tuple((grad * g).to(dtype).reshape(shape) for g, (dtype, shape) in zip(ctx.saved_tensors, ctx.like))
+        return (*grads, None, None, None)  # no gradient for offset, block and with_grad
+
+    torch.library.register_autograd(
+        "crossmodal::siglip_loss_forward", backward_siglip, setup_context=setup_context_siglip
     )
 
 

@@ -12,7 +12,6 @@ holding the whole global batch. The gather's backward sums the gradient from eve
 """
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from crossmodal import distributed
 from crossmodal import kernels
@@ -74,16 +73,17 @@ def siglip_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
+    impl: str = "torch",
 ) -> torch.Tensor:
     """Pairwise sigmoid loss: -(1/B) sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z = +1 on matching pairs.
 
     Each rank scores its B images against all N gathered texts (one all-gather instead of big_vision's
-    ring of permutes: the same gradients, O(B*N) memory). Normalised by the local batch, as the paper.
+    ring of permutes: the same gradients). Normalised by the local batch, as the paper. impl as in
+    clip_loss: "torch" holds the B x N logits, "fused" never more than a block of them.
     """
-    local_size = image_features.shape[0]
-    offset = distributed.rank() * local_size
+    if impl not in ("torch", "fused"):
+        raise ValueError(f"loss.impl must be 'torch' or 'fused', got {impl!r}")
+    offset = distributed.rank() * image_features.shape[0]
     all_text = all_gather_with_grad(text_features)  # (N, D)
-    logits = logit_scale * image_features @ all_text.T + logit_bias  # (B, N)
-    signs = -torch.ones_like(logits)
-    signs[torch.arange(local_size), torch.arange(local_size) + offset] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / local_size
+    backend = "torch" if impl == "torch" else "auto"
+    return kernels.siglip_loss_local(image_features, all_text, logit_scale, logit_bias, offset, backend=backend)

@@ -40,8 +40,6 @@ class ClipRecipe(Recipe):
             return f"loss.name must be one of {', '.join((*LOSSES, *PREDICTIVE_OBJECTIVES))}; got '{cfg.loss.name}'"
         if cfg.loss.impl not in ("torch", "fused"):
             return f"loss.impl must be one of torch, fused; got '{cfg.loss.impl}'"
-        if cfg.loss.name == "siglip" and cfg.loss.impl == "fused":
-            return "loss.impl=fused implements the CLIP (softmax) loss only; use loss.impl=torch with siglip"
         if cfg.model.vit_stem != "patch" and not getattr(MODELS.get(cfg.model.name), "patch_size", None):
             return (f"model.vit_stem={cfg.model.vit_stem} needs a ViT image tower (a CLIP ViT or a BLIP preset); "
                     f"model.name is '{cfg.model.name}'")
@@ -73,7 +71,7 @@ class ClipRecipe(Recipe):
 
     def loss(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
         if self.cfg.loss.name == "siglip":
-            return siglip_loss(image_features, text_features, logit_scale, logit_bias)
+            return siglip_loss(image_features, text_features, logit_scale, logit_bias, impl=self.cfg.loss.impl)
         return clip_loss(image_features, text_features, logit_scale, impl=self.cfg.loss.impl)
 
     def train_step(self, model, micro_batches, step, device, autocast, scaler) -> dict[str, torch.Tensor]:

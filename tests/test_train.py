@@ -109,8 +109,8 @@ def test_config_typo_fails_before_anything_runs(tmp_path):
 def test_bad_values_fail_before_training(tmp_path):
     with pytest.raises(SystemExit, match=r"train\.precision must be one of fp32, bf16, fp16; got 'fp8'"):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--train.precision=fp8"])
-    with pytest.raises(SystemExit, match=r"loss\.impl=fused implements the CLIP"):
-        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--loss.name=siglip", "--loss.impl=fused"])
+    with pytest.raises(SystemExit, match=r"loss\.impl must be one of torch, fused; got 'triton'"):
+        train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--loss.name=siglip", "--loss.impl=triton"])
     assert not os.listdir(tmp_path)
 
 
@@ -123,7 +123,7 @@ def test_bad_dataset_spec_fails_before_training(tmp_path):
         train.main(["--config", CONFIG, f"--out_dir={tmp_path}", "--data.train=vqa:questions.json"])
 
 
-@pytest.mark.parametrize("extra", [["--loss.name=siglip"], ["--train.precision=bf16"], ["--model.name=ViT-tiny", "--model.grad_checkpointing=true"], ["--loss.impl=fused", "--train.precision=bf16"]])
+@pytest.mark.parametrize("extra", [["--loss.name=siglip"], ["--train.precision=bf16"], ["--model.name=ViT-tiny", "--model.grad_checkpointing=true"], ["--loss.impl=fused", "--train.precision=bf16"], ["--loss.name=siglip", "--loss.impl=fused"]])
 def test_variants_train(tmp_path, tokenizer_path, extra, capsys):
     train.main(small_run(tmp_path, tokenizer_path, "--train.steps=3", *extra))
     losses = re.findall(r"^step \d+/3 loss ([\d.]+)", capsys.readouterr().out, re.M)
