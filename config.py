@@ -72,7 +72,7 @@ class DataConfig:
     csv_caption_key: str = "caption"  # csv: column of captions
     csv_separator: str = ""  # csv: field separator; "" = a tab if the header has one, else a comma
     shuffle_buffer: int = 1000  # wds: samples each reader shuffles among (as raw bytes: ~1000 x image size)
-    jpeg_draft: bool = False  # decode JPEGs at a reduced scale still >= image_size (faster; changes pixels)
+    jpeg_draft: bool = True  # training JPEGs decode at a DCT scale still >= image_size, same crop (docs/results.md)
     max_bad_fraction: float = 0.01  # stop if more than this fraction of samples seen is unreadable (>= 10 of them)
 
 

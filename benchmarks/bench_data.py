@@ -1,18 +1,22 @@
 """Images/s through the training input pipeline: our wds stream against torchvision's ImageFolder.
 
-    python benchmarks/bench_data.py                                   # 2000 JPEGs, 256x256, image_size 224
+    python benchmarks/bench_data.py                                   # 2000 JPEGs of photo sizes, image_size 224
     python benchmarks/bench_data.py --num-images 4000 --image-size 64
+    python benchmarks/bench_data.py --source-sizes 256x256            # thumbnails: nothing to decode smaller
 
-Both pipelines read the same JPEG files (q90, 256x256, written once to a temporary folder), decode them
-with PIL and apply the same training transform (data/transforms.py: RGB, RandomResizedCrop, tensor,
-normalise), into batches of --batch-size with 1 and 2 DataLoader workers. Ours, train.py's path
-(data.train_loader on wds shards written by data.make_shards, i.e. the original JPEG bytes), also reads
-the tar stream, checks the caption, seeds each sample's augmentation and tokenizes the caption; the
-baseline is torchvision.datasets.ImageFolder + DataLoader(shuffle=True). A third column turns on
-data.jpeg_draft (JPEG decoded at a reduced scale still >= image_size: other pixels, so it is not the
-same work and is reported apart). Time runs from creating the loader's iterator to the last batch
-(worker start-up included, the same for both); each cell is the best of --repeats passes over all
-images, after one untimed pass that warms the page cache.
+Both pipelines read the same JPEG files (q90, written once to a temporary folder; by default in turn
+640x480 and 480x640 as COCO's, 500x375, 800x600, 1024x768 and 1024x1024 as web images), decode them with
+PIL and crop them with the same training transform (RGB, RandomResizedCrop, tensor, normalise), into
+batches of --batch-size with 1 and 2 DataLoader workers. Ours is train.py's path as configured by default
+(data.train_loader on wds shards written by data.make_shards, i.e. the original JPEG bytes): it also reads
+the tar stream, checks the caption, seeds each sample's augmentation and tokenizes the caption, and
+decodes each JPEG at the smallest DCT scale (1/2, 1/4, 1/8) still >= image_size with the crop drawn on
+the full size (data.jpeg_draft; the same regions, pixels within resampling differences: tests and
+docs/results.md). The baseline is torchvision.datasets.ImageFolder + DataLoader(shuffle=True), decoding
+at full size. A third column is ours with data.jpeg_draft=false (full decode, the baseline's pixels).
+Time runs from creating the loader's iterator to the last batch (worker start-up included, the same for
+both); each cell is the best of --repeats passes over all images, after one untimed pass that warms the
+page cache.
 """
 import argparse
 import csv
@@ -29,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = ("red", "green", "blue", "large", "small", "circle", "square", "photo", "of", "a", "dog", "cat", "on", "the")
 
 
-def write_images(root: str, count: int, size: int, classes: int = 10) -> tuple[str, int]:
+def write_images(root: str, count: int, sizes: list[tuple[int, int]], classes: int = 10) -> tuple[str, int]:
     """JPEGs in ImageFolder layout plus a CSV listing them with captions; returns (csv path, bytes written)."""
     rng = np.random.default_rng(0)
     total = 0
@@ -37,11 +41,12 @@ def write_images(root: str, count: int, size: int, classes: int = 10) -> tuple[s
         writer = csv.writer(f)
         writer.writerow(["filepath", "caption"])
         for i in range(count):
+            width, height = sizes[i % len(sizes)]
             folder = os.path.join(root, "images", f"class{i % classes}")
             os.makedirs(folder, exist_ok=True)
             # smooth colour fields plus noise: compresses like a photo, not like a flat colour or pure noise
             coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-            image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.int16)
+            image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
             image = np.clip(image + rng.integers(-12, 13, size=image.shape), 0, 255).astype(np.uint8)
             path = os.path.join(folder, f"{i:06d}.jpg")
             Image.fromarray(image).save(path, quality=90)
@@ -63,7 +68,8 @@ def images_per_second(loader, num_images: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--source-size", type=int, default=256, help="side of the generated JPEGs")
+    parser.add_argument("--source-sizes", nargs="+", default=["640x480", "480x640", "500x375", "800x600", "1024x768",
+                                                              "1024x1024"], help="WxH of the generated JPEGs, in turn")
     parser.add_argument("--image-size", type=int, default=224, help="training input size (data.image_size)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shard-size", type=int, default=250)
@@ -83,7 +89,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
-        csv_path, total_bytes = write_images(root, args.num_images, args.source_size)
+        sizes = [tuple(int(side) for side in size.split("x")) for size in args.source_sizes]
+        csv_path, total_bytes = write_images(root, args.num_images, sizes)
         shards, _ = make_shards(f"csv:{csv_path}", os.path.join(root, "shards"), args.shard_size)
         tokenizer = SentencePieceTokenizer(
             train_sentencepiece([" ".join(WORDS)] * 10, os.path.join(root, "tokenizer"), vocab_size=64))
@@ -108,17 +115,17 @@ def main() -> None:
         row = "{:>7} {:>13} {:>12} {:>6} {:>15} {:>6}"
         print(f"\nimages/s, image_size {args.image_size}, batch {args.batch_size}, best of {args.repeats} passes, "
               f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-        print(row.format("workers", "ImageFolder", "wds (ours)", "ratio", "wds + draft", "ratio"))
+        print(row.format("workers", "ImageFolder", "wds (ours)", "ratio", "ours, no draft", "ratio"))
         for workers in args.workers:
-            best = {"baseline": 0.0, "plain": 0.0, "draft": 0.0}
+            best = {"baseline": 0.0, "draft": 0.0, "plain": 0.0}
             for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits all three
                 for name in best:  # a loader's workers start with its iterator: make each only when it runs
                     loader = baseline(workers) if name == "baseline" else ours(workers, draft=name == "draft")
                     best[name] = max(best[name], images_per_second(loader, args.num_images))
                     del loader  # stops its workers before the next one starts
             reference = best["baseline"]
-            print(row.format(workers, f"{reference:.0f}", f"{best['plain']:.0f}", f"{best['plain'] / reference:.2f}",
-                             f"{best['draft']:.0f}", f"{best['draft'] / reference:.2f}"), flush=True)
+            print(row.format(workers, f"{reference:.0f}", f"{best['draft']:.0f}", f"{best['draft'] / reference:.2f}",
+                             f"{best['plain']:.0f}", f"{best['plain'] / reference:.2f}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ that can (so every batch keeps its size, which the gathered contrastive loss and
 stream skips it; either way it is counted in the batch's `bad`, `seen` and `bad_examples`, for train.py.
 """
 import atexit
+import dataclasses
 import difflib
 import signal
 import weakref
@@ -114,18 +115,24 @@ def _check_captions(spec: str, what: str) -> None:
                          f"eval.py --task vqa and decoder finetuning on questions alone")
 
 
-def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataConfig | None = None) -> Dataset:
+def build_dataset(spec: str, image_size: int = 64, seed: int = 0, options: DataConfig | None = None,
+                  train: bool = False) -> Dataset:
     """'shapes:val' -> a dataset whose items are dicts with at least `image` (PIL) and `caption`.
 
-    options: the data config (image_root, csv_* keys, ...); None for the defaults. Fails with
-    FileNotFoundError or ValueError, naming the path, when the spec points at nothing usable.
+    options: the data config (image_root, csv_* keys, ...); None for the defaults. train: a training dataset,
+    whose JPEGs decode at a reduced scale under data.jpeg_draft; any other decodes at full size, so evaluation
+    sees the reference preprocessing's pixels. Fails with FileNotFoundError or ValueError, naming the path,
+    when the spec points at nothing usable.
     """
+    options = options or DataConfig()
+    if not train and options.jpeg_draft:
+        options = dataclasses.replace(options, jpeg_draft=False)
     kind, _, argument = spec.partition(":")
     if kind not in DATASETS:
         close = difflib.get_close_matches(kind, DATASETS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ValueError(f"unknown dataset '{kind}' in spec '{spec}'; {hint}known: {', '.join(DATASETS)}")
-    return DATASETS[kind](argument, image_size, seed, options or DataConfig())
+    return DATASETS[kind](argument, image_size, seed, options)
 
 
 def captions(spec: str, limit: int | None = None, options: DataConfig | None = None, seed: int = 0,
@@ -443,7 +450,7 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
         workers = min(data.workers, len(shards) // world_size)
         collate = Collate(tokenizer, qa_fraction, prompt)
         return _loader(ImageTextStream(stream, transform, cfg.seed), collate, workers, batch_size=micro)
-    base = build_dataset(data.train, data.image_size, cfg.seed, data)
+    base = build_dataset(data.train, data.image_size, cfg.seed, data, train=True)
     if negatives and not hasattr(base, "negative_caption"):
         raise ValueError(f"data.train: '{data.train}' has no attribute-swapped negative captions (shapes specs do)")
     dataset = ImageTextDataset(base, transform, cfg.seed, negatives)

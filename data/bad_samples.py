@@ -37,12 +37,16 @@ def open_image(source: str | bytes, where: str, draft_size: int = 0) -> Image.Im
     """A fully decoded RGB image from a path or encoded bytes; raises BadSample if it cannot be read.
 
     draft_size > 0 lets JPEG decode at a reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling) as long
-    as both sides stay >= draft_size; other formats ignore it.
+    as both sides stay >= draft_size; other formats ignore it. A reduced decode records the full size in
+    `image.info["full_size"]`, where the training crop (data/transforms.py) draws its box.
     """
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if draft_size:
+            full_size = image.size
             image.draft("RGB", (draft_size, draft_size))
+            if image.size != full_size:
+                image.info["full_size"] = full_size
         image.load()  # decode now: a truncated file fails here, not later in a transform
         return image if image.mode == "RGB" else image.convert("RGB")
     except FileNotFoundError:

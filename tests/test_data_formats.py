@@ -6,6 +6,7 @@ import os
 import re
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +17,7 @@ from crossmodal.data import (Collate, GlobalBatchSampler, ImageTextDataset, buil
                   retrieval_loader, train_loader)
 from crossmodal.data.bad_samples import MIN_BAD_TO_STOP, BadSample, BadSampleCount, too_many
 from crossmodal.data.make_shards import main as make_shards_main
-from crossmodal.data.transforms import image_transform
+from crossmodal.data.transforms import OPENAI_STD, image_transform
 from crossmodal.data.tokenizer import SentencePieceTokenizer
 from crossmodal.data.webdataset import (WebDataset, decompressed, expand_braces, expand_shards, iter_tar_members,
                               shard_records)
@@ -242,9 +243,57 @@ def test_captions_come_without_decoding_images(tmp_path):
 def test_jpeg_draft_decodes_at_a_reduced_scale_that_still_covers_the_input_size(tmp_path):
     Image.new("RGB", (256, 200), (200, 30, 30)).save(tmp_path / "big.jpg")
     path = write_csv(tmp_path / "pairs.csv", ["big.jpg,a red picture"])
-    assert build_dataset(f"csv:{path}", image_size=48)[0]["image"].size == (256, 200)
-    options = train.load_config(None, ["--data.jpeg_draft=true"]).data
-    assert build_dataset(f"csv:{path}", image_size=48, options=options)[0]["image"].size == (64, 50)  # 1/4 scale
+    options = train.load_config(None, []).data
+    assert options.jpeg_draft  # the default, for training
+    assert build_dataset(f"csv:{path}", image_size=48, options=options)[0]["image"].size == (256, 200)  # not training
+    image = build_dataset(f"csv:{path}", image_size=48, options=options, train=True)[0]["image"]
+    assert image.size == (64, 50) and image.info["full_size"] == (256, 200)  # 1/4 scale
+    options = train.load_config(None, ["--data.jpeg_draft=false"]).data
+    assert build_dataset(f"csv:{path}", image_size=48, options=options, train=True)[0]["image"].size == (256, 200)
+
+
+def photo_jpegs(folder, count: int, seed: int = 0) -> list[str]:
+    """JPEGs of COCO's and web images' sizes: smooth colour fields plus noise (compress like photos)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    names = []
+    for i, (width, height) in zip(range(count), [(640, 480), (480, 640), (1024, 768), (500, 375)] * count):
+        coarse = Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize((width, height),
+                                                                                              Image.BICUBIC)
+        noisy = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, size=(height, width, 3))
+        names.append(f"photo{i}.jpg")
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(os.path.join(folder, names[-1]), quality=90)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["csv", "coco", "imagefolder", "wds"])
+def test_training_decodes_jpegs_small_with_the_same_crops(tmp_path, tokenizer, kind):
+    """data.jpeg_draft (the default) changes how much of a JPEG is decoded, not what a training sample shows:
+    the crop is drawn on the full size, so the batch equals a full decode's within resampling differences
+    (mean under 1.5/255, no pixel off by more than 12/255: docs/results.md, "Data loading")."""
+    names = photo_jpegs(tmp_path / "images" / "photos", 4)
+    rows = [f"images/photos/{name},{caption(i)}" for i, name in enumerate(names)]
+    spec = "csv:" + write_csv(tmp_path / "pairs.csv", rows)
+    if kind == "coco":
+        tree = {"images": [{"id": i, "file_name": f"images/photos/{n}"} for i, n in enumerate(names)],
+                "annotations": [{"image_id": i, "caption": caption(i)} for i in range(len(names))]}
+        (tmp_path / "captions.json").write_text(json.dumps(tree))
+        spec = f"coco:{tmp_path / 'captions.json'}"
+    elif kind == "imagefolder":
+        spec = f"imagefolder:{tmp_path / 'images'}"
+    elif kind == "wds":
+        make_shards_main([spec, "--out", str(tmp_path / "shards"), "--shard-size", "4"])
+        spec = f"wds:{tmp_path / 'shards'}"
+
+    def first_batch(draft: bool) -> dict:
+        cfg = train.load_config(None, [f"--data.train={spec}", "--data.image_size=112", "--data.workers=0",
+                                       "--train.batch_size=4", "--train.steps=1", f"--data.jpeg_draft={draft}"])
+        return next(iter(train_loader(cfg, tokenizer, rank=0, world_size=1)))
+
+    drafted, full = first_batch(True), first_batch(False)
+    assert drafted["key"] == full["key"]
+    difference = (drafted["image"] - full["image"]) * torch.tensor(OPENAI_STD).view(3, 1, 1)  # in [0, 1] units
+    assert 0 < difference.abs().mean() < 1.5 / 255 and difference.abs().max() < 12 / 255
 
 
 # ---------------------------------------------------------------- bad samples in map-style datasets
