@@ -13,7 +13,10 @@ logsigmoid, as open_clip's SigLipLoss with world size 1 (both with --dtype bfloa
 as in AMP training: bf16 matmuls, fp32 losses). Fused: kernels.contrastive_loss or kernels.siglip_loss
 (backend="cpu" or "cuda") with the default block size (256 on the CPU, 4096 on a GPU) unless --block-size
 is given; they compute their blocks with the same ATen matmuls (cuBLAS on a GPU) as the naive losses.
-Each case runs in a fresh subprocess. On the CPU its peak memory is the increase of the peak resident set (VmHWM, reset after
+Each case runs in a fresh subprocess. FLOP/s and share of peak (benchmarks/flops.py) count each side's own
+matmuls, 2 N^2 D FLOPs each: naive InfoNCE 6 (2 forward, 4 backward; FlopCounterMode agrees), naive sigmoid 3,
+fused InfoNCE 4 per block (forward, recompute, 2 gradient products), fused sigmoid 3 (one pass); the peak is
+this machine's matmul peak in the features' dtype. On the CPU its peak memory is the increase of the peak resident set (VmHWM, reset after
 the inputs are built) over the resident set with the inputs in place, so it counts the loss's
 activations and the feature gradients; on a GPU it is the peak CUDA allocation above the inputs.
 Targets: on the 2-core CPU, at N = 16384 the fused peak is <= 5% of the naive one and at N = 8192 the
@@ -28,6 +31,7 @@ import sys
 import time
 
 NAIVE_PEAK_LOGITS = 6  # N x N fp32 buffers to budget for the naive loss (measured peak ~4.1, plus margin)
+MATMULS = {("clip", "naive"): 6, ("clip", "fused"): 4, ("siglip", "naive"): 3, ("siglip", "fused"): 3}  # N x N x D each
 
 
 def read_status_kib(field: str) -> int:
@@ -159,13 +163,27 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    row = "{:>6} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}"
+    import torch
+
+    from flops import matmul_peak, peak_line
+
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    dtype = getattr(torch, args.dtype)
+    peak = matmul_peak(args.device, dtype)
+
+    def share(method: str, n: int, seconds: float) -> tuple[str, str]:
+        achieved = MATMULS[args.loss, method] * 2 * n * n * args.dim / seconds
+        return f"{achieved / 1e12:.3f}", f"{100 * achieved / peak:.0f}%"
+
+    row = "{:>6} {:>9} {:>9} {:>10} {:>9} {:>7} {:>9} {:>7} {:>10} {:>10} {:>9}"
     memory = "peak RSS increase" if args.device == "cpu" else "peak CUDA allocation above the inputs"
     precision = args.dtype + (", TF32 allowed" if args.tf32 else "")
     block = f"block {args.block_size}" if args.block_size else "default block"
     print(f"{args.loss} loss, D = {args.dim}, {precision}, {args.device}, fused with its {block}, forward + backward; "
-          f"time = best of the timed passes; MiB = {memory}")
-    print(row.format("N", "naive s", "fused s", "time ratio", "naive MiB", "fused MiB", "mem ratio"))
+          f"time = best of the timed passes; MiB = {memory}; TFLOP/s and share of peak from each side's matmuls")
+    print(peak_line(args.device, dtype))
+    print(row.format("N", "naive s", "fused s", "time ratio", "naive TF/s", "naive %", "fused TF/s", "fused %",
+                     "naive MiB", "fused MiB", "mem ratio"))
     notes = []
     for n in args.sizes:
         repeats = args.repeats if args.repeats is not None else (3 if n < 8192 else 1)
@@ -176,12 +194,14 @@ def main() -> None:
         if naive_bytes > 0.8 * available:
             notes.append(f"N = {n}: naive skipped, it would need ~{naive_bytes / 2**30:.0f} GiB "
                          f"(> 80% of the {available / 2**30:.0f} GiB available)")
-            print(row.format(n, "skipped", fused_cells[0], "-", "-", fused_cells[1], "-"), flush=True)
+            print(row.format(n, "skipped", fused_cells[0], "-", "-", "-", *share("fused", n, fused["time_s"]), "-",
+                             fused_cells[1], "-"), flush=True)
             continue
         naive = measure("naive", n, repeats, args)
         time_ratio, memory_ratio = fused["time_s"] / naive["time_s"], fused["peak_mib"] / naive["peak_mib"]
-        print(row.format(n, f"{naive['time_s']:.3f}", fused_cells[0], f"{time_ratio:.2f}", f"{naive['peak_mib']:.1f}",
-                         fused_cells[1], f"{memory_ratio:.3f}"), flush=True)
+        print(row.format(n, f"{naive['time_s']:.3f}", fused_cells[0], f"{time_ratio:.2f}",
+                         *share("naive", n, naive["time_s"]), *share("fused", n, fused["time_s"]),
+                         f"{naive['peak_mib']:.1f}", fused_cells[1], f"{memory_ratio:.3f}"), flush=True)
     print(f"threads: {fused['threads']}")
     for note in notes:
         print(note)
