@@ -15,6 +15,10 @@ dependency (`pip install -e ".[dev]"`).
 Optimizers: each codebase's own, both AdamW: train.py's `build_optimizer` (fused, no decay on norms,
 biases, embeddings, logit scale) and open_clip's default `torch.optim.AdamW` kernels.
 
+FLOP/s and share of peak (benchmarks/flops.py): each side's step is counted once by FlopCounterMode
+(matmuls, convolutions, attention; forward and backward), and divided by its median step time; the peak is
+this machine's torch.mm rate in the step's precision (fp32, or bf16/fp16 under autocast).
+
 Texts are caption-like by default (8-24 tokens of the context, then padding), as in CLIP training data.
 This codebase's text tower skips the padding after the batch's longest text (exact, since attention is
 causal; models/text.py), open_clip's runs all 77 positions; `--text-lengths full` removes that advantage.
@@ -29,6 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_loss import read_status_kib  # noqa: E402
+from benchmarks.flops import count_flops, matmul_peak, peak_line  # noqa: E402
 
 # Tiny preset as in models/__init__.py: the same numbers go into open_clip's config.
 TINY = dict(embed_dim=128, image_size=64, patch_size=8, vision_layers=4, vision_width=128, vision_head_width=32,
@@ -116,7 +121,7 @@ def worker(impl: str, model_name: str, batch: int, precision: str, device: str, 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     params = sum(p.numel() for p in model.parameters())
-    conn.send({"params": params})
+    conn.send({"params": params, "flops": count_flops(step)})
     while (steps := conn.recv()) is not None:
         start = time.perf_counter()
         for _ in range(steps):
@@ -139,19 +144,20 @@ def run_setting(model_name: str, batch: int, args) -> dict:
         process = context.Process(target=worker, args=(impl, model_name, batch, args.precision, args.device,
                                                        args.warmup, args.text_lengths, child))
         process.start()
-        workers[impl] = (process, parent, parent.recv()["params"])  # built and warmed up
+        workers[impl] = (process, parent, parent.recv())  # built and warmed up: params and FLOPs of a step
     times = {impl: [] for impl in workers}
     for _ in range(args.rounds):
         for impl, (_, conn, _) in workers.items():
             conn.send(args.steps)
             times[impl].append(conn.recv())
     result = {}
-    for impl, (process, conn, params) in workers.items():
+    for impl, (process, conn, counts) in workers.items():
         conn.send(None)
         peak = conn.recv()
         process.join()
-        result[impl] = {"samples_per_s": batch * args.steps / statistics.median(times[impl]),
-                        "peak_mib": peak, "params": params}
+        step_s = statistics.median(times[impl]) / args.steps
+        result[impl] = {"samples_per_s": batch / step_s, "peak_mib": peak, "params": counts["params"],
+                        "flops": counts["flops"], "flop_per_s": counts["flops"] / step_s}
     return result
 
 
@@ -173,8 +179,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
           f"precision {args.precision}, {args.text_lengths}-length texts, "
           f"median of {args.rounds} alternating rounds of {args.steps} steps")
-    header = (f"| model | batch | params | ours samples/s | open_clip samples/s | speed ratio | "
-              f"ours peak MiB | open_clip peak MiB | memory ratio |")
+    device_type = torch.device(args.device).type
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    peak = matmul_peak(device_type, dtype)
+    print(peak_line(device_type, dtype))
+    header = (f"| model | batch | params | GFLOP/step ours, open_clip | ours samples/s | open_clip samples/s | "
+              f"speed ratio | ours TFLOP/s (peak) | open_clip TFLOP/s (peak) | ours peak MiB | open_clip peak MiB | "
+              f"memory ratio |")
     rows = []
     for setting in args.settings:
         model_name, batch = setting.rsplit(":", 1)
@@ -182,14 +193,16 @@ def main() -> None:
         ours, theirs = result["ours"], result["open_clip"]
         if ours["params"] != theirs["params"]:
             print(f"warning: {model_name}: parameter counts differ ({ours['params']} vs {theirs['params']})")
-        rows.append(f"| {model_name} | {batch} | {ours['params'] / 1e6:.1f}M | {ours['samples_per_s']:.1f} | "
+        shares = [f"{r['flop_per_s'] / 1e12:.3f} ({100 * r['flop_per_s'] / peak:.0f}%)" for r in (ours, theirs)]
+        rows.append(f"| {model_name} | {batch} | {ours['params'] / 1e6:.1f}M | "
+                    f"{ours['flops'] / 1e9:.0f}, {theirs['flops'] / 1e9:.0f} | {ours['samples_per_s']:.1f} | "
                     f"{theirs['samples_per_s']:.1f} | {ours['samples_per_s'] / theirs['samples_per_s']:.2f}x | "
-                    f"{ours['peak_mib']:.0f} | {theirs['peak_mib']:.0f} | "
+                    f"{shares[0]} | {shares[1]} | {ours['peak_mib']:.0f} | {theirs['peak_mib']:.0f} | "
                     f"{ours['peak_mib'] / theirs['peak_mib']:.2f}x |")
         print(rows[-1], flush=True)
     print()
     print(header)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 12)
     print("\n".join(rows))
 
 
