@@ -3,11 +3,12 @@
     python benchmarks/flops.py              # measure this machine's fp32 and bf16 matmul peaks (and cache them)
     python benchmarks/flops.py --device cuda
 
-The peak is the best rate of large square matmuls (torch.mm, the op every step here is made of) in the given
+The peak is the sustained rate of large square matmuls (torch.mm, the op every step here is made of) in the given
 dtype: a rate this machine demonstrably reaches, not a datasheet figure. It is measured once per machine (CPU or
 GPU name, thread count, torch version) and cached in $CROSSMODAL_CACHE/matmul_peaks.json (default
-~/.cache/crossmodal); measure it on a quiet machine, and again with this script after a change of load or
-settings. A step's FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one run of it (matmuls,
+~/.cache/crossmodal); running this script measures again and keeps the higher figure. On a virtual machine
+the sustained rate moves with the neighbours' load (this 2-core VM read 0.22-0.30 TFLOP/s fp32 within minutes):
+measure a few times on a quiet machine, and read shares of peak within that spread. A step's FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one run of it (matmuls,
 convolutions and attention, forward and backward: what the model must compute, so both sides of a benchmark
 are held to the same work).
 """
@@ -20,7 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-SIZES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
+SIZES = {"cpu": (2048, 3072, 4096), "cuda": (4096, 8192)}
 
 
 def _machine(device: str) -> str:
@@ -51,18 +52,22 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_peak(device: str, dtype: torch.dtype, repeats: int = 3) -> float:
-    """The best FLOP/s of torch.mm on square matrices of a few large sizes."""
+def measure_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
+    """The FLOP/s of torch.mm on square matrices: the median of `repeats` runs at each of a few large sizes, the
+    best size's. The median, not the best run: on a shared or virtual machine single runs burst well above what
+    a step of many matmuls can sustain (one run of 1024^3 read 371 GFLOP/s here, its median 227)."""
     best = 0.0
     for n in SIZES[device]:
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         torch.mm(a, b)  # warm-up: threads, kernels, workspaces
         _synchronize(device)
+        rates = []
         for _ in range(repeats):
             start = time.perf_counter()
             torch.mm(a, b)
             _synchronize(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+            rates.append(2 * n**3 / (time.perf_counter() - start))
+        best = max(best, sorted(rates)[len(rates) // 2])
     return best
 
 
@@ -75,8 +80,9 @@ def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, remeasu
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
-    if remeasure or not isinstance(cache.get(key), (int, float)):
-        cache[key] = measure_peak(device, dtype)
+    known = cache.get(key) if isinstance(cache.get(key), (int, float)) else 0.0
+    if remeasure or not known:  # keeps the highest sustained rate measured: what this machine can do
+        cache[key] = max(known, measure_peak(device, dtype))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w") as f:
