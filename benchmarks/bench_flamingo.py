@@ -3,10 +3,14 @@ same sizes and weights: one training step (resample the visual tokens, run the g
 text, a loss on the text, backward), alternately for ours and OpenFlamingo's `--rounds` times (median shown).
 
     python benchmarks/bench_flamingo.py [--preset 3b|small] [--batch 4] [--rounds 5] [--device cpu|cuda]
+    python benchmarks/bench_flamingo.py --preset 3b --batch 8 --device cuda --precision bf16
 
 Sizes: `3b` is OpenFlamingo-3B (vision width 1024, 256 patch tokens per image, resampler depth 6 with 64 latents,
 LM width 2048, 8x64 heads; here 3 images and 4 gated blocks of its 24); `small` a CPU-sized version (width 256,
-64 tokens, 2 blocks). The text is 64 tokens per image, images at positions 0, 64, 128.
+64 tokens, 2 blocks). The text is 64 tokens per image, images at positions 0, 64, 128. `--precision bf16` runs both
+sides' forward and loss under torch.autocast (bf16), as bench_train.py does; the weights stay fp32.
+Each side's step is counted once by FlopCounterMode and printed with its TFLOP/s and share of this machine's matmul
+peak (benchmarks/flops.py) in the step's precision.
 OpenFlamingo is a test-only peer: pip install --no-deps open-flamingo==2.0.1 einops-exts.
 """
 import argparse
@@ -16,6 +20,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.flops import count_flops, matmul_peak, peak_line, rate  # noqa: E402
 
 PRESETS = {
     "3b": dict(vis_dim=1024, tokens=256, depth=6, latents=64, lang_dim=2048, blocks=4, images=3),
@@ -29,6 +35,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast on both sides")
     args = parser.parse_args()
 
     import torch
@@ -40,6 +47,7 @@ def main() -> None:
     size = PRESETS[args.preset]
     torch.manual_seed(0)
     device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def build(resampler_cls, block_cls):
         resampler = resampler_cls(dim=size["vis_dim"], depth=size["depth"], num_latents=size["latents"])
@@ -65,17 +73,23 @@ def main() -> None:
     media_locations = torch.zeros(args.batch, length, dtype=torch.bool, device=device)
     media_locations[:, ::64] = True
 
-    def step(resampler, blocks) -> float:
-        start = time.perf_counter()
-        media = resampler(visual)  # (B, T_media, latents, vis_dim)
-        x = text
-        for block in blocks:  # the same call for both
-            x = block(x, media, media_locations=media_locations)
-        x.square().mean().backward()
-        for module in (resampler, blocks):
-            module.zero_grad(set_to_none=True)
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    def step(resampler, blocks) -> float:
+        sync()
+        start = time.perf_counter()
+        with autocast:
+            media = resampler(visual)  # (B, T_media, latents, vis_dim)
+            x = text
+            for block in blocks:  # the same call for both
+                x = block(x, media, media_locations=media_locations)
+            loss = x.square().mean()
+        loss.backward()
+        for module in (resampler, blocks):
+            module.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - start
 
     with torch.no_grad():  # same numbers first
@@ -88,8 +102,15 @@ def main() -> None:
         times["ours"].append(step(*ours))
         times["open_flamingo"].append(step(*theirs))
     ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["open_flamingo"])
-    print(f"{args.preset} batch {args.batch} on {device}: ours {ours_s * 1000:.1f} ms, OpenFlamingo "
-          f"{theirs_s * 1000:.1f} ms per training step; speed-up {theirs_s / ours_s:.2f}x")
+    precision = ", bf16 autocast" if args.precision == "bf16" else ""
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    peak = matmul_peak(device.type, dtype)
+    ours_flops, theirs_flops = count_flops(step, *ours), count_flops(step, *theirs)
+    print(peak_line(device.type, dtype))
+    print(f"{args.preset} batch {args.batch} on {device}{precision}: ours {ours_s * 1000:.1f} ms "
+          f"({ours_flops / 1e9:.1f} GFLOP, {rate(ours_flops, ours_s, peak)}), OpenFlamingo {theirs_s * 1000:.1f} ms "
+          f"({theirs_flops / 1e9:.1f} GFLOP, {rate(theirs_flops, theirs_s, peak)}) per training step; "
+          f"speed-up {theirs_s / ours_s:.2f}x")
 
 
 if __name__ == "__main__":
