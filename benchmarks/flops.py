@@ -8,9 +8,9 @@ dtype: a rate this machine demonstrably reaches, not a datasheet figure. It is m
 GPU name, thread count, torch version) and cached in $CROSSMODAL_CACHE/matmul_peaks.json (default
 ~/.cache/crossmodal); running this script measures again and keeps the higher figure. On a virtual machine
 the sustained rate moves with the neighbours' load (this 2-core VM read 0.22-0.30 TFLOP/s fp32 within minutes):
-measure a few times on a quiet machine, and read shares of peak within that spread. A step's FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one run of it (matmuls,
-convolutions and attention, forward and backward: what the model must compute, so both sides of a benchmark
-are held to the same work).
+measure a few times on a quiet machine, and read shares of peak within that spread.
+A step's FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one run of it (matmuls, convolutions
+and attention, forward and backward: what each side computes; a side that skips work, as padding, counts less).
 """
 import argparse
 import json
