@@ -115,6 +115,37 @@ inline Tensor block_dots(const Tensor& rows_block, const Tensor& cols_block) {
   return block_product(rows_block, cols_block.t());
 }
 
+// One block of S = scale * rows @ cols^T: where it starts and its rows' and columns' matmul operands.
+struct FeatureBlock {
+  int64_t row0, col0;
+  Tensor rows, cols;  // (block rows, D), (block cols, D)
+
+  Tensor dots() const { return block_dots(rows, cols); }  // (block rows, block cols), the accumulation dtype
+  // The block's rows (columns) of per-row (per-column) state t along dim.
+  Tensor rows_of(const Tensor& t, int64_t dim = 0) const { return t.narrow(dim, row0, rows.size(0)); }
+  Tensor cols_of(const Tensor& t, int64_t dim = 0) const { return t.narrow(dim, col0, cols.size(0)); }
+  // row_grad += G @ cols and col_grad += G^T @ rows for this block's G = dL/dS (block rows, block cols).
+  void accumulate_gradients(const Tensor& coefficients, const Tensor& row_grad, const Tensor& col_grad) const {
+    accumulate_product(rows_of(row_grad), coefficients, cols);
+    accumulate_product(cols_of(col_grad), coefficients.t(), rows);
+  }
+};
+
+// Calls fn(FeatureBlock) for every block of the operands rows_op (R, D) against cols_op (C, D), `block` rows and
+// columns each (0: the device's default), in for_each_block's order (with `wavefront`, a round's blocks own
+// distinct columns).
+template <typename Fn>
+void for_each_feature_block(const Tensor& rows_op, const Tensor& cols_op, int64_t block, bool wavefront,
+                            const Fn& fn) {
+  const int64_t num_rows = rows_op.size(0), num_cols = cols_op.size(0), edge = block_edge(rows_op, block);
+  auto block_fn = [&](int64_t p, int64_t q) {
+    const int64_t row0 = p * edge, col0 = q * edge;
+    fn(FeatureBlock{row0, col0, rows_op.narrow(0, row0, std::min(edge, num_rows - row0)),
+                    cols_op.narrow(0, col0, std::min(edge, num_cols - col0))});
+  };
+  for_each_block(ceil_div(num_rows, edge), ceil_div(num_cols, edge), !rows_op.is_cuda(), wavefront, block_fn);
+}
+
 template <typename acc_t>
 acc_t* second_row(const Tensor& state) {  // (2, n) view -> pointer to its row 1
   return state.data_ptr<acc_t>() + state.stride(0);

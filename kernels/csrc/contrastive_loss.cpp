@@ -173,16 +173,10 @@ void lse_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64
     lse[0].fill_(-std::numeric_limits<double>::infinity());
     lse[1].zero_();
   }
-  const Tensor rows_op = matmul_operand(rows), cols_op = matmul_operand(cols);
-  const int64_t num_rows = rows.size(0), num_cols = cols.size(0), edge = block_edge(rows, block);
-  auto block_fn = [&](int64_t p, int64_t q) {
-    const int64_t row0 = p * edge, col0 = q * edge;
-    const int64_t block_rows = std::min(edge, num_rows - row0), block_cols = std::min(edge, num_cols - col0);
-    const Tensor dots = block_dots(rows_op.narrow(0, row0, block_rows), cols_op.narrow(0, col0, block_cols));
-    lse_epilogue(dots, scale, row0 + offset - col0, row_lse.narrow(1, row0, block_rows),
-                 with_cols ? col_lse.narrow(1, col0, block_cols) : Tensor(), positives.narrow(0, row0, block_rows));
-  };
-  for_each_block(ceil_div(num_rows, edge), ceil_div(num_cols, edge), !rows.is_cuda(), with_cols, block_fn);
+  for_each_feature_block(matmul_operand(rows), matmul_operand(cols), block, with_cols, [&](const FeatureBlock& b) {
+    lse_epilogue(b.dots(), scale, b.row0 + offset - b.col0, b.rows_of(row_lse, 1),
+                 with_cols ? b.cols_of(col_lse, 1) : Tensor(), b.rows_of(positives));
+  });
   for (const Tensor& lse : {row_lse, col_lse}) {
     if (lse.defined()) lse[1].log1p_();  // excess -> log_sum (lse_log_sum)
   }
@@ -192,21 +186,13 @@ void lse_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64
 // defined, else one-sided; row_grad and col_grad are in the accumulation dtype.
 void grad_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, int64_t offset, int64_t block,
                const Tensor& row_lse, const Tensor& col_lse, const Tensor& row_grad, const Tensor& col_grad) {
-  const Tensor rows_op = matmul_operand(rows), cols_op = matmul_operand(cols);
-  const int64_t num_rows = rows.size(0), num_cols = cols.size(0), edge = block_edge(rows, block);
-  auto block_fn = [&](int64_t p, int64_t q) {
-    const int64_t row0 = p * edge, col0 = q * edge;
-    const int64_t block_rows = std::min(edge, num_rows - row0), block_cols = std::min(edge, num_cols - col0);
-    const Tensor rows_block = rows_op.narrow(0, row0, block_rows);  // (block rows, D)
-    const Tensor cols_block = cols_op.narrow(0, col0, block_cols);  // (block cols, D)
-    const Tensor coefficients = grad_epilogue(block_dots(rows_block, cols_block), scale, row0 + offset - col0,
-                                              row_lse.narrow(1, row0, block_rows),
-                                              col_lse.defined() ? col_lse.narrow(1, col0, block_cols) : Tensor(),
-                                              rows_op.scalar_type());  // (block rows, block cols)
-    accumulate_product(row_grad.narrow(0, row0, block_rows), coefficients, cols_block);
-    accumulate_product(col_grad.narrow(0, col0, block_cols), coefficients.t(), rows_block);
-  };
-  for_each_block(ceil_div(num_rows, edge), ceil_div(num_cols, edge), !rows.is_cuda(), /*wavefront=*/true, block_fn);
+  const bool wavefront = true;  // column gradients are updated: a round's blocks own distinct columns
+  for_each_feature_block(matmul_operand(rows), matmul_operand(cols), block, wavefront, [&](const FeatureBlock& b) {
+    const Tensor coefficients = grad_epilogue(b.dots(), scale, b.row0 + offset - b.col0, b.rows_of(row_lse, 1),
+                                              col_lse.defined() ? b.cols_of(col_lse, 1) : Tensor(),
+                                              b.rows.scalar_type());  // (block rows, block cols)
+    b.accumulate_gradients(coefficients, row_grad, col_grad);
+  });
 }
 
 // sum_i (lse_i - positive_i), with lse_i - positive_i = (max_i - positive_i) + log_sum_i: exact

@@ -113,23 +113,12 @@ void siglip_pass(const Tensor& rows, const Tensor& cols, const Tensor& scale, co
                  int64_t block, const Tensor& row_loss, const Tensor& row_grad_sum, const Tensor& row_grad,
                  const Tensor& col_grad) {
   const bool with_grad = row_grad_sum.defined();
-  const Tensor rows_op = matmul_operand(rows), cols_op = matmul_operand(cols);
-  const int64_t num_rows = rows.size(0), num_cols = cols.size(0), edge = block_edge(rows, block);
-  auto block_fn = [&](int64_t p, int64_t q) {
-    const int64_t row0 = p * edge, col0 = q * edge;
-    const int64_t block_rows = std::min(edge, num_rows - row0), block_cols = std::min(edge, num_cols - col0);
-    const Tensor rows_block = rows_op.narrow(0, row0, block_rows);  // (block rows, D)
-    const Tensor cols_block = cols_op.narrow(0, col0, block_cols);  // (block cols, D)
-    const Tensor coefficients =
-        siglip_epilogue(block_dots(rows_block, cols_block), scale, bias, row0 + offset - col0,
-                        row_loss.narrow(0, row0, block_rows),
-                        with_grad ? row_grad_sum.narrow(0, row0, block_rows) : Tensor(), rows_op.scalar_type());
-    if (!with_grad) return;
-    accumulate_product(row_grad.narrow(0, row0, block_rows), coefficients, cols_block);
-    accumulate_product(col_grad.narrow(0, col0, block_cols), coefficients.t(), rows_block);
-  };
   // Only with gradients are columns updated, so only then must a round's blocks own distinct columns.
-  for_each_block(ceil_div(num_rows, edge), ceil_div(num_cols, edge), !rows.is_cuda(), with_grad, block_fn);
+  for_each_feature_block(matmul_operand(rows), matmul_operand(cols), block, with_grad, [&](const FeatureBlock& b) {
+    const Tensor coefficients = siglip_epilogue(b.dots(), scale, bias, b.row0 + offset - b.col0, b.rows_of(row_loss),
+                                                with_grad ? b.rows_of(row_grad_sum) : Tensor(), b.rows.scalar_type());
+    if (with_grad) b.accumulate_gradients(coefficients, row_grad, col_grad);
+  });
 }
 
 }  // namespace
