@@ -11,7 +11,10 @@ counts. DDP's gradient buckets (a second copy of the gradients, by default) are 
 --step: real weights, `--steps` training steps of train.py's contrastive step on random images and texts
 (`--batch` per process), then the peak: on CUDA max_memory_allocated, on the CPU the process's peak resident set
 (VmHWM) minus its resident set before building the model (weights, gradients, optimizer state, activations,
-allocator slack); and the median step time. A ViT-L-14 step needs ~9 GB a process under DDP.
+allocator slack); the median step time; and each process's FLOPs per step (benchmarks/flops.py's FlopCounterMode
+count of one forward and backward), its achieved FLOP/s and their share of the matmul peak at the process's thread
+count (with 2 processes on 2 cores: a 1-thread peak, measured once and cached). A ViT-L-14 step needs ~9 GB a
+process under DDP.
 """
 import argparse
 import os
@@ -22,6 +25,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from benchmarks.flops import count_flops, matmul_peak, rate  # noqa: E402
 
 GIB = 2**30
 
@@ -92,15 +97,19 @@ def step_row(name: str, strategy: str, batch: int, steps: int, device, precision
     wrapped = DistributedDataParallel(model) if strategy == "ddp" else model
     image_size, context_length = recipe_for(cfg).inputs()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def forward_backward(images, tokens) -> None:
+        with autocast:
+            out = wrapped(images, tokens)
+            loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+
     times = []
     for _ in range(steps):
         images = torch.randn(batch, 3, image_size, image_size, device=device)
         tokens = torch.randint(1, 49407, (batch, 20), device=device)
         start = time.perf_counter()
-        with autocast:
-            out = wrapped(images, tokens)
-            loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
+        forward_backward(images, tokens)
         parallel.average_replicated_gradients(model)
         parallel.clip_grad_norm_(model, 1.0)
         optimizer.step()
@@ -109,7 +118,11 @@ def step_row(name: str, strategy: str, batch: int, steps: int, device, precision
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else peak_rss()[0] - before
-    return {"peak": peak, "step_s": statistics.median(times[1:] if len(times) > 1 else times)}
+    flops = count_flops(forward_backward, images, tokens)  # after the timed steps: the counter slows what it counts
+    optimizer.zero_grad(set_to_none=True)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return {"peak": peak, "step_s": statistics.median(times[1:] if len(times) > 1 else times), "flops": flops,
+            "matmul_peak": matmul_peak(device.type, dtype)}
 
 
 def run(rank: int, world_size: int, args, port: int) -> list[dict]:
@@ -132,8 +145,8 @@ def run(rank: int, world_size: int, args, port: int) -> list[dict]:
 
 def print_table(rows: list[list[dict]], world_size: int, step: bool) -> None:
     print("| model | strategy | params | grads | AdamW | model state / process | ratio | DDP buckets |"
-          + (" peak memory / process | ratio | step time |" if step else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if step else ""))
+          + (" peak memory / process | ratio | step time | FLOP/s per process, share of its peak |" if step else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if step else ""))
     for i in range(0, len(rows), 2):
         ddp = max(rows[i], key=lambda r: r["params"])
         for per_rank in rows[i : i + 2]:
@@ -147,9 +160,11 @@ def print_table(rows: list[list[dict]], world_size: int, step: bool) -> None:
             if step:
                 peak = max(r["peak"] for r in per_rank)
                 ddp_peak = max(r["peak"] for r in rows[i])
-                line += f" {peak / GIB:.2f} GiB | {peak / ddp_peak:.2f} | {max(r['step_s'] for r in per_rank):.2f} s |"
+                slowest = max(per_rank, key=lambda r: r["step_s"])
+                line += (f" {peak / GIB:.2f} GiB | {peak / ddp_peak:.2f} | {slowest['step_s']:.2f} s "
+                         f"| {rate(slowest['flops'], slowest['step_s'], slowest['matmul_peak'])} |")
             print(line)
-    print(f"({world_size} processes; ratio: to DDP's, the largest process of each)")
+    print(f"({world_size} processes; ratio: to DDP's, the largest process of each; FLOP/s: the slowest process's)")
 
 
 def main() -> None:

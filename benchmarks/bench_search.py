@@ -16,6 +16,11 @@ Exact search reads every stored vector once per query, so its time grows linearl
 is worth adding when the store no longer fits in memory or queries must answer in milliseconds:
 around 10-50 million vectors of 512 dimensions on a machine like this one, well beyond a personal
 photo library.
+
+FLOP/s and share of the fp32 matmul peak (benchmarks/flops.py) on both sides: a query is 2 x rows x dim FLOPs, a
+matrix-vector product that reads each stored number once, so it is bound by memory, not by arithmetic (its share
+is small by nature; the bytes read per second say how close it runs to the memory's limit); indexing is the image
+tower's forward, counted by FlopCounterMode on one image.
 """
 import argparse
 import os
@@ -33,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crossmodal import search  # noqa: E402
 from crossmodal.models import MODELS, create_model  # noqa: E402
+from benchmarks.flops import count_flops, matmul_peak, peak_line, rate  # noqa: E402
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -91,16 +97,19 @@ def bench_index(count: int, model_name: str, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         write_images(os.path.join(folder, "images"), count)
         path = os.path.join(folder, "index.pt")
+        source = {"model": model_name, "pretrained": "", "bpe": None}  # untrained weights: nothing to load again
         start = time.perf_counter()
-        search.build_index(model, image_size, os.path.join(folder, "images"), path, {"model": model_name},
+        search.build_index(model, image_size, os.path.join(folder, "images"), path, source,
                            workers=workers, log=lambda line: None)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        search.build_index(model, image_size, os.path.join(folder, "images"), path, {"model": model_name},
+        search.build_index(model, image_size, os.path.join(folder, "images"), path, source,
                            workers=workers, log=lambda line: None)
         again = time.perf_counter() - start
+    with torch.no_grad():
+        flops = count_flops(model.encode_image, torch.randn(1, 3, image_size, image_size))
     return {"images": count, "seconds": first, "per_second": count / first, "again": again,
-            "image_size": image_size}
+            "image_size": image_size, "flops": flops}
 
 
 def main() -> None:
@@ -113,6 +122,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(peak_line("cpu", torch.float32))
+    peak = matmul_peak("cpu", torch.float32)
 
     print(f"\nquery (top-10 of N random normalised {args.dim}-d vectors; median of {args.repeats})")
     print("| stored vectors | search.top_k (fp16 + fp32 rescoring) | plain fp32 matmul + topk | top-10 = exact "
@@ -120,16 +131,23 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for rows in args.rows:
         r = bench_query(rows, args.dim, args.repeats)
-        print(f"| {rows:,} | {1000 * r['ours']:.0f} ms | {1000 * r['plain']:.0f} ms | {100 * r['agreement']:.0f}% "
-              f"| {r['megabytes']:.0f} MB | {r['save']:.1f} s | {r['load']:.2f} s |", flush=True)
+        flops = 2 * rows * args.dim
+        print(f"| {rows:,} | {1000 * r['ours']:.0f} ms ({rate(flops, r['ours'], peak)}; "
+              f"{rows * args.dim * 2 / r['ours'] / 1e9:.1f} GB/s) | {1000 * r['plain']:.0f} ms "
+              f"({rate(flops, r['plain'], peak)}; {rows * args.dim * 4 / r['plain'] / 1e9:.1f} GB/s) "
+              f"| {100 * r['agreement']:.0f}% | {r['megabytes']:.0f} MB | {r['save']:.1f} s | {r['load']:.2f} s |",
+              flush=True)
 
     if args.images:
         r = bench_index(args.images, args.model, args.workers)
         print(f"\nindex ({args.model} image tower, untrained, {r['image_size']} px; 256x256 JPEGs; "
               f"{args.workers} loader workers, batch 64)")
-        print("| images | first run | images/s | second run (nothing changed) |")
-        print("|---:|---:|---:|---:|")
-        print(f"| {r['images']:,} | {r['seconds']:.1f} s | {r['per_second']:.1f} | {r['again']:.2f} s |")
+        print("| images | first run | images/s | image tower, whole run (decoding included) | second run (nothing "
+              "changed) |")
+        print("|---:|---:|---:|---:|---:|")
+        print(f"| {r['images']:,} | {r['seconds']:.1f} s | {r['per_second']:.1f} "
+              f"| {r['flops'] / 1e9:.1f} GFLOP/image, {rate(r['flops'] * r['images'], r['seconds'], peak)} "
+              f"| {r['again']:.2f} s |")
 
 
 if __name__ == "__main__":
