@@ -112,7 +112,7 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:  # recipes/finetune.py
-    strategy: str = ""  # "": contrastive pre-training; linear | full | gradual | llrd | lit (finetune.py)
+    strategy: str = ""  # "": contrastive pre-training; linear | full | gradual | llrd | lit | lora (finetune.py, lora.py)
     init: str = ""  # a train.py checkpoint to start from (its model and tokenizer settings are adopted)
     pretrained: str = ""  # or released weights for model.name (OpenAI .pt, open_clip); data.tokenizer_path: the BPE
     unfreeze_every: int = 100  # gradual: steps between unfreezing the next layer group, from the top
@@ -120,6 +120,13 @@ class FinetuneConfig:  # recipes/finetune.py
     patience: int = 0  # early stopping: evaluations (train.eval_every) without a better val top-1; 0: never stop
     wise_alpha: float = 1.0  # WiSE-FT: the final model is (1 - alpha) zero-shot + alpha fine-tuned weights
     wise_alphas: str = "0,0.25,0.5,0.75,1"  # WiSE-FT mixing weights evaluated at the end (wise.json)
+    # lora (models/lora.py, recipes/lora.py): adapters of rank lora_rank scaled by lora_alpha / lora_rank
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # on the adapters' input
+    lora_targets: str = ""  # module-name patterns, comma-separated ("": every attention projection)
+    lora_base_dtype: str = "fp32"  # fp32 | bf16: the frozen base layers' storage (adapters stay fp32)
+    lora_heads: str = ""  # with model.pretrained: parameter-name patterns trained with the adapters (e.g. logit_scale)
 
 
 @dataclass
@@ -194,6 +201,7 @@ RANGES = {
     "lm.induction_fraction": BELOW_ONE,
     "finetune.unfreeze_every": AT_LEAST_ONE, "finetune.layer_decay": Range(0, 1, open_low=True),
     "finetune.patience": NON_NEGATIVE, "finetune.wise_alpha": FRACTION,
+    "finetune.lora_rank": AT_LEAST_ONE, "finetune.lora_alpha": POSITIVE, "finetune.lora_dropout": BELOW_ONE,
 }
 
 

@@ -9,6 +9,7 @@ from crossmodal.recipes.blip import BlipRecipe
 from crossmodal.recipes.clip import ClipRecipe, PredictiveRecipe, is_predictive
 from crossmodal.recipes.finetune import FinetuneRecipe
 from crossmodal.recipes.lm import FlamingoRecipe, LanguageModelRecipe
+from crossmodal.recipes.lora import LoraRecipe, is_family_lora
 from crossmodal.recipes.registry import (FAMILIES, PRESETS, check_config, load_released, load_run, model_from_config,
                                          recipe_for, register, resolve)
 
@@ -16,6 +17,7 @@ register(ClipRecipe, MODELS)  # CLIP, SigLIP (loss.name), LiT (finetune.strategy
 register(BlipRecipe, BLIP_MODELS)
 register(LanguageModelRecipe, LM_MODELS)
 register(FlamingoRecipe, FLAMINGO_MODELS)
+register(LoraRecipe, (), when=is_family_lora)  # LoRA on any family's run (before FinetuneRecipe: strategy=lora)
 register(FinetuneRecipe, (), when=lambda cfg: bool(cfg.finetune.strategy))  # classifier fine-tuning, LiT
 register(PredictiveRecipe, (), when=is_predictive)  # loss.name caption | bow on a CLIP preset
 

@@ -21,7 +21,10 @@ parameters are all frozen stays in eval mode, so BatchNorm statistics do not mov
 - llrd: layer-wise learning-rate decay (BEiT, Bao et al., ICLR 2022; ELECTRA): all of them, layer group l at
   train.lr x layer_decay ** (depth - l), the head being layer `depth`;
 - lit: LiT (Zhai et al., CVPR 2022): the image tower locked, the text tower and the temperature trained with the
-  run's contrastive loss on image-text pairs (train.py's contrastive step); no head, evaluated zero-shot.
+  run's contrastive loss on image-text pairs (train.py's contrastive step); no head, evaluated zero-shot;
+- lora: LoRA (Hu et al., ICLR 2022; models/lora.py): low-rank adapters on the image tower's attention projections
+  (finetune.lora_targets; a ViT's qkv and proj, a CLIP ResNet's attention pool, its only linear layers: convolutions
+  are not adapted) and the head trained, the rest frozen (finetune.lora_base_dtype=bf16 stores it in bf16).
 The classification strategies leave the text tower and the temperature frozen (the head does not use them).
 Layer groups, bottom to top: ViT: the embedding (patch_embed, cls_token, pos_embed, norm_pre), each block, the
 output (norm, proj), the head; CLIP's ResNet: the stem, layer1 ... layer4, attnpool, the head.
@@ -31,6 +34,15 @@ for lit); a better top-1 writes out_dir/best.pt (train.py's checkpoint) and best
 evaluations without one stop the run. At the end the best weights are mixed with the zero-shot (initial) weights,
 WiSE-FT: (1 - alpha) x zero-shot + alpha x fine-tuned for every tensor, evaluated on data.val and data.heldout for
 each of `finetune.wise_alphas` (wise.json), and at `finetune.wise_alpha`, the run's result (wise.pt when below 1).
+
+LoRA's checkpoints (this strategy, and any family's run from model.pretrained: recipes/lora.py): periodic ones and
+best.pt hold the adapted model (base weights plus `*.lora_a`/`*.lora_b`), so `--resume` is exact; at the end
+checkpoint.pt is rewritten with the adapters merged into plain weights (its optimizer state emptied, a `lora` entry
+marking it) and the adapters alone go to lora.pt (with rank, alpha and targets); WiSE-FT mixes the merged best
+weights with the zero-shot ones. `--resume` of that merged checkpoint starts new adapters (B = 0, so exactly at the
+merged model) with a fresh optimizer state and goes on to train.steps (ReLoRA's merge-and-restart, Lialin et al.
+2023); with train.steps unchanged nothing trains and checkpoint.pt and lora.pt stay as they are. eval.py, search.py
+and WiSE-FT read any of these checkpoints as plain weights (`lora_weights` merges unmerged ones).
 
 Deliberate differences from the references: WiSE-FT mixes only the image tower and head (its text tower is
 absent); here the whole state dict is mixed, which for the classification strategies is the same (the text tower
@@ -46,20 +58,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmodal import checkpointing, files
+from crossmodal import checkpointing, distributed, files
 from crossmodal.config import BadInput, config_from_dict
 from crossmodal.data import build_dataset, eval_loader
 from crossmodal.data.templates import load_templates
 from crossmodal.evaluation import contrastive
 from crossmodal.models import MODELS
 from crossmodal.models.clip import CLIP
+from crossmodal.models.lora import (ADAPTER_KEYS, DEFAULT_TARGETS, add_lora, lora_state_dict, merge_lora,
+                                    merge_state_dict, parse_targets)
 from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES
 from crossmodal.models.vit import VisionTransformer
 from crossmodal.recipes import registry
 from crossmodal.recipes.base import mean_step
 from crossmodal.recipes.clip import ClipRecipe, find_bpe
 
-STRATEGIES = ("linear", "full", "gradual", "llrd", "lit")
+STRATEGIES = ("linear", "full", "gradual", "llrd", "lit", "lora")
+BASE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # finetune.lora_base_dtype
 ADOPTED = ("model.name", "data.tokenizer", "data.tokenizer_path", "data.vocab_size", "data.context_length")
 
 
@@ -144,6 +159,9 @@ def check_config(cfg, world_size: int = 1) -> str | None:
         return f"finetune.wise_alphas must be numbers separated by commas, e.g. 0,0.5,1; got '{ft.wise_alphas}'"
     if any(not 0 <= alpha <= 1 for alpha in alphas):
         return f"finetune.wise_alphas must lie in [0, 1]; got '{ft.wise_alphas}'"
+    problem = lora_problem(cfg)
+    if problem:
+        return problem
     if ft.strategy == "gradual" and world_size > 1:
         return ("finetune.strategy=gradual runs on one process: DistributedDataParallel fixes the set of trained "
                 "parameters when it wraps the model, and gradual unfreezing changes it")
@@ -179,6 +197,8 @@ def build(cfg, device) -> tuple[object, nn.Module, dict]:
                                                           load_templates(cfg.eval.templates), device)  # (C, D)
         model = ZeroShotClassifier(clip, class_embeddings).to(device)
     zeroshot = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+    if cfg.finetune.strategy == "lora":  # after the zero-shot weights: WiSE-FT's other end is the plain model
+        adapt(model.clip.visual, cfg)
     return tokenizer, model, zeroshot
 
 
@@ -206,7 +226,10 @@ def trainable_layers(model: nn.Module, cfg) -> list[tuple[float, list[tuple[str,
     """Freeze all the strategy never trains; (learning-rate scale, named parameters) per layer group of the rest,
     for train.build_optimizer. Gradual's not-yet-unfrozen groups are in it (train_mode freezes them per step)."""
     model.requires_grad_(False)
-    if cfg.finetune.strategy == "lit":  # the text tower and the temperature (and SigLIP's bias)
+    if cfg.finetune.strategy == "lora":  # the image tower's adapters and the head
+        layers = [(1.0, [(name, param) for name, param in model.named_parameters()
+                         if name.startswith("head.") or name.rpartition(".")[2] in ADAPTER_KEYS])]
+    elif cfg.finetune.strategy == "lit":  # the text tower and the temperature (and SigLIP's bias)
         layers = [(1.0, [(name, param) for name, param in model.named_parameters() if not name.startswith("visual.")
                          and (name != "logit_scale" or cfg.train.learn_temperature)])]
     else:
@@ -313,6 +336,10 @@ def finish(cfg, model: nn.Module, zeroshot: dict, tokenizer, device) -> dict:
     """After training (rank 0): best.pt's weights mixed with the zero-shot ones at each of finetune.wise_alphas,
     evaluated (wise.json, a line each), then at finetune.wise_alpha: the run's result (wise.pt when below 1)."""
     best = checkpointing.load_file(os.path.join(cfg.out_dir, "best.pt"))
+    if cfg.finetune.strategy == "lora":  # checkpoint.pt merged, lora.pt; then plain weights only
+        finish_lora(cfg)
+        best = lora_weights(best)
+        merge_lora(model)
     alphas = parse_alphas(cfg.finetune.wise_alphas)
     table = {}
     for alpha in [*alphas, *([] if cfg.finetune.wise_alpha in alphas else [cfg.finetune.wise_alpha])]:
@@ -332,6 +359,73 @@ def finish(cfg, model: nn.Module, zeroshot: dict, tokenizer, device) -> dict:
     return {**table[alpha], "best_step": best["step"], "wise_alpha": alpha,
             **{f"wise/{a:g}/{name}": value for a in alphas for name, value in table[a].items()
                if name.endswith("top1")}}
+
+
+# ---------------------------------------------------------------- LoRA (this strategy's and recipes/lora.py's)
+
+
+def lora_problem(cfg) -> str | None:
+    """What is wrong with the finetune.lora_* settings of a lora run, or None (their ranges: config.RANGES)."""
+    if cfg.finetune.lora_base_dtype not in BASE_DTYPES:
+        return (f"finetune.lora_base_dtype must be one of {', '.join(BASE_DTYPES)}; got "
+                f"'{cfg.finetune.lora_base_dtype}'")
+    return None
+
+
+def adapt(model: nn.Module, cfg) -> nn.Module:
+    """add_lora with the run's finetune.lora_* settings (everything else frozen); targets matching no linear layer
+    are a BadInput naming finetune.lora_targets."""
+    ft = cfg.finetune
+    try:
+        return add_lora(model, ft.lora_rank, ft.lora_alpha, parse_targets(ft.lora_targets), ft.lora_dropout,
+                        BASE_DTYPES[ft.lora_base_dtype])
+    except ValueError as error:
+        raise BadInput(f"finetune.lora_targets='{ft.lora_targets}': {error}") from None
+
+
+def lora_weights(checkpoint: dict) -> dict:
+    """A checkpoint whose model holds adapters (`*.lora_a`, `*.lora_b`), with them merged into plain weights (its
+    config's lora_alpha / lora_rank; fp32, the dtype of train.py's models, for a bf16 base); others as they are."""
+    state = checkpoint.get("model", {})
+    if not any(name.rpartition(".")[2] in ADAPTER_KEYS for name in state):
+        return checkpoint
+    ft = checkpoint["config"]["finetune"]
+    dtype = torch.float32 if ft.get("lora_base_dtype") == "bf16" else None
+    return {**checkpoint, "model": merge_state_dict(state, ft["lora_alpha"] / ft["lora_rank"], dtype)}
+
+
+def finish_lora(cfg) -> bool:
+    """At the end of a lora run (rank 0): out_dir/lora.pt, the adapters of the final checkpoint.pt with their
+    settings, then checkpoint.pt rewritten with them merged (its optimizer state emptied: its adapters are gone; a
+    `lora` entry marks it). False, writing nothing, when checkpoint.pt is merged already (this run trained no step)."""
+    path = os.path.join(cfg.out_dir, checkpointing.FILE)
+    last = checkpointing.load_file(path)
+    if "lora" in last:
+        return False
+    ft = cfg.finetune
+    settings = {"rank": ft.lora_rank, "alpha": ft.lora_alpha, "dropout": ft.lora_dropout,
+                "targets": list(parse_targets(ft.lora_targets) or DEFAULT_TARGETS), "base_dtype": ft.lora_base_dtype,
+                "heads": ft.lora_heads}
+    adapters = {name: value for name, value in last["model"].items() if name.rpartition(".")[2] in ADAPTER_KEYS}
+    record = {"adapters": adapters, "lora": settings, "step": last["step"], "config": last["config"],
+              "base": cfg.model.pretrained or cfg.finetune.init or cfg.finetune.pretrained}
+    files.write_atomic(os.path.join(cfg.out_dir, "lora.pt"), lambda f: torch.save(record, f), binary=True)
+    merged = {**last, "model": lora_weights(last)["model"], "lora": {**settings, "merged": True},
+              "optimizer": {"state": {}, "param_groups": last["optimizer"]["param_groups"]}}
+    files.write_atomic(path, lambda f: torch.save(merged, f), binary=True)
+    return True
+
+
+def resume_merged(checkpoint: dict | None, model: nn.Module) -> None:
+    """Resuming a lora run's merged checkpoint.pt (module docstring): its weights get the adapted model's new
+    adapters (B = 0: exactly the merged model), so train.py loads it like any checkpoint; its optimizer state is
+    empty. Other checkpoints are left as they are."""
+    if checkpoint is None or "lora" not in checkpoint or "folder" in checkpoint:
+        return
+    checkpoint["model"] = {**checkpoint["model"], **lora_state_dict(model)}
+    if distributed.is_main():
+        print(f"{files.shown(checkpoint['path'])} holds merged LoRA weights: new adapters train on them from step "
+              f"{checkpoint['step']}, with a fresh optimizer state", flush=True)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -355,17 +449,22 @@ class FinetuneRecipe(ClipRecipe):
         return self._start
 
     def build_tokenizer(self, out_dir: str, checkpoint: dict | None = None):
+        self.resuming = checkpoint
         return self.start()[0]
 
     def build_model(self, tokenizer, pretrained: bool = True) -> nn.Module:
         """The start's CLIP with its zero-shot head (lit: without), also on resume: its zero-shot weights are
         WiSE-FT's other end."""
-        return self.start()[1]
+        model = self.start()[1]
+        if self.cfg.finetune.strategy == "lora":
+            resume_merged(getattr(self, "resuming", None), model)
+        return model
 
     def build_eval_model(self, tokenizer) -> nn.Module:
         return super().build_model(tokenizer, pretrained=False)
 
     def evaluation_weights(self, checkpoint: dict) -> dict:
+        checkpoint = lora_weights(checkpoint)  # plain weights (lora)
         if "head.weight" not in checkpoint.get("model", {}):  # lit: a CLIP model already
             return checkpoint
         clip = {name[len("clip."):]: value for name, value in checkpoint["model"].items() if name.startswith("clip.")}
