@@ -5,7 +5,11 @@ A checkpoint that train.py wrote (it carries its config and tokenizer):
     python eval.py --checkpoint RUN/checkpoint.pt --task zeroshot --data shapes:val --out zs.json
     python eval.py --checkpoint RUN/checkpoint.pt --task retrieval --data coco:PATH/dataset_coco.json#test
 
-Released weights (no network, no HuggingFace):
+Released weights, by tag (downloaded once to $CROSSMODAL_CACHE and verified; CROSSMODAL_OFFLINE=1: the cache only):
+    python eval.py --model ViT-B-32 --pretrained openai --task zeroshot --data imagefolder:PATH/imagenet/val \
+        --classnames imagenet
+
+or from local files (no network, no HuggingFace):
     python eval.py --model ViT-B-32-quickgelu --pretrained ViT-B-32.pt --task zeroshot \
         --data imagefolder:PATH/imagenet/val --classnames imagenet
     python eval.py --model BLIP-base --pretrained model_base.pth --vocab vocab.txt --task retrieval --data ...
@@ -46,7 +50,8 @@ def parse_args(argv: list[str] | None):
     add("--checkpoint", help="a train.py checkpoint: RUN/checkpoint.pt, or an FSDP run's folder RUN/checkpoint")
     add("--model", help="a preset for released weights, e.g. ViT-B-32-quickgelu, BLIP-base, OpenFlamingo-3B-vitl-mpt1b")
     add("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint (BLIP: salesforce's .pth or "
-                             "a HF folder; Flamingo: OpenFlamingo's checkpoint.pt)")
+                             "a HF folder; Flamingo: OpenFlamingo's checkpoint.pt), or a released tag (openai, "
+                             "laion2b_s34b_b79k, ...; crossmodal.hub.RELEASED), downloaded to $CROSSMODAL_CACHE")
     add("--bpe", help=f"with a CLIP --model: the vocabulary {BPE_FILE} (default: next to --pretrained, else open_clip's)")
     add("--vocab", help="with a BLIP --model: BERT's vocab.txt (default: the one in or next to --pretrained)")
     add("--vision", help="with a Flamingo --model: the CLIP checkpoint of its vision tower")

@@ -8,7 +8,8 @@ Each also exists as `<name>-quickgelu` with QuickGELU, the activation of OpenAI'
 names use nn.GELU (open_clip's convention).
 
 `create_model(name, pretrained=PATH)` loads OpenAI's `.pt` archives and open_clip checkpoints through the key
-maps of `models/convert.py`, into fp32 parameters.
+maps of `models/convert.py`, into fp32 parameters; `pretrained=TAG` ("openai", "laion2b_s34b_b79k", BLIP's and
+OpenFlamingo's tags) takes the file `crossmodal.hub.RELEASED` names for that model, downloaded and verified once.
 
 BLIP presets (`BLIP-base`, `BLIP-large`, `BLIP-tiny`, `BLIP-RN-tiny`; table in `models/blip.py`) build a `models.blip.BLIP`;
 `pretrained` takes salesforce/BLIP `.pth` files and HuggingFace BLIP folders or weight files, loading the parts
@@ -33,7 +34,7 @@ from typing import Optional, Union
 
 import torch
 
-from crossmodal import checkpointing
+from crossmodal import checkpointing, hub
 from crossmodal.config import BadInput
 from crossmodal.files import shown
 from crossmodal.models import convert
@@ -123,7 +124,9 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
     or FLAMINGO_OVERRIDES (Flamingo).
 
     pretrained: an OpenAI CLIP `.pt` archive or an open_clip checkpoint, loaded as fp32 instead of the random init
-    (BLIP: see `load_pretrained_blip`; Flamingo: OpenFlamingo's checkpoint.pt, see `create_open_flamingo`).
+    (BLIP: see `load_pretrained_blip`; Flamingo: OpenFlamingo's checkpoint.pt, see `create_open_flamingo`); or a
+    tag of `crossmodal.hub.RELEASED` ("openai", "laion2b_s34b_b79k", ...), downloaded to the cache and verified
+    first, with the activation its weights were trained with (and for Flamingo its vision and lm files).
     drop_path (stochastic depth, max rate over depth) applies to the transformer towers, not to the ResNet.
     """
     presets = [*MODELS, *BLIP_MODELS, *FLAMINGO_MODELS]
@@ -135,6 +138,14 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
         if key not in valid:
             closest = difflib.get_close_matches(key, valid, n=3)
             raise ValueError(f"unknown create_model override {key!r}; closest: {closest}; valid: {list(valid)}")
+    if pretrained is not None:  # a tag of crossmodal.hub.RELEASED: downloaded (or found in the cache) first
+        entry = hub.released(name, pretrained)
+        if entry is not None and entry.quick_gelu and name in MODELS:
+            overrides.setdefault("act_layer", "quick_gelu")  # the activation the weights were trained with
+        path = hub.resolve_pretrained(name, pretrained)
+        missing = [key for key in valid if overrides.get(key) is None]  # Flamingo's vision and lm
+        overrides.update(hub.resolve_companions(name, pretrained, missing))
+        pretrained = path
     if name in BLIP_MODELS:
         return create_blip(name, pretrained, **overrides)
     if name in FLAMINGO_MODELS:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from crossmodal import checkpointing
+from crossmodal import checkpointing, hub
 from crossmodal.config import ConfigError, check_values, config_from_dict
 from crossmodal.data import build_dataset, map_style_dataset, unreadable_start
 from crossmodal.data.tokenizer import TOKENIZERS, tokenizer_from_bytes
@@ -183,10 +183,20 @@ def load_run(path: str, device="cpu"):
 
 def load_released(name: str, pretrained: str, device="cpu", **files):
     """(config, model, tokenizer) for a preset with released weights; `files`: the other files its family needs
-    (bpe=, vocab=, vision=, lm=; see each recipe's `load_released`)."""
+    (bpe=, vocab=, vision=, lm=; see each recipe's `load_released`). pretrained: a path, or a tag of
+    `crossmodal.hub.RELEASED` for `name`, downloaded and verified first with the files it comes with (CLIP's BPE,
+    OpenFlamingo's CLIP and LM folder) where `files` names none; a tag of QuickGELU weights builds the preset's
+    `-quickgelu` twin."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; closest presets: "
                          f"{difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4) or sorted(PRESETS)}")
+    entry = hub.released(name, pretrained)
+    if entry is not None:
+        path = hub.fetch(entry)
+        files.update(hub.resolve_companions(name, pretrained, [key for key in entry.companions if not files.get(key)]))
+        if entry.quick_gelu and f"{name}-quickgelu" in PRESETS:
+            name = f"{name}-quickgelu"  # the activation the weights were trained with
+        pretrained = path
     cfg, model, tokenizer = PRESETS[name].load_released(name, pretrained, **files)
     return cfg, model.to(device).eval(), tokenizer
 
