@@ -648,3 +648,256 @@ def open_flamingo_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             key = _substitute(_substitute(key, OPEN_FLAMINGO_RESAMPLER_PARTS), OPEN_FLAMINGO_BLOCK_PARTS)
         converted[key] = value
     return converted
+
+
+# ---------------------------------------------------------------- export: ours -> HuggingFace and safetensors
+#
+# What `export.py --to hf` writes (issue 29): `models.CLIP` (ViT image tower) as transformers' `CLIPModel`, and
+# `models.BLIP` as `BlipForConditionalGeneration` and `BlipForImageTextRetrieval` (one weights file holds both
+# layouts' keys; each class loads its own). References: transformers 5.25 `models/clip/modeling_clip.py` and
+# `convert_clip_original_pytorch_to_hf.py` (the key table below, read the other way), `models/blip/modeling_blip*.py`.
+# Deliberate differences from HF's own CLIP conversion: no position_ids buffer (transformers 5 does not persist
+# it), and the text's end-of-text id goes into config.json (HF pools at its first occurrence; OpenAI's CLIP at the
+# largest id, which is the same position for CLIP's BPE, and the right one for a tokenizer whose eos is not largest).
+
+# (ours, HF CLIPModel) key prefixes and pieces inside one block; the fused qkv is split by `_split_qkv`.
+HF_CLIP_PREFIXES = (
+    ("visual.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual.norm_pre.", "vision_model.pre_layrnorm."),  # sic: transformers' name
+    ("visual.norm.", "vision_model.post_layernorm."),
+    ("visual.transformer.blocks.", "vision_model.encoder.layers."),
+    ("text.token_embedding.", "text_model.embeddings.token_embedding."),
+    ("text.transformer.blocks.", "text_model.encoder.layers."),
+    ("text.norm.", "text_model.final_layer_norm."),
+)
+HF_CLIP_BLOCK_PARTS = ((".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."), (".attn.proj.", ".self_attn.out_proj."))
+
+
+def _split_qkv(key: str, value: torch.Tensor, names: tuple[str, ...], fused: str, into: str) -> StateDict:
+    """A fused projection `fused` in `key` (rows q, k, v or k, v) -> one tensor per name: `into`.format(name)."""
+    return {key.replace(fused, into.format(name)): part.clone() for name, part in zip(names, value.chunk(len(names)))}
+
+
+def ours_to_hf_clip(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """`models.CLIP` with a ViT image tower -> transformers' `CLIPModel` keys (projections transposed, the class
+    and position embeddings flattened, qkv split into q_proj/k_proj/v_proj); BadInput for a ResNet tower, which
+    CLIPModel does not have, or a key it has no place for (a SigLIP bias: see export.py)."""
+    if not _is_vit(state_dict):
+        raise BadInput("transformers' CLIPModel has no ResNet image tower; export this model --to open_clip or onnx")
+    converted: StateDict = {}
+    for key, value in state_dict.items():
+        if key == "logit_scale":
+            converted[key] = value
+        elif key == "visual.cls_token":
+            converted["vision_model.embeddings.class_embedding"] = value.reshape(-1)  # (1, 1, width) -> (width,)
+        elif key == "visual.pos_embed":
+            converted["vision_model.embeddings.position_embedding.weight"] = value[0]  # (1 + HW, width)
+        elif key == "text.pos_embed":
+            converted["text_model.embeddings.position_embedding.weight"] = value  # (context_length, width)
+        elif key in ("visual.proj", "text.proj"):  # ours x @ proj (width, embed); HF Linear (embed, width)
+            converted["visual_projection.weight" if key == "visual.proj" else "text_projection.weight"] = value.T.contiguous()
+        else:
+            new = next((theirs + key[len(ours):] for ours, theirs in HF_CLIP_PREFIXES if key.startswith(ours)), None)
+            if new is None:
+                raise BadInput(f"transformers' CLIPModel has no place for the weight '{key}'")
+            for ours, theirs in HF_CLIP_BLOCK_PARTS:
+                new = new.replace(ours, theirs)
+            if ".attn.qkv." in new:
+                converted.update(_split_qkv(new, value, ("q", "k", "v"), ".attn.qkv.", ".self_attn.{}_proj."))
+            else:
+                converted[new] = value
+    return converted
+
+
+def _activation(module: torch.nn.Module) -> str:
+    """transformers' hidden_act of a block's MLP ("quick_gelu" or "gelu"), from its module's class name."""
+    name = type(module.mlp.act).__name__
+    if name not in ("QuickGELU", "GELU") or getattr(module.mlp.act, "approximate", "none") != "none":
+        raise BadInput(f"an MLP activation {name} that transformers' CLIP does not name")
+    return "quick_gelu" if name == "QuickGELU" else "gelu"
+
+
+def hf_clip_config(model: torch.nn.Module, pad_id: int, bos_id: int, eos_id: int) -> dict[str, Any]:
+    """config.json of transformers' `CLIPConfig` for a `models.CLIP` with a ViT tower: every field the peer's
+    modules read (sizes, heads, activation, LayerNorm eps, projection, the temperature's start value)."""
+    visual, text = model.visual, model.text
+    vision_block, text_block = visual.transformer.blocks[0], text.transformer.blocks[0]
+    vision_width = visual.cls_token.shape[-1]
+    text_width = text.token_embedding.embedding_dim
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": model.embed_dim,
+        "logit_scale_init_value": float(model.logit_scale.detach()),
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": text.vocab_size,
+            "hidden_size": text_width,
+            "intermediate_size": text_block.mlp.fc1.out_features,
+            "num_hidden_layers": len(text.transformer.blocks),
+            "num_attention_heads": text_block.attn.num_heads,
+            "max_position_embeddings": text.context_length,
+            "hidden_act": _activation(text_block),
+            "layer_norm_eps": text.norm.eps,
+            "projection_dim": model.embed_dim,
+            "pad_token_id": pad_id,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": vision_width,
+            "intermediate_size": vision_block.mlp.fc1.out_features,
+            "num_hidden_layers": len(visual.transformer.blocks),
+            "num_attention_heads": vision_block.attn.num_heads,
+            "image_size": visual.image_size,
+            "patch_size": visual.patch_embed.proj.kernel_size[0],
+            "num_channels": 3,
+            "hidden_act": _activation(vision_block),
+            "layer_norm_eps": visual.norm.eps,
+            "projection_dim": model.embed_dim,
+        },
+    }
+
+
+def ours_to_blip_hf(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """`models.BLIP` keys -> HuggingFace BLIP keys, the inverse of `blip_to_ours` on HF checkpoints: the tables
+    above read backwards, fused qkv/kv split into BERT's query/key/value, the decoder's output matrix written as
+    its (tied) word embedding. The result holds both `BlipForConditionalGeneration`'s keys (vision_model,
+    text_decoder) and `BlipForImageTextRetrieval`'s (vision_model, text_encoder, projections, itm_head), for the
+    parts the model has; `temp` (no HF key) and momentum copies and queues (training state) are left out."""
+    text_parts = BLIP_PARTS[5:]  # the BERT-side pieces; BLIP_PARTS[:5] are the ViT blocks, decoder and LM head
+    converted: StateDict = {}
+    for key, value in state_dict.items():
+        if key == "temp" or key.split(".")[0].endswith("_m") or key.startswith("queue."):
+            continue
+        if key.startswith("visual_encoder."):
+            key = key.replace("visual_encoder.transformer.blocks.", "visual_encoder.blocks.")
+            for hf, salesforce in BLIP_HF_VISION:
+                key = key.replace(salesforce, hf)
+        elif key.startswith("lm_head."):
+            for salesforce, ours in BLIP_PARTS[2:5]:
+                key = key.replace(ours, salesforce)
+        elif key.startswith(("text_encoder.", "text_decoder.")):
+            if key.startswith("text_decoder."):
+                key = "text_decoder.bert." + key[len("text_decoder."):]
+            for salesforce, ours in reversed(text_parts):
+                key = key.replace(ours, salesforce)
+        elif not key.startswith(("vision_proj.", "text_proj.", "itm_head.")):
+            raise BadInput(f"transformers' BLIP has no place for the weight '{key}' (its image tower is a ViT)")
+        if ".attn.qkv." in key:  # the tables leave the fused names as they are (HF's ViT has .self_attn.qkv.)
+            converted.update(_split_qkv(key, value, ("query", "key", "value"), ".attn.qkv.", ".attention.self.{}."))
+        elif ".cross_attn.kv." in key:
+            converted.update(_split_qkv(key, value, ("key", "value"), ".cross_attn.kv.", ".crossattention.self.{}."))
+        else:
+            converted[key] = value
+    embedding = converted.get("text_decoder.bert.embeddings.word_embeddings.weight")
+    if embedding is not None and "text_decoder.cls.predictions.bias" in converted:  # BERT ties both in its head
+        converted["text_decoder.cls.predictions.decoder.weight"] = embedding.clone()
+        converted["text_decoder.cls.predictions.decoder.bias"] = converted["text_decoder.cls.predictions.bias"].clone()
+    return converted
+
+
+def hf_blip_config(model: torch.nn.Module) -> dict[str, Any]:
+    """config.json of transformers' `BlipConfig` for a `models.BLIP` with a ViT tower: the fields
+    `models.blip.blip_config_from_hf` reads (so that `create_model(..., pretrained=folder)` builds it back)."""
+    visual = model.visual_encoder
+    text = model.text_encoder if model.text_encoder is not None else model.text_decoder
+    vision_block, text_block = visual.transformer.blocks[0], text.transformer.blocks[0]
+    vision_width = visual.cls_token.shape[-1]
+    return {
+        "architectures": ["BlipForConditionalGeneration", "BlipForImageTextRetrieval"],
+        "model_type": "blip",
+        "image_text_hidden_size": model.vision_proj.out_features if model.vision_proj is not None else 256,
+        "tie_word_embeddings": True,
+        "text_config": {
+            "model_type": "blip_text_model",
+            "vocab_size": text.embed.token_embedding.num_embeddings,
+            "hidden_size": text.width,
+            "num_hidden_layers": len(text.transformer.blocks),
+            "num_attention_heads": text_block.attn.num_heads,
+            "intermediate_size": text_block.mlp.fc1.out_features,
+            "max_position_embeddings": text.embed.pos_embed.shape[0],
+            "hidden_act": "gelu",
+            "layer_norm_eps": text.embed.norm.eps,
+            "encoder_hidden_size": vision_width,
+            "is_decoder": True,
+            "tie_word_embeddings": True,
+            "pad_token_id": model.pad_id,
+            "bos_token_id": model.dec_id,
+            "sep_token_id": model.eos_id,
+        },
+        "vision_config": {
+            "model_type": "blip_vision_model",
+            "hidden_size": vision_width,
+            "num_hidden_layers": len(visual.transformer.blocks),
+            "num_attention_heads": vision_block.attn.num_heads,
+            "intermediate_size": vision_block.mlp.fc1.out_features,
+            "image_size": visual.image_size,
+            "patch_size": visual.patch_embed.proj.kernel_size[0],
+            "num_channels": 3,
+            "hidden_act": "gelu",
+            "layer_norm_eps": visual.norm.eps,
+        },
+    }
+
+
+def openclip_model_config(model: torch.nn.Module, eos_id: int) -> dict[str, Any]:
+    """open_clip's model config (its `model_configs/<name>.json` format) of a `models.CLIP`: what
+    `open_clip.add_model_config` registers for `create_model` to build this architecture. The text is pooled at
+    the largest id (open_clip's default, OpenAI's) when that is the tokenizer's end-of-text `eos_id`, else at
+    `eos_id` (open_clip's pool_type "eos"), which is where ours pools."""
+    visual, text = model.visual, model.text
+    text_block = text.transformer.blocks[0]
+    text_cfg: dict[str, Any] = {
+        "context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.token_embedding.embedding_dim,
+        "heads": text_block.attn.num_heads, "layers": len(text.transformer.blocks),
+        "mlp_ratio": text_block.mlp.fc1.out_features / text.token_embedding.embedding_dim,
+    }  # fmt: skip
+    if eos_id != text.vocab_size - 1:
+        text_cfg.update(pool_type="eos", eos_id=eos_id)
+    if hasattr(visual, "attnpool"):  # ModifiedResNet: open_clip derives the pool's heads from the stem width
+        width = visual.bn3.num_features
+        if visual.attnpool.num_heads != width * 32 // 64:
+            raise BadInput(f"open_clip's ResNet has {width * 32 // 64} attention-pool heads at width {width}; this "
+                           f"model has {visual.attnpool.num_heads}")
+        layers = [len(getattr(visual, f"layer{stage}")) for stage in (1, 2, 3, 4)]
+        vision_cfg = {"image_size": visual.image_size, "layers": layers, "width": width, "patch_size": None}
+    else:
+        block, width = visual.transformer.blocks[0], visual.cls_token.shape[-1]
+        vision_cfg = {
+            "image_size": visual.image_size, "layers": len(visual.transformer.blocks), "width": width,
+            "patch_size": visual.patch_embed.proj.kernel_size[0], "head_width": width // block.attn.num_heads,
+            "mlp_ratio": block.mlp.fc1.out_features / width,
+        }  # fmt: skip
+    config = {"embed_dim": model.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if _activation(text_block) == "quick_gelu":
+        config["quick_gelu"] = True
+    if model.logit_bias is not None:  # SigLIP
+        config["init_logit_bias"] = float(model.logit_bias.detach())
+    return config
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(file: Any, tensors: Mapping[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    """Write `tensors` to an open binary file in the safetensors format (see SAFETENSORS_DTYPES), without the
+    safetensors package: tensors in name order, the header padded with spaces to 8 bytes as the package pads it."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype not in SAFETENSORS_NAMES:
+            raise BadInput(f"tensor {name}: dtype {tensor.dtype} has no safetensors name")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    file.write(len(encoded).to_bytes(8, "little"))
+    file.write(encoded)
+    for name in names:  # little-endian raw bytes, as torch holds them on every platform it runs on
+        file.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
