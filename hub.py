@@ -371,8 +371,9 @@ def _fetch(url: str, partial: str, timeout: float, progress: bool) -> None:
         except (OSError, http.client.HTTPException) as error:
             raise DownloadError(f"{url}: the connection broke after {received} of {total or '?'} bytes "
                                 f"({_reason(error)}); the next try resumes {shown(partial)}") from None
-    if progress and time.monotonic() - started > 1:
-        _show(url, received, total, started, end=True)
+        finally:
+            if progress:  # the last state, ending the line: an error message starts on a fresh one
+                _show(url, received, total, started, end=True)
     if total is not None and received != total:
         raise DownloadError(f"{url}: the connection closed after {received} of {total} bytes; the next try resumes "
                             f"{shown(partial)}")

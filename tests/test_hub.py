@@ -19,6 +19,8 @@ from crossmodal import hub
 from crossmodal.config import BadInput
 from crossmodal.models import convert, create_model
 from crossmodal.recipes import load_released
+from tests.test_gpt_neox_tokenizer import tokenizer_json  # noqa: F401 (a fixture the next one takes)
+from tests.test_open_flamingo import released  # noqa: F401 (a fixture: tiny OpenFlamingo-3B-style files)
 from tests.test_train import ROOT
 
 HOST = "https://weights.invalid"  # never reached: CROSSMODAL_HUB_MIRROR points every URL at the loopback server
@@ -118,9 +120,11 @@ def cache_files(root) -> list[str]:
                   for file in files if not file.endswith(".lock"))
 
 
-def test_good_download_is_verified_cached_and_reused(server, tmp_path):
+def test_good_download_is_verified_cached_and_reused(server, tmp_path, capsys):
     url, data, sha256 = serve(server, "/w/good.bin")
     path = hub.download(url, sha256)
+    err = capsys.readouterr().err
+    assert err.startswith("good.bin: 100.0% of 0.3 MiB, ") and err.count("\n") == 1  # no terminal: one line
     assert path == os.path.join(tmp_path, "cache", "weights.invalid", "w", "good.bin")
     assert open(path, "rb").read() == data
     assert cache_files(tmp_path / "cache") == ["weights.invalid/w/good.bin", "weights.invalid/w/good.bin.sha256"]
@@ -265,6 +269,31 @@ def test_create_model_and_load_released_by_tag(server, tmp_path, monkeypatch):
     assert len(server.gets("/w/vit_tiny-test.pt")) == 1  # the second load used the cache
 
 
+def test_flamingo_tag_brings_its_vision_and_lm(server, released, monkeypatch):  # noqa: F811
+    """An OpenFlamingo-style entry: checkpoint.pt from the hub (LFS, behind a redirect), its CLIP file by SHA-256
+    and its LM folder's files by the hub's hashes, all three passed to create_model by the one tag."""
+    folder = released["folder"]
+    files = {"/of/resolve/main/checkpoint.pt": folder / "checkpoint_wrappers.pt", "/clip/clip.pt": folder / "clip.pt",
+             **{f"/mpt/resolve/main/{name}": folder / "mpt" / name
+                for name in ("config.json", "pytorch_model.bin", "tokenizer.json")}}
+    for path, source in files.items():
+        server.files[path] = source.read_bytes()
+        server.headers[path] = {"X-Linked-Etag": hashlib.sha256(server.files[path]).hexdigest()}
+    server.modes["/of/resolve/main/checkpoint.pt"] = "redirect"
+    entry = hub.Released(f"{HOST}/of/resolve/main/checkpoint.pt", format="open_flamingo", companions={
+        "vision": hub.Released(f"{HOST}/clip/clip.pt", hashlib.sha256(server.files["/clip/clip.pt"]).hexdigest()),
+        "lm": hub.Released(f"{HOST}/mpt/resolve/main/", format="mpt",
+                           files=("config.json", "pytorch_model.bin", "tokenizer.json"))})
+    monkeypatch.setitem(hub.RELEASED, ("Flamingo-tiny", "test"), entry)
+    model = create_model("Flamingo-tiny", pretrained="test")
+    expected = create_model("Flamingo-tiny", pretrained=str(files["/of/resolve/main/checkpoint.pt"]),
+                            **released["paths"]).state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    gets = sorted(request[1] for request in server.requests if request[0] == "GET")
+    assert gets == sorted([*files, "/cdn/of/resolve/main/checkpoint.pt"])  # each once (the LFS one redirected)
+
+
 def test_eval_offline_with_a_tag_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "CROSSMODAL_CACHE": str(tmp_path / "cache"), "CROSSMODAL_OFFLINE": "1"}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", "ViT-B-32", "--pretrained",
@@ -274,3 +303,29 @@ def test_eval_offline_with_a_tag_exits_2_with_one_line(tmp_path):
     path = os.path.join(tmp_path, "cache", *url.removeprefix("https://").split("/"))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"eval.py: CROSSMODAL_OFFLINE=1 and {url} is not in the cache: download it to {path}\n"
+
+
+def test_table_agrees_with_open_clip_and_its_urls():
+    """Every CLIP entry is open_clip v3.3.0's (URL or hf-hub repo, activation); OpenAI's hash is its URL's path
+    segment and open_clip's release files' prefix their name's suffix; no tag could be read as a path."""
+    pretrained = pytest.importorskip("open_clip.pretrained")  # the dev extra
+    from crossmodal.models import BLIP_MODELS, FLAMINGO_MODELS, MODELS
+
+    for (name, tag), entry in hub.RELEASED.items():
+        assert name in {**MODELS, **BLIP_MODELS, **FLAMINGO_MODELS} and not hub._is_path(tag), (name, tag)
+        if (name, tag) in hub.BLIP_RELEASED or (name, tag) in hub.FLAMINGO_RELEASED:
+            assert entry.url.startswith(f"{hub.HF}/") and "/resolve/main/" in entry.url and not entry.sha256
+            continue
+        reference = pretrained.get_pretrained_cfg(name, tag)
+        assert reference.get("quick_gelu", False) == entry.quick_gelu and entry.companions == {"bpe": hub.CLIP_BPE}
+        if entry.url.startswith(hub.OPENAI):
+            assert entry.url == reference["url"] and entry.url.split("/")[-2] == entry.sha256
+            assert len(entry.sha256) == 64
+        elif entry.url.startswith(hub.OPEN_CLIP):
+            assert entry.url == reference["url"] and len(entry.sha256) == 8
+            assert entry.url.rsplit("-", 1)[1].split(".")[0] == entry.sha256
+        else:  # the hub publishes the hash
+            repo = entry.url.removeprefix(f"{hub.HF}/").removesuffix("/resolve/main/open_clip_pytorch_model.bin")
+            assert reference["hf_hub"] == repo + "/" and not reference["url"] and not entry.sha256
+    with open(clip_bpe(), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == hub.CLIP_BPE.sha256
