@@ -366,9 +366,12 @@ def finish(cfg, model: nn.Module, zeroshot: dict, tokenizer, device) -> dict:
 
 def lora_problem(cfg) -> str | None:
     """What is wrong with the finetune.lora_* settings of a lora run, or None (their ranges: config.RANGES)."""
-    if cfg.finetune.lora_base_dtype not in BASE_DTYPES:
-        return (f"finetune.lora_base_dtype must be one of {', '.join(BASE_DTYPES)}; got "
-                f"'{cfg.finetune.lora_base_dtype}'")
+    ft = cfg.finetune
+    if ft.lora_base_dtype not in BASE_DTYPES:
+        return f"finetune.lora_base_dtype must be one of {', '.join(BASE_DTYPES)}; got '{ft.lora_base_dtype}'"
+    if ft.lora_heads and (ft.init or ft.pretrained):
+        return (f"finetune.lora_heads='{ft.lora_heads}' is for LoRA runs from model.pretrained; the classifier "
+                f"(finetune.init, finetune.pretrained) trains its head with the adapters already")
     return None
 
 

@@ -1,0 +1,195 @@
+"""What LoRA (models/lora.py) saves in a training step against full fine-tuning, same model, batch and machine:
+trainable parameters (count and share), peak memory and median step time, each ratio against full measured in
+the same run.
+
+    python benchmarks/bench_lora.py                                   # ViT-B-32, BLIP-base, a 12 x 768 LM on the CPU
+    python benchmarks/bench_lora.py --models vit --device cuda --precision bf16
+
+One step = forward + loss + backward + train.py's fused AdamW step over what trains:
+- ViT-B-32 (batch 8, 224 px): recipes/finetune.py's classifier (image tower + zero-shot-style head, 10 classes,
+  cross-entropy) under full, linear, llrd (layer decay 0.75: full's cost, other learning rates) and lora;
+- BLIP-base (batch 4, 224 px, captions of 8-30 tokens): BLIP's pretraining step (ITC with momentum encoders and
+  the 57600 queue, ITM on hard negatives, LM), full against lora (adapters on the encoders' and decoder's
+  attention projections; the momentum copies follow by EMA, as recipes/lora.py arranges);
+- LM: models/lm.py's decoder at GPT-2 small's size (12 layers, width 768, 12 heads, vocabulary 32000; batch 4 x
+  128 tokens), next-token loss, full against lora.
+lora: rank 8, alpha 16, the default targets (every attention projection; the CLIP classifier's: the image
+tower's); lora-bf16: the same with the frozen base stored in bf16 (finetune.lora_base_dtype=bf16).
+
+Each configuration runs in its own fresh process (built, `--warmup` steps, then `--steps` timed steps; the median
+step is shown). Peak memory: on CUDA, torch.cuda.max_memory_allocated; on the CPU, the process's peak resident
+set (VmHWM) minus its resident set after `import torch` (weights, gradients, optimizer state, activations and
+the allocator's slack), as bench_train.py measures it. Weights are random: the figures are costs, not accuracy.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_loss import read_status_kib  # noqa: E402
+
+STRATEGIES = {"vit": ("full", "linear", "llrd", "lora", "lora-bf16"), "blip": ("full", "lora", "lora-bf16"),
+              "lm": ("full", "lora", "lora-bf16")}
+NAMES = {"vit": "ViT-B-32 classifier (batch 8)", "blip": "BLIP-base ITC+ITM+LM (batch 4)",
+         "lm": "LM 12 x 768 (batch 4 x 128)"}
+LM_SIZE = dict(vocab_size=32000, context_length=128, width=768, depth=12, num_heads=12)  # GPT-2 small's shape
+
+
+def lora_options(strategy: str) -> dict:
+    import torch
+
+    return {"rank": 8, "alpha": 16.0, "base_dtype": torch.bfloat16 if strategy == "lora-bf16" else None}
+
+
+def build_vit(strategy: str, device):
+    """(model, trainable layers for build_optimizer, step inputs, loss function) for the CLIP classifier."""
+    import torch
+    import torch.nn.functional as F
+
+    from crossmodal.config import Config
+    from crossmodal.models import MODELS, create_model
+    from crossmodal.models.lora import add_lora
+    from crossmodal.recipes import finetune
+
+    clip = create_model("ViT-B-32")
+    classes = F.normalize(torch.randn(10, MODELS["ViT-B-32"].embed_dim), dim=-1)  # (C, D) as class embeddings
+    model = finetune.ZeroShotClassifier(clip, classes)
+    cfg = Config()
+    cfg.finetune.strategy = "lora" if strategy.startswith("lora") else strategy
+    if strategy.startswith("lora"):
+        add_lora(model.clip.visual, **lora_options(strategy))
+    layers = finetune.trainable_layers(model, cfg)
+    images, labels = torch.randn(8, 3, 224, 224, device=device), torch.randint(0, 10, (8,), device=device)
+    return model, layers, lambda m: F.cross_entropy(m(images), labels)
+
+
+def build_blip(strategy: str, device):
+    import torch
+
+    from crossmodal.models import create_model
+    from crossmodal.models.lora import add_lora
+    from crossmodal.recipes.lora import copy_momentum_adapters
+
+    model = create_model("BLIP-base", text_drop=0.0, momentum_encoders=True)
+    if strategy.startswith("lora"):
+        add_lora(model, **lora_options(strategy))
+        copy_momentum_adapters(model)
+        for param in model.momentum_pairs(online=False):  # EMA copies, never trained by gradient
+            param.requires_grad_(False)
+    cls, sep, pad = 101, 102, 0  # BERT's ids
+    lengths = torch.randint(8, 31, (4,))
+    tokens = torch.full((4, 30), pad, dtype=torch.long)
+    for row, length in enumerate(lengths.tolist()):  # [CLS] caption [SEP] [PAD]...
+        tokens[row, :length] = torch.cat([torch.tensor([cls]), torch.randint(1000, 30000, (length - 2,)),
+                                          torch.tensor([sep])])
+    images, tokens = torch.randn(4, 3, 224, 224, device=device), tokens.to(device)
+    return model, None, lambda m: sum(m(images, tokens, alpha=0.4).values())
+
+
+def build_lm(strategy: str, device):
+    import torch
+
+    from crossmodal.losses import lm_labels, lm_loss
+    from crossmodal.models.lm import DecoderLM
+    from crossmodal.models.lora import add_lora
+
+    model = DecoderLM(**LM_SIZE)
+    if strategy.startswith("lora"):
+        add_lora(model, **lora_options(strategy))
+    tokens = torch.randint(3, LM_SIZE["vocab_size"], (4, 128), device=device)
+    labels = lm_labels(tokens, 0)
+    return model, None, lambda m: lm_loss(m(tokens), labels, label_smoothing=0.0)
+
+
+BUILDERS = {"vit": build_vit, "blip": build_blip, "lm": build_lm}
+
+
+def worker(model_key: str, strategy: str, precision: str, device: str, warmup: int, steps: int, conn) -> None:
+    import torch
+
+    from crossmodal import train
+    from crossmodal.config import TrainConfig
+    from crossmodal.models.lora import count_trainable
+
+    torch.manual_seed(0)
+    rss_after_import = read_status_kib("VmRSS")
+    model, layers, loss_fn = BUILDERS[model_key](strategy, torch.device(device))
+    model = model.to(device).train()
+    optimizer = train.build_optimizer(model, TrainConfig(lr=1e-5), layers)
+    dtype = {"bf16": torch.bfloat16}.get(precision)
+    device_type = torch.device(device).type
+
+    def step():
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device_type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = (read_status_kib("VmHWM") - rss_after_import) / 1024
+    trainable, total = count_trainable(model)
+    conn.send({"trainable": trainable, "total": total, "peak_mib": peak, "step_s": statistics.median(times)})
+
+
+def measure(model_key: str, strategy: str, args) -> dict:
+    context = mp.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=worker, args=(model_key, strategy, args.precision, args.device, args.warmup,
+                                                   args.steps, child))
+    process.start()
+    result = parent.recv()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vit,blip,lm", help="comma-separated: vit, blip, lm")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: the step under autocast")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, precision "
+          f"{args.precision}, median of {args.steps} steps after {args.warmup} warm-up, each configuration in a fresh "
+          f"process", flush=True)
+    rows = []
+    for model_key in args.models.split(","):
+        full = None
+        for strategy in STRATEGIES[model_key]:
+            result = measure(model_key, strategy, args)
+            full = full or result
+            rows.append(f"| {NAMES[model_key]} | {strategy} | {result['trainable'] / 1e6:.2f}M | "
+                        f"{100 * result['trainable'] / result['total']:.2f}% | {result['peak_mib']:.0f} | "
+                        f"{result['peak_mib'] / full['peak_mib']:.2f}x | {1000 * result['step_s']:.0f} | "
+                        f"{result['step_s'] / full['step_s']:.2f}x |")
+            print(rows[-1], flush=True)
+    print()
+    print("| model, step | strategy | trainable | of all | peak MiB | vs full | step ms | vs full |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
