@@ -117,6 +117,9 @@ def write_folder(out: str, fill) -> None:
     out = os.path.abspath(out)
     parent, name = os.path.dirname(out), os.path.basename(out)
     staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; the export gets a folder's usual mode
     try:
         fill(staging)
         if os.path.isdir(out) and os.listdir(out):  # a previous export (out_problem checked it holds nothing else)

@@ -25,6 +25,10 @@ RUNTIME = [
     "pyyaml",
     "tensorboard",
 ]
+# Export-time only, never imported at run time (`python -m crossmodal.export`, the `export` extra): torch.onnx's dynamo
+# exporter needs onnx and onnxscript for --to onnx; safetensors' package is the test peer of models/convert.py's own
+# writer, which --to hf uses, so that it needs nothing beyond torch.
+EXPORT = ["onnx==1.23.2", "onnxscript==0.7.2", "safetensors==0.8.0"]
 # Test-only peers, never imported at run time (transformers 5.25 brings a package named `kernels`; tests/conftest.py keeps
 # the repository root, whose kernels/ would shadow it, off sys.path): open_clip (with its BPE vocabulary file, ftfy and regex) for the
 # CLIP checkpoint conversion, tokenizer and training benchmark; transformers for BLIP (and its WordPiece
@@ -32,9 +36,11 @@ RUNTIME = [
 # logistic regression for the linear probe.
 # OpenFlamingo's modules are the Flamingo parity peer, but its package pins torch==2.0.1, which no resolver can
 # join with this torch: install it apart with `pip install --no-deps open-flamingo==2.0.1` (its tests skip without).
+# DEV also holds the export extra, so that CI runs tests/test_export.py, and onnxruntime, the peer that runs the
+# exported ONNX encoders (as open_clip and transformers load the other formats).
 DEV = [
     "pytest", "open-clip-torch==3.3.0", "transformers==5.25.0", "pycocoevalcap==1.2", "scikit-learn==1.9.1",
-    "einops-exts==0.0.4",
+    "einops-exts==0.0.4", *EXPORT, "onnxruntime==1.32.0",
 ]  # fmt: skip
 PLOTS = ["matplotlib"]  # optional: ablation and probe figures
 
@@ -110,7 +116,7 @@ setup(
     package_dir={"crossmodal": "."},
     package_data={"crossmodal.data": ["prompts/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"dev": DEV, "plots": PLOTS},
+    extras_require={"dev": DEV, "export": EXPORT, "plots": PLOTS},
     ext_modules=extension_modules(),
     cmdclass={"build_py": BuildPy, **build_ext_class()},
 )
