@@ -318,20 +318,24 @@ def download(url: str, sha256: str = "", path: Optional[str] = None, timeout: Op
         return path
     if offline():
         raise DownloadError(f"CROSSMODAL_OFFLINE=1 and {url} is not in the cache: download it to {shown(path)}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process downloads; the others wait here, then find the file
-        if _cached(path, url, sha256.lower()):
-            return path
-        expected = sha256.lower() or _hub_hash(url, timeout)
-        _fetch(url, path + ".partial", timeout or TIMEOUT, progress)
-        actual = _file_hash(path + ".partial", expected)
-        if not _matches(actual, expected):
-            os.remove(path + ".partial")
-            raise DownloadError(f"{url}: downloaded bytes have hash {actual}, expected {expected}; removed, nothing "
-                                f"was cached")
-        os.replace(path + ".partial", path)
-        write_atomic(path + ".sha256", f"{actual} {os.path.getsize(path)}\n")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process downloads; the others wait here, then find the file
+            if _cached(path, url, sha256.lower()):
+                return path
+            expected = sha256.lower() or _hub_hash(url, timeout)
+            _fetch(url, path + ".partial", timeout or TIMEOUT, progress)
+            actual = _file_hash(path + ".partial", expected)
+            if not _matches(actual, expected):
+                os.remove(path + ".partial")
+                raise DownloadError(f"{url}: downloaded bytes have hash {actual}, expected {expected}; removed, "
+                                    f"nothing was cached")
+            os.replace(path + ".partial", path)
+            write_atomic(path + ".sha256", f"{actual} {os.path.getsize(path)}\n")
+    except OSError as error:  # not the network's (those are DownloadErrors): the cache's folder or disk
+        raise DownloadError(f"{url}: cannot write it to {shown(path)} ({_reason(error)}); free space there or set "
+                            f"CROSSMODAL_CACHE to another folder") from None
     return path
 
 
@@ -353,7 +357,10 @@ def _fetch(url: str, partial: str, timeout: float, progress: bool) -> None:
         start = 0
         if response.status == 206:
             content_range = response.headers.get("Content-Range", "")  # bytes START-END/TOTAL
-            start = int(content_range.split()[-1].split("-")[0]) if content_range.startswith("bytes ") else -1
+            try:
+                start = int(content_range.removeprefix("bytes ").split("-")[0])
+            except ValueError:
+                start = -1
             if start != done:
                 raise DownloadError(f"{url}: asked for bytes from {done}, the server sent '{content_range}'")
         length = response.headers.get("Content-Length")
@@ -362,15 +369,19 @@ def _fetch(url: str, partial: str, timeout: float, progress: bool) -> None:
         started = shown_at = time.monotonic()
         try:
             with open(partial, "ab" if start else "wb") as f:
-                while chunk := response.read1(CHUNK):  # what has arrived: a stall loses none of it
-                    f.write(chunk)
+                while True:
+                    try:
+                        chunk = response.read1(CHUNK)  # what has arrived: a stall loses none of it
+                    except (OSError, http.client.HTTPException) as error:
+                        raise DownloadError(f"{url}: the connection broke after {received} of {total or '?'} bytes "
+                                            f"({_reason(error)}); the next try resumes {shown(partial)}") from None
+                    if not chunk:
+                        break
+                    f.write(chunk)  # a full disk raises OSError: download() names the cache
                     received += len(chunk)
                     if progress and time.monotonic() - shown_at > (0.2 if sys.stderr.isatty() else 30):
                         shown_at = time.monotonic()
                         _show(url, received, total, started)
-        except (OSError, http.client.HTTPException) as error:
-            raise DownloadError(f"{url}: the connection broke after {received} of {total or '?'} bytes "
-                                f"({_reason(error)}); the next try resumes {shown(partial)}") from None
         finally:
             if progress:  # the last state, ending the line: an error message starts on a fresh one
                 _show(url, received, total, started, end=True)

@@ -179,6 +179,15 @@ def test_wrong_bytes_are_removed_and_nothing_is_cached(server, tmp_path):
     assert cache_files(tmp_path / "cache") == []
 
 
+def test_a_cache_that_cannot_be_written_is_named(server, tmp_path, monkeypatch):
+    url, _, sha256 = serve(server, "/w/nowhere.bin")
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("CROSSMODAL_CACHE", str(tmp_path / "a_file"))
+    with pytest.raises(hub.DownloadError, match=f"cannot write it to {tmp_path}/a_file/weights.invalid/w/nowhere.bin "
+                                                f"\\(NotADirectoryError.*set CROSSMODAL_CACHE to another folder"):
+        hub.download(url, sha256)
+
+
 def test_offline(server, tmp_path, monkeypatch):
     url, data, sha256 = serve(server, "/w/offline.bin")
     monkeypatch.setenv("CROSSMODAL_OFFLINE", "1")
@@ -220,7 +229,7 @@ def test_hub_hashes_behind_a_redirect_and_of_small_files(server, tmp_path):
 
 def test_processes_sharing_the_cache_download_once(server, tmp_path):
     url, data, sha256 = serve(server, "/w/shared.bin", size=400_000)
-    server.chunk, server.delay = 40_000, 0.05  # 0.5 s: the processes overlap
+    server.chunk, server.delay = 40_000, 0.15  # 1.5 s: the processes overlap
     code = f"from crossmodal import hub; print(hub.download({url!r}, {sha256!r}, progress=False))"
     processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
     paths = {process.communicate(timeout=60)[0].strip() for process in processes}
