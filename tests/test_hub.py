@@ -324,9 +324,11 @@ def test_table_agrees_with_open_clip_and_its_urls():
         assert name in {**MODELS, **BLIP_MODELS, **FLAMINGO_MODELS} and not hub._is_path(tag), (name, tag)
         if (name, tag) in hub.BLIP_RELEASED or (name, tag) in hub.FLAMINGO_RELEASED:
             assert entry.url.startswith(f"{hub.HF}/") and "/resolve/main/" in entry.url and not entry.sha256
+            assert entry.format in ("hf_blip", "open_flamingo") and entry.url.endswith("/") == bool(entry.files)
             continue
         reference = pretrained.get_pretrained_cfg(name, tag)
         assert reference.get("quick_gelu", False) == entry.quick_gelu and entry.companions == {"bpe": hub.CLIP_BPE}
+        assert entry.format == ("openai" if entry.url.startswith(hub.OPENAI) else "open_clip")
         if entry.url.startswith(hub.OPENAI):
             assert entry.url == reference["url"] and entry.url.split("/")[-2] == entry.sha256
             assert len(entry.sha256) == 64
