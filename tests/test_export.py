@@ -152,6 +152,20 @@ def test_open_clip_loads_tiny_models_through_the_config_beside(name, overrides, 
 
 
 @needs_open_clip
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14-quickgelu", "RN50", "RN50x4-quickgelu"])
+def test_open_clip_model_configs_equal_open_clips_own(name):
+    """The config written beside a file, for a paper preset, is open_clip's model_configs/NAME.json (its
+    dataclass defaults filled in): the generator says what open_clip would build."""
+    with torch.device("meta"):
+        ours = convert.openclip_model_config(create_model(name), eos_id=49407)
+    theirs = open_clip.get_model_config(name)
+    assert ours["embed_dim"] == theirs["embed_dim"] and ours.get("quick_gelu", False) == theirs.get("quick_gelu", False)
+    for section, kind in (("vision_cfg", open_clip.model.CLIPVisionCfg), ("text_cfg", open_clip.model.CLIPTextCfg)):
+        filled = dataclasses.asdict(kind(**theirs[section]))
+        assert {key: filled[key] for key in ours[section]} == {key: ours[section][key] for key in ours[section]}
+
+
+@needs_open_clip
 def test_open_clip_pools_at_an_eos_that_is_not_the_largest_id(clip_tokenizer, tmp_path):
     """A sentencepiece run's end-of-text id (3) is not its largest: the config pools at it (pool_type eos)."""
     torch.manual_seed(0)
@@ -369,6 +383,25 @@ def test_force_never_replaces_other_files(run_checkpoint, tmp_path):
         export.main(["--checkpoint", path, "--to", "open_clip", "--out", str(tmp_path / "mine"), "--force"])
     with pytest.raises(Failure, match="does not exist"):
         export.main(["--checkpoint", path, "--to", "hf", "--out", str(tmp_path / "no" / "hf")])
+
+
+@needs_transformers
+def test_a_finetuning_run_exports_its_clip(clip_tokenizer, tmp_path):
+    """A fine-tuning run's checkpoint holds clip.* and head.*: the export is its CLIP, as eval.py evaluates it."""
+    cfg = load_config(None, ["--model.name=ViT-tiny", "--data.tokenizer=clip", "--data.context_length=32",
+                             f"--data.tokenizer_path={open_clip.tokenizer.default_bpe()}", "--data.image_size=64",
+                             "--finetune.strategy=linear"])
+    clip = tiny_clip("ViT-tiny", clip_tokenizer)
+    weights = {f"clip.{key}": value for key, value in clip.state_dict().items()}
+    weights.update({"head.weight": torch.randn(5, 128), "head.bias": torch.zeros(5)})
+    torch.save({"model": weights, "config": dataclasses.asdict(cfg), "tokenizer": clip_tokenizer.model_bytes(),
+                "step": 0}, tmp_path / "checkpoint.pt")
+    export.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--to", "hf", "--out", str(tmp_path / "hf")])
+    peer = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    images, tokens = batches(clip_tokenizer, 64)[1]
+    with torch.no_grad():
+        output = peer.get_text_features(input_ids=tokens)
+        torch.testing.assert_close(getattr(output, "pooler_output", output), clip.encode_text(tokens), atol=ATOL, rtol=0)
 
 
 def test_force_replaces_an_earlier_export(run_checkpoint, tmp_path):
