@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 
@@ -72,7 +71,8 @@ def parse_args(argv: list[str] | None):
     add("--model", help="a preset for released weights, e.g. ViT-B-32-quickgelu, RN50, BLIP-base")
     add("--pretrained", help="with --model: an OpenAI .pt file or an open_clip checkpoint (BLIP: salesforce's .pth or "
                              "a HF folder)")
-    add("--bpe", help=f"with a CLIP --model: the vocabulary {BPE_FILE} (default: next to --pretrained, else open_clip's)")
+    add("--bpe", help=f"with a CLIP --model: the vocabulary {BPE_FILE} (default: next to --pretrained, else "
+                      f"open_clip's)")
     add("--vocab", help="with a BLIP --model: BERT's vocab.txt (default: the one in or next to --pretrained)")
     add("--to", required=True, choices=TARGETS, help="open_clip: a state dict file; hf: a transformers folder; onnx: a "
                                                       "folder with image_encoder.onnx and text_encoder.onnx")
@@ -107,7 +107,8 @@ def out_problem(out: str, target: str, force: bool) -> str | None:
         return (f"--out {shown(out)}: the folder holds files no export writes (e.g. {shown(others[0])}); not replaced, "
                 f"even with --force")
     if entries and not force:
-        return f"--out {shown(out)}: the folder holds an earlier export ({', '.join(sorted(entries))}; --force replaces it)"
+        return (f"--out {shown(out)}: the folder holds an earlier export ({', '.join(sorted(entries))}; --force "
+                f"replaces it)")
     return None
 
 
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     except (FileNotFoundError, ValueError) as error:  # bad input (a config.BadInput too): one line, no traceback
         fail(f"export: {error}")
     for line in lines:
-        print(line, file=sys.stdout)
+        print(line)
     return lines
 
 

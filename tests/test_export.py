@@ -32,7 +32,7 @@ try:
 except ImportError:
     onnxruntime = None
 
-needs_open_clip = pytest.mark.skipif(open_clip is None, reason="open_clip (the dev extra) is the peer, and ships CLIP's BPE")
+needs_open_clip = pytest.mark.skipif(open_clip is None, reason="open_clip (the dev extra): the peer, with CLIP's BPE")
 needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers (the dev extra) is the peer")
 needs_onnx = pytest.mark.skipif(onnxruntime is None or any(
     __import__("importlib").util.find_spec(name) is None for name in ("onnx", "onnxscript")),
@@ -86,7 +86,8 @@ def assert_features(ours: nn.Module, image_features, text_features, tokenizer, i
     largest = 0.0
     for images, tokens in batches(tokenizer, image_size):
         with torch.no_grad():
-            pairs = [(image_features(images), ours.encode_image(images)), (text_features(tokens), ours.encode_text(tokens))]
+            pairs = [(image_features(images), ours.encode_image(images)),
+                     (text_features(tokens), ours.encode_text(tokens))]
         for got, expected in pairs:
             assert got.shape == expected.shape
             torch.testing.assert_close(torch.as_tensor(got), expected, atol=ATOL, rtol=0)
@@ -106,10 +107,12 @@ def test_safetensors_writer_is_read_by_the_package(tmp_path):
     }  # fmt: skip
     with open(tmp_path / "x.safetensors", "wb") as file:
         convert.write_safetensors(file, tensors, {"format": "pt"})
-    for read in (safetensors.load_file(tmp_path / "x.safetensors"), convert.read_safetensors(tmp_path / "x.safetensors")):
+    path = tmp_path / "x.safetensors"
+    for read in (safetensors.load_file(path), convert.read_safetensors(path)):
         assert read.keys() == tensors.keys()
         for key, value in tensors.items():
-            assert read[key].dtype == value.dtype and read[key].shape == value.shape and torch.equal(read[key], value), key
+            assert read[key].dtype == value.dtype and read[key].shape == value.shape, key
+            assert torch.equal(read[key], value), key
     with open(tmp_path / "x.safetensors", "rb") as file:
         assert int.from_bytes(file.read(8), "little") % 8 == 0  # the package's alignment
     with pytest.importorskip("safetensors").safe_open(tmp_path / "x.safetensors", "pt") as file:
@@ -143,7 +146,8 @@ def test_open_clip_loads_tiny_models_through_the_config_beside(name, overrides, 
     lines = export.export_open_clip(name, ours, clip_tokenizer, out)
     assert "add_model_config" in lines[0]
     config = json.loads((tmp_path / "tiny_export.json").read_text())
-    assert config["text_cfg"]["context_length"] == 32 and config.get("quick_gelu", False) == bool(overrides.get("act_layer"))
+    assert config["text_cfg"]["context_length"] == 32
+    assert config.get("quick_gelu", False) == bool(overrides.get("act_layer"))
     open_clip.add_model_config(str(tmp_path / "tiny_export.json"))
     peer = open_clip.create_model("tiny_export", pretrained=out).eval()
     if "init_logit_bias" in overrides:
@@ -304,7 +308,8 @@ def test_blip_tokenizer_and_config_load_back(blip):
     loaded = create_model("BLIP-tiny", pretrained=out).eval()
     tokens = tokenizer(texts)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.itm_logits(blip["images"], tokens), blip["model"].itm_logits(blip["images"], tokens))
+        expected = blip["model"].itm_logits(blip["images"], tokens)
+        torch.testing.assert_close(loaded.itm_logits(blip["images"], tokens), expected)
 
 
 def test_hf_refuses_a_resnet_blip(tmp_path):
@@ -316,11 +321,15 @@ def test_hf_refuses_a_resnet_blip(tmp_path):
 
 
 @needs_onnx
-@pytest.mark.parametrize("name", ["ViT-tiny", "RN-tiny"])
-def test_onnxruntime_features_equal_ours(name, clip_tokenizer, tmp_path):
+@pytest.mark.parametrize("name, external", [("ViT-tiny", False), ("RN-tiny", True)])
+def test_onnxruntime_features_equal_ours(name, external, clip_tokenizer, tmp_path, monkeypatch):
+    """external: weights past ONNX_INLINE_LIMIT (here all) go to .data files beside the graphs."""
     ours = tiny_clip(name, clip_tokenizer)
+    if external:
+        monkeypatch.setattr(export, "ONNX_INLINE_LIMIT", 0)
     export.export_onnx(ours, clip_tokenizer, str(tmp_path / "onnx"))
-    assert sorted(os.listdir(tmp_path / "onnx")) == ["image_encoder.onnx", "text_encoder.onnx"]  # weights inside
+    files = ["image_encoder.onnx", "text_encoder.onnx"]
+    assert sorted(os.listdir(tmp_path / "onnx")) == sorted(files + [f"{file}.data" for file in files if external])
     image = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "image_encoder.onnx"))
     text = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "text_encoder.onnx"))
     assert [(i.name, i.type, i.shape[1:]) for i in image.get_inputs()] == [("images", "tensor(float)", [3, 64, 64])]
@@ -364,7 +373,8 @@ def test_command_exports_a_run_and_refuses_in_one_line(run_checkpoint, clip_toke
     images, tokens = batches(clip_tokenizer, 64)[1]
     with torch.no_grad():
         output = peer.get_image_features(pixel_values=images)
-        torch.testing.assert_close(getattr(output, "pooler_output", output), model.encode_image(images), atol=ATOL, rtol=0)
+        expected = model.encode_image(images)
+        torch.testing.assert_close(getattr(output, "pooler_output", output), expected, atol=ATOL, rtol=0)
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no temporary folder left
     # an earlier export is not replaced without --force
     result = command("--checkpoint", path, "--to", "hf", "--out", "hf", cwd=tmp_path)
@@ -401,7 +411,8 @@ def test_a_finetuning_run_exports_its_clip(clip_tokenizer, tmp_path):
     images, tokens = batches(clip_tokenizer, 64)[1]
     with torch.no_grad():
         output = peer.get_text_features(input_ids=tokens)
-        torch.testing.assert_close(getattr(output, "pooler_output", output), clip.encode_text(tokens), atol=ATOL, rtol=0)
+        expected = clip.encode_text(tokens)
+        torch.testing.assert_close(getattr(output, "pooler_output", output), expected, atol=ATOL, rtol=0)
 
 
 def test_force_replaces_an_earlier_export(run_checkpoint, tmp_path):
