@@ -214,6 +214,23 @@ def test_hf_clip_features_and_tokenizer_equal_ours(act_layer, clip_tokenizer, tm
         assert row[: row.index(clip_tokenizer.eos_id) + 1] == theirs  # HF pads with eos, ours with 0
 
 
+@needs_transformers
+def test_hf_clip_pools_at_a_sentencepiece_eos(tmp_path):
+    """A tokenizer whose end-of-text id (3) is not its largest: config.json names it, and CLIPModel pools there."""
+    torch.manual_seed(0)
+    ours = randomize_(create_model("ViT-tiny"))  # vocabulary 1024, context 32
+    tokenizer = type("SentencePieceLike", (), {"pad_id": 0, "bos_id": 2, "eos_id": 3})()
+    lines = export.export_hf(ours, tokenizer, str(tmp_path / "hf"))
+    assert "no tokenizer files" in lines[-1] and not os.path.exists(tmp_path / "hf" / "vocab.json")
+    peer = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.zeros(2, 32, dtype=torch.long)
+    tokens[0, :5], tokens[1, :9] = torch.tensor([2, 500, 900, 1000, 3]), torch.tensor([2, *range(1010, 1017), 3])
+    with torch.no_grad():
+        output = peer.get_text_features(input_ids=tokens)
+        expected = ours.encode_text(tokens)
+        torch.testing.assert_close(getattr(output, "pooler_output", output), expected, atol=ATOL, rtol=0)
+
+
 def test_hf_refuses_a_resnet_clip(clip_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="CLIPModel has no ResNet image tower"):
         export.export_hf(create_model("RN-tiny"), clip_tokenizer, str(tmp_path / "hf"))
@@ -255,9 +272,15 @@ def blip(tmp_path_factory):
                 images=torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
 
 
-def test_blip_key_map_round_trip(blip):
-    ours = blip["model"].state_dict()
-    back = convert.blip_to_ours(convert.ours_to_blip_hf(ours))
+@pytest.mark.parametrize("tied", [False, True])
+def test_blip_key_map_round_trip(blip, tied):
+    """ours -> HF -> ours (`blip_to_ours`, the loader's map) gives every tensor back; a decoder that shares all but
+    self-attention with the encoder (BLIP's pretraining) is written out in full under both prefixes."""
+    model = blip["model"] if not tied else randomize_(create_model("BLIP-tiny", tokenizer=blip["tokenizer"]))
+    ours = model.state_dict()
+    hf = convert.ours_to_blip_hf(ours)
+    assert not any(key.startswith(("visual_encoder.", "lm_head.")) for key in hf)
+    back = convert.blip_to_ours(hf)
     assert back.keys() == ours.keys() - {"temp"}
     assert all(torch.equal(back[key], ours[key]) for key in back)
 
