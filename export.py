@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from crossmodal.config import BadInput, fail
-from crossmodal.data.tokenizer import CLIP_MERGES, BertTokenizer, ClipTokenizer, _byte_symbols
+from crossmodal.data.tokenizer import CLIP_MERGES, BertTokenizer, ClipTokenizer, byte_symbols
 from crossmodal.files import shown, write_atomic
 from crossmodal.models import MODELS, TINY_MODELS, convert, create_model
 from crossmodal.models.blip import BLIP
@@ -174,7 +174,7 @@ def clip_tokenizer_files(tokenizer: ClipTokenizer, folder: str) -> None:
     end-of-text token, so the features are the same."""
     lines = gzip.decompress(tokenizer.model_bytes()).decode("utf-8").split("\n")
     merges = lines[1 : CLIP_MERGES + 1]  # line 0 is the file's header
-    symbols = [symbol for _, symbol in _byte_symbols()]
+    symbols = [symbol for _, symbol in byte_symbols()]
     pieces = [*symbols, *(symbol + "</w>" for symbol in symbols), *(merge.replace(" ", "") for merge in merges)]
     pieces += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {piece: index for index, piece in enumerate(pieces)}

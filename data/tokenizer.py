@@ -159,7 +159,7 @@ _ASCII_SPLIT = re.compile(rf"{_CONTRACTIONS}|[a-z]+|[0-9]|[^\sa-z0-9]+")
 _CACHE_SIZE = 100_000  # pre-tokens; ImageNet's 80k zero-shot prompts have 1,275 distinct ones
 
 
-def _byte_symbols() -> list[tuple[int, str]]:
+def byte_symbols() -> list[tuple[int, str]]:
     """GPT-2's reversible map of the 256 byte values to printable characters, as (byte, symbol) in CLIP's id order.
 
     Printable bytes stand for themselves and come first; the other 68 (controls, space, ...) are shifted to
@@ -172,7 +172,7 @@ def _byte_symbols() -> list[tuple[int, str]]:
 
 # Byte-level BPE (CLIP, GPT-2, GPT-NeoX): UTF-8 bytes read as latin-1 -> symbols, and back (str.translate tables;
 # printable bytes map to themselves)
-_TO_SYMBOLS = {byte: symbol for byte, symbol in _byte_symbols() if chr(byte) != symbol}
+_TO_SYMBOLS = {byte: symbol for byte, symbol in byte_symbols() if chr(byte) != symbol}
 _FROM_SYMBOLS = {ord(symbol): byte for byte, symbol in _TO_SYMBOLS.items()}
 
 
@@ -279,7 +279,7 @@ class ClipTokenizer(_VocabularyFile):
         merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGES + 1]]
         if len(merges) != CLIP_MERGES or any(len(merge) != 2 for merge in merges):
             raise ValueError(f"{self.model_path} needs {CLIP_MERGES} merges of two symbols after its header line")
-        symbols = [symbol for _, symbol in _byte_symbols()]
+        symbols = [symbol for _, symbol in byte_symbols()]
         self._vocab = [*symbols, *(symbol + "</w>" for symbol in symbols), *("".join(merge) for merge in merges)]
         self._ids = {piece: i for i, piece in enumerate(self._vocab)}
         self._ranks = {merge: rank for rank, merge in enumerate(merges)}
@@ -350,7 +350,7 @@ def _byte_level_pattern() -> "re.Pattern | regex.Pattern":
                            rf"|[{space}]+(?![^{space}])|[{space}]+")
 
 
-_BYTE_SYMBOLS = frozenset(symbol for _, symbol in _byte_symbols())
+_BYTE_SYMBOLS = frozenset(symbol for _, symbol in byte_symbols())
 
 
 def _token_bytes(token: str) -> bytes:
