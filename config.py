@@ -112,7 +112,7 @@ class EvalConfig:
 
 @dataclass
 class FinetuneConfig:  # recipes/finetune.py
-    strategy: str = ""  # "": contrastive pre-training; linear | full | gradual | llrd | lit | lora (finetune.py, lora.py)
+    strategy: str = ""  # "": contrastive pre-training; linear | full | gradual | llrd | lit | lora (recipes/finetune.py)
     init: str = ""  # a train.py checkpoint to start from (its model and tokenizer settings are adopted)
     pretrained: str = ""  # or released weights for model.name (OpenAI .pt, open_clip); data.tokenizer_path: the BPE
     unfreeze_every: int = 100  # gradual: steps between unfreezing the next layer group, from the top

@@ -16,8 +16,9 @@ One step = forward + loss + backward + train.py's fused AdamW step over what tra
 lora: rank 8, alpha 16, the default targets (every attention projection; the CLIP classifier's: the image
 tower's); lora-bf16: the same with the frozen base stored in bf16 (finetune.lora_base_dtype=bf16).
 
-Each configuration runs in its own fresh process (built, `--warmup` steps, then `--steps` timed steps; the median
-step is shown). Peak memory: on CUDA, torch.cuda.max_memory_allocated; on the CPU, the process's peak resident
+Each configuration runs in its own process, built and warmed up; a model's configurations are then timed in
+`--rounds` rounds of `--steps` steps, taking turns so that all see the same load (the median round is shown; a
+model's processes are alive together: BLIP-base's three need ~13 GiB on the CPU). Peak memory: on CUDA, torch.cuda.max_memory_allocated; on the CPU, the process's peak resident
 set (VmHWM) minus its resident set after `import torch` (weights, gradients, optimizer state, activations and
 the allocator's slack), as bench_train.py measures it. Weights are random: the figures are costs, not accuracy.
 """
@@ -108,7 +109,7 @@ def build_lm(strategy: str, device):
 BUILDERS = {"vit": build_vit, "blip": build_blip, "lm": build_lm}
 
 
-def worker(model_key: str, strategy: str, precision: str, device: str, warmup: int, steps: int, conn) -> None:
+def worker(model_key: str, strategy: str, precision: str, device: str, warmup: int, conn) -> None:
     import torch
 
     from crossmodal import train
@@ -132,32 +133,46 @@ def worker(model_key: str, strategy: str, precision: str, device: str, warmup: i
 
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
+    trainable, total = count_trainable(model)
+    conn.send({"trainable": trainable, "total": total})
+    while (steps := conn.recv()) is not None:
         if device_type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        for _ in range(steps):
+            step()
         if device_type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        conn.send(time.perf_counter() - start)
     if device_type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = (read_status_kib("VmHWM") - rss_after_import) / 1024
-    trainable, total = count_trainable(model)
-    conn.send({"trainable": trainable, "total": total, "peak_mib": peak, "step_s": statistics.median(times)})
+    conn.send(peak)
 
 
-def measure(model_key: str, strategy: str, args) -> dict:
+def measure(model_key: str, args) -> dict:
+    """Every strategy of one model in its own process, built and warmed up, then `--rounds` rounds of `--steps`
+    steps each, the strategies taking turns (so that all see the same machine load)."""
     context = mp.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=worker, args=(model_key, strategy, args.precision, args.device, args.warmup,
-                                                   args.steps, child))
-    process.start()
-    result = parent.recv()
-    process.join()
-    return result
+    workers = {}
+    for strategy in STRATEGIES[model_key]:
+        parent, child = context.Pipe()
+        process = context.Process(target=worker, args=(model_key, strategy, args.precision, args.device, args.warmup,
+                                                       child))
+        process.start()
+        workers[strategy] = (process, parent, parent.recv())
+    times = {strategy: [] for strategy in workers}
+    for _ in range(args.rounds):
+        for strategy, (_, conn, _) in workers.items():
+            conn.send(args.steps)
+            times[strategy].append(conn.recv() / args.steps)
+    results = {}
+    for strategy, (process, conn, counts) in workers.items():
+        conn.send(None)
+        results[strategy] = {**counts, "peak_mib": conn.recv(), "step_s": statistics.median(times[strategy])}
+        process.join()
+    return results
 
 
 def main() -> None:
@@ -165,21 +180,21 @@ def main() -> None:
     parser.add_argument("--models", default="vit,blip,lm", help="comma-separated: vit, blip, lm")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: the step under autocast")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is shown)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, the strategies taking turns (median shown)")
+    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
 
     import torch
 
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, precision "
-          f"{args.precision}, median of {args.steps} steps after {args.warmup} warm-up, each configuration in a fresh "
-          f"process", flush=True)
+          f"{args.precision}, median of {args.rounds} alternating rounds of {args.steps} steps after {args.warmup} "
+          f"warm-up, each configuration in its own process", flush=True)
     rows = []
     for model_key in args.models.split(","):
-        full = None
-        for strategy in STRATEGIES[model_key]:
-            result = measure(model_key, strategy, args)
-            full = full or result
+        results = measure(model_key, args)
+        full = results["full"]
+        for strategy, result in results.items():
             rows.append(f"| {NAMES[model_key]} | {strategy} | {result['trainable'] / 1e6:.2f}M | "
                         f"{100 * result['trainable'] / result['total']:.2f}% | {result['peak_mib']:.0f} | "
                         f"{result['peak_mib'] / full['peak_mib']:.2f}x | {1000 * result['step_s']:.0f} | "

@@ -65,8 +65,8 @@ from crossmodal.data.templates import load_templates
 from crossmodal.evaluation import contrastive
 from crossmodal.models import MODELS
 from crossmodal.models.clip import CLIP
-from crossmodal.models.lora import (ADAPTER_KEYS, DEFAULT_TARGETS, add_lora, lora_state_dict, merge_lora,
-                                    merge_state_dict, parse_targets)
+from crossmodal.models.lora import (ADAPTER_KEYS, DEFAULT_TARGETS, add_lora, count_trainable, lora_state_dict,
+                                    merge_lora, merge_state_dict, parse_targets)
 from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES
 from crossmodal.models.vit import VisionTransformer
 from crossmodal.recipes import registry
@@ -386,6 +386,14 @@ def adapt(model: nn.Module, cfg) -> nn.Module:
         raise BadInput(f"finetune.lora_targets='{ft.lora_targets}': {error}") from None
 
 
+def report_trainable(model: nn.Module) -> None:
+    """One line on rank 0: how much of the model a lora run trains."""
+    trainable, total = count_trainable(model)
+    if distributed.is_main():
+        print(f"lora: {trainable:,} trainable parameters, {100 * trainable / total:.2f}% of the model's {total:,}",
+              flush=True)
+
+
 def lora_weights(checkpoint: dict) -> dict:
     """A checkpoint whose model holds adapters (`*.lora_a`, `*.lora_b`), with them merged into plain weights (its
     config's lora_alpha / lora_rank; fp32, the dtype of train.py's models, for a bf16 base); others as they are."""
@@ -477,7 +485,10 @@ class FinetuneRecipe(ClipRecipe):
         pass  # trainable_layers freezes
 
     def trainable_layers(self, model: nn.Module) -> list:
-        return trainable_layers(model, self.cfg)
+        layers = trainable_layers(model, self.cfg)
+        if self.cfg.finetune.strategy == "lora":
+            report_trainable(model)
+        return layers
 
     def before_step(self, model: nn.Module, step: int) -> dict[str, float]:
         train_mode(model, self.cfg, step)  # what trains at this step; frozen modules in eval mode

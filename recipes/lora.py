@@ -28,7 +28,8 @@ from crossmodal.config import BadInput
 from crossmodal.models.lora import ADAPTER_KEYS, LoRALinear, matches, merge_lora
 from crossmodal.recipes import registry
 from crossmodal.recipes.base import Recipe
-from crossmodal.recipes.finetune import adapt, finish_lora, lora_problem, lora_weights, resume_merged
+from crossmodal.recipes.finetune import (adapt, finish_lora, lora_problem, lora_weights, report_trainable,
+                                         resume_merged)
 
 
 def is_family_lora(cfg) -> bool:
@@ -123,6 +124,7 @@ class LoraRecipe(Recipe):
                                f"trains; e.g. {', '.join(examples) or 'none'}")
             for _, param in chosen:
                 param.requires_grad_(True)
+        report_trainable(model)
 
     def trainable_layers(self, model: nn.Module) -> list | None:
         return None  # the optimizer takes what requires grad: the adapters and the heads
@@ -190,5 +192,6 @@ def copy_momentum_adapters(model: nn.Module) -> None:
 def frozen_norms_to_eval(model: nn.Module) -> None:
     """BatchNorm layers whose parameters are all frozen in eval mode: their running statistics stay as loaded."""
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+        frozen = not any(param.requires_grad for param in module.parameters())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
             module.eval()

@@ -250,8 +250,8 @@ def test_lora_run_changes_only_adapters_and_writes_merged_weights(tokenizer_path
     assert json.loads(out.read_text())["num_images"] == 16
 
 
-def test_lora_resume_is_exact_and_a_merged_run_resumes_with_new_adapters(tokenizer_path, start_run, tmp_path,  # noqa: F811
-                                                                        monkeypatch):
+def test_lora_resume_is_exact_and_a_merged_run_resumes_with_new_adapters(  # noqa: F811
+        tokenizer_path, start_run, tmp_path, monkeypatch):
     # without lora_dropout: a resumed run's DataLoader draws its base seed from the global RNG after train.py restored
     # the checkpoint's RNG state, so dropout (or drop path) in the model draws other masks after a resume
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
@@ -298,7 +298,8 @@ def test_lora_resume_is_exact_and_a_merged_run_resumes_with_new_adapters(tokeniz
             assert torch.equal(after["model"][name], value), name
 
 
-def test_classifier_lora_trains_adapters_and_head_with_wise_ft(tokenizer_path, tmp_path_factory, tmp_path):  # noqa: F811
+def test_classifier_lora_trains_adapters_and_head_with_wise_ft(  # noqa: F811
+        tokenizer_path, tmp_path_factory, tmp_path):
     init = make_init_checkpoint("RN-tiny", tokenizer_path, tmp_path_factory)
     results = train.main(["--out_dir", str(tmp_path), "--finetune.strategy=lora", f"--finetune.init={init}",
                           "--data.workers=0", "--data.val=shapes:val:32", "--data.heldout=", "--train.batch_size=8",
