@@ -14,7 +14,8 @@ One step = forward + loss + backward + train.py's fused AdamW step over what tra
 - LM: models/lm.py's decoder at GPT-2 small's size (12 layers, width 768, 12 heads, vocabulary 32000; batch 4 x
   128 tokens), next-token loss, full against lora.
 lora: rank 8, alpha 16, the default targets (every attention projection; the CLIP classifier's: the image
-tower's); lora-bf16: the same with the frozen base stored in bf16 (finetune.lora_base_dtype=bf16).
+tower's); lora-bf16: the same with the frozen base stored in bf16 (finetune.lora_base_dtype=bf16). "of all" is
+the share of every parameter the model holds, frozen ones included (CLIP's text tower, BLIP's momentum copies).
 
 Each configuration runs in its own process, built and warmed up; a model's configurations are then timed in
 `--rounds` rounds of `--steps` steps, taking turns so that all see the same load (the median round is shown; a

@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
             linear.weight.copy_((self.weight.float() + self.delta()).to(self.original_dtype))
             if self.bias is not None:
                 linear.bias.copy_(self.bias.to(self.original_dtype))
-        return linear
+        return linear.requires_grad_(self.weight.requires_grad)  # frozen, as the base was
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
