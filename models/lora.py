@@ -107,24 +107,25 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=None,
         raise ValueError(f"LoRA targets {', '.join(patterns)} match no linear layer of this model; its linear layers "
                          f"include {examples}")
     model.requires_grad_(False)
-    for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, rank, alpha, dropout, base_dtype))
+    replace(model, {id(module): LoRALinear(module, rank, alpha, dropout, base_dtype) for _, module in chosen})
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRALinear into a plain nn.Linear (W + (alpha / rank) B A, the base's original dtype), in place;
     returns the model. A model with no adapters is returned as it is."""
-    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    for name, module in adapted:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        merged = module.merged()
-        merged.train(module.training)
-        setattr(parent, child, merged)
+    replace(model, {id(module): module.merged().train(module.training) for module in model.modules()
+                    if isinstance(module, LoRALinear)})
     return model
+
+
+def replace(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Every child module whose id is in `replacements` replaced by its replacement, under every parent that holds
+    it: a layer two stacks share (BLIP's decoder and encoder share their cross-attention) stays shared."""
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if id(child) in replacements:
+                setattr(parent, name, replacements[id(child)])
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

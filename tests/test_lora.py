@@ -170,6 +170,15 @@ def test_bf16_base_with_fp32_adapters_trains_and_merges_to_fp32():
     assert torch.equal(model.transformer.blocks[0].attn.qkv.weight.detach(), expected)
 
 
+def test_a_shared_layer_stays_shared_adapted_and_merged():
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Sequential(shared), "decoder": torch.nn.Sequential(shared)})
+    add_lora(model, targets=["*.0"])
+    assert isinstance(model["encoder"][0], LoRALinear) and model["encoder"][0] is model["decoder"][0]
+    merge_lora(model)
+    assert type(model["encoder"][0]) is torch.nn.Linear and model["encoder"][0] is model["decoder"][0]
+
+
 def test_targets_that_match_nothing_name_the_real_layers():
     with pytest.raises(ValueError, match=r"match no linear layer.*transformer\.blocks\.0\.attn\.qkv"):
         add_lora(create_lm("lm-tiny", vocab_size=100, context_length=16), targets=["q_proj"])
@@ -328,6 +337,47 @@ def test_classifier_lora_trains_adapters_and_head_with_wise_ft(  # noqa: F811
 
     assert any(name.endswith("lora_a") for name in load(tmp_path / "best.pt")["model"])
     load_run(str(tmp_path / "best.pt"))
+
+
+FAMILY_RUNS = {  # model.name: (its run's settings, LoRA's extra settings, what else the run may change)
+    "lm-tiny": (["--data.train=shapes_icl:train", "--data.val=shapes_icl:val:8"], [], ()),
+    "Flamingo-tiny": (["--data.train=shapes_icl:train", "--data.val=shapes_icl:val:8"],
+                      ["--finetune.lora_targets=lang_model.*", "--finetune.lora_heads=perceiver"], ("perceiver.",)),
+    # BLIP: its momentum copies restart from the loaded online weights and follow them by EMA, the queue fills
+    "BLIP-tiny": (["--blip.queue_size=16"], ["--finetune.lora_heads=itm_head"], ("itm_head.", "queue.", "_m.")),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_RUNS)
+def test_any_family_trains_adapters_on_its_run_and_merges(name, tmp_path):
+    """The LM, Flamingo (adapters on its language model, which the family itself keeps frozen) and BLIP: a LoRA run
+    from a 1-step run changes the adapted layers (by exactly the merged update), the heads asked for and what the
+    family itself moves, nothing else; its checkpoint loads as a plain run."""
+    run, extra, moving = FAMILY_RUNS[name]
+    common = ["--config", CONFIG, f"--model.name={name}", "--data.heldout=", "--data.workers=0",
+              "--train.batch_size=4", "--train.warmup_steps=1", "--data.tokenizer_captions=500",
+              "--data.vocab_size=256", "--data.val=shapes:val:8", *run]
+    train.main([*common, f"--out_dir={tmp_path / 'start'}", "--train.steps=1"])
+    train.main([*common, f"--out_dir={tmp_path / 'lora'}", "--train.steps=2", "--train.lr=1e-2",
+                "--finetune.strategy=lora", f"--model.pretrained={tmp_path / 'start' / 'checkpoint.pt'}", *extra])
+    base, final = load(tmp_path / "start" / "checkpoint.pt")["model"], load(tmp_path / "lora" / "checkpoint.pt")
+    adapters = load(tmp_path / "lora" / "lora.pt")["adapters"]
+    assert final["model"].keys() == base.keys() and adapters
+    for key, value in base.items():
+        layer = key.rsplit(".", 1)[0]
+        if any(part in key for part in moving):
+            continue
+        if f"{layer}.lora_a" in adapters and key.endswith(".weight"):
+            delta = 16.0 / 8 * adapters[f"{layer}.lora_b"] @ adapters[f"{layer}.lora_a"]
+            assert delta.abs().max() > 0
+            torch.testing.assert_close(final["model"][key], value + delta, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(final["model"][key], value), key
+    if moving:  # the heads asked for trained
+        assert any(not torch.equal(final["model"][k], v) for k, v in base.items() if k.startswith(moving[0]))
+    from crossmodal.recipes import load_run
+
+    load_run(str(tmp_path / "lora" / "checkpoint.pt"))
 
 
 @pytest.mark.parametrize("extra, message", [
