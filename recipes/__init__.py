@@ -10,14 +10,14 @@ from crossmodal.recipes.clip import ClipRecipe, PredictiveRecipe, is_predictive
 from crossmodal.recipes.finetune import FinetuneRecipe
 from crossmodal.recipes.lm import FlamingoRecipe, LanguageModelRecipe
 from crossmodal.recipes.lora import LoraRecipe, is_family_lora
-from crossmodal.recipes.registry import (FAMILIES, PRESETS, check_config, load_released, load_run, model_from_config,
-                                         recipe_for, register, resolve)
+from crossmodal.recipes.registry import (FAMILIES, PRESETS, VARIANTS, check_config, load_released, load_run,
+                                         model_from_config, recipe_for, register, resolve)
 
 register(ClipRecipe, MODELS)  # CLIP, SigLIP (loss.name), LiT (finetune.strategy=lit)
 register(BlipRecipe, BLIP_MODELS)
 register(LanguageModelRecipe, LM_MODELS)
 register(FlamingoRecipe, FLAMINGO_MODELS)
-register(LoraRecipe, (), when=is_family_lora)  # LoRA on any family's run (before FinetuneRecipe: strategy=lora)
+VARIANTS.append((is_family_lora, LoraRecipe))  # LoRA on any family's run (a wrapper, no family); before FinetuneRecipe
 register(FinetuneRecipe, (), when=lambda cfg: bool(cfg.finetune.strategy))  # classifier fine-tuning, LiT
 register(PredictiveRecipe, (), when=is_predictive)  # loss.name caption | bow on a CLIP preset
 
