@@ -15,7 +15,8 @@ where the family itself trains them (a fixed temperature stays fixed).
 What the family keeps untrained stays so: an adapter on a layer the family built frozen does not train (BLIP's
 momentum encoders, copies that follow the online ones by EMA, get copies of the online adapters and follow them;
 a locked tower's adapters stay at zero), and a BatchNorm whose parameters are all frozen keeps its running
-statistics (eval mode), so every weight but the adapters' ends the run as it started.
+statistics (eval mode): the adapters and the heads asked for are all that moves, besides the state the family
+itself updates without gradients (BLIP's momentum copies and queue).
 
 Checkpoints, the merged checkpoint.pt at the end, lora.pt and `--resume` of either: recipes/finetune.py's module
 docstring (the classification strategy `finetune.strategy=lora` with finetune.init or finetune.pretrained is that
