@@ -21,8 +21,17 @@ Deliberate differences from the reference implementations:
 - `proj_bias=False` drops the biases of the output projections and the MLP (timm's name; MPT and Flamingo have
   none). `qk_norm=True` is MosaicML's QK LayerNorm (MPT-1B): queries and keys are normalised over all heads
   together, not per head as timm's `qk_norm` does.
+- LLaMA's options (`models/llama.py`): `num_kv_heads` < `num_heads` is grouped-query attention (Ainslie et al.,
+  2023): `qkv` projects to heads + 2 x kv_heads head widths, the cache keeps the kv heads only, and each is repeated
+  for its group of query heads before `F.scaled_dot_product_attention` (a copy, as HF's `repeat_kv`: SDPA's
+  `enable_gqa` sends masked attention to the math kernel on GPU). `rope=(cos, sin)` rotates queries and keys by
+  their positions (RoFormer, Su et al. 2021; HF's `rotate_half` layout, the two halves of a head paired) before the
+  cache stores them; `RotaryEmbedding` gives cos/sin. `Mlp(gated=True)` is SwiGLU (Shazeer, 2020) with gate and up
+  projections fused in `fc1`, gate first (timm's `SwiGLUPacked`), `mlp_layer` chooses it in `Block`. RMSNorm is
+  torch's `nn.RMSNorm` passed as `norm_layer`.
 """
-from typing import Callable, Optional
+import math
+from typing import Any, Callable, Optional
 
 from dataclasses import dataclass
 
@@ -55,7 +64,7 @@ class LayerCache:
     preallocated along time (filled up to `length`, grown by doubling), and the cross-attention keys/values of the
     (fixed) context, once per sample."""
 
-    key: Optional[torch.Tensor] = None  # (B, heads, capacity, head_dim)
+    key: Optional[torch.Tensor] = None  # (B, heads or kv_heads, capacity, head_dim)
     value: Optional[torch.Tensor] = None
     length: int = 0
     context_key: Optional[torch.Tensor] = None  # (B_context, heads, S, head_dim)
@@ -107,12 +116,73 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.
     return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(num_keys - num_queries)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., d): the halves (x1, x2) become (-x2, x1), HF's pairing of dimension i with i + d/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by its positions' angles; cos, sin broadcastable to it."""
+    return x * cos + rotate_half(x) * sin
+
+
+ROPE_SCALINGS = ("linear", "llama3")  # what `RotaryEmbedding(scaling=...)` implements; HF names them rope_type
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of rotary position embeddings (RoFormer, Su et al. 2021) for given positions.
+
+    Frequency i of a head is theta^(-2i / head_dim). `scaling` (HF's rope_scaling) stretches long contexts:
+    {"rope_type": "linear", "factor": f} divides every frequency by f (Chen et al. 2023, position interpolation);
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    is LLaMA 3.1's: wavelengths above original / low_freq_factor are divided by factor, those below
+    original / high_freq_factor kept, and the band between interpolated smoothly. The table is computed in fp32 at
+    each call (head_dim / 2 numbers): no buffer, so a model built on the meta device needs nothing filled in."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: Optional[dict[str, Any]] = None):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings pair dimensions: head_dim {head_dim} is odd")
+        kind = (scaling or {}).get("rope_type", "default")
+        if kind not in ("default",) + ROPE_SCALINGS:
+            raise ValueError(f"rope_type {kind!r} is not implemented; choose one of {list(ROPE_SCALINGS)} or none")
+        self.head_dim, self.theta, self.scaling = head_dim, theta, dict(scaling or {})
+
+    def inverse_frequencies(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """(head_dim / 2,) angle per position of each dimension pair, in fp32."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        kind = self.scaling.get("rope_type", "default")
+        if kind == "linear":
+            inv_freq = inv_freq / self.scaling["factor"]
+        elif kind == "llama3":
+            factor, low, high = (self.scaling[key] for key in ("factor", "low_freq_factor", "high_freq_factor"))
+            original = self.scaling["original_max_position_embeddings"]
+            wavelength = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+            smooth = (original / wavelength - low) / (high - low)  # 0 at the long end of the band, 1 at the short
+            between = (wavelength >= original / high) & (wavelength <= original / low)
+            inv_freq = torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+        return inv_freq
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B or 1, T) -> cos, sin (B or 1, 1, T, head_dim) in fp32, broadcastable over heads."""
+        angles = positions[..., None].float() * self.inverse_frequencies(positions.device)  # (B, T, head_dim / 2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        return angles.cos(), angles.sin()
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}, scaling={self.scaling or None}"
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     attn_mask: bool (True = may attend) or additive float, broadcastable to (B, heads, T, T). With `is_causal`
     it must be bool, and is combined with the causal mask. With a `cache`, keys and values of earlier tokens are
-    prepended and the new ones stored.
+    prepended and the new ones stored. `num_kv_heads` < `num_heads`: grouped-query attention (`qkv` holds the
+    query heads, then the key heads, then the value heads); rope: (cos, sin) of `RotaryEmbedding` for these tokens.
     """
 
     def __init__(
@@ -126,14 +196,20 @@ class Attention(nn.Module):
         proj_bias: bool = True,
         qk_norm: bool = False,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        num_kv_heads: Optional[int] = None,
     ):
         super().__init__()
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         head_dim = head_dim or dim // num_heads
         inner_dim = num_heads * head_dim
-        self.qkv = nn.Linear(dim, 3 * inner_dim, bias=qkv_bias)
+        kv_dim = self.num_kv_heads * head_dim
+        self.split_sizes = (inner_dim, kv_dim, kv_dim)
+        self.qkv = nn.Linear(dim, inner_dim + 2 * kv_dim, bias=qkv_bias)
         self.q_norm = norm_layer(inner_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(inner_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(kv_dim) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
         self.proj = nn.Linear(inner_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -144,12 +220,19 @@ class Attention(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
         cache: Optional[LayerCache] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, T, inner_dim)
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)  # (B, T, inner_dim), k and v (B, T, kv_dim)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in (q, k, v))  # (B, heads, T, head_dim)
+        q = rearrange(q, "b t (h d) -> b h t d", h=self.num_heads)  # (B, heads, T, head_dim)
+        k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.num_kv_heads) for t in (k, v))  # (B, kv_heads, T, head_dim)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.append(k, v)  # each (B, heads, T_past + T, head_dim)
+            k, v = cache.append(k, v)  # each (B, kv_heads, T_past + T, head_dim)
+        if self.num_kv_heads != self.num_heads:  # each key/value head serves a group of query heads
+            group = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, heads, S, head_dim)
         if is_causal and q.shape[2] == 1 and attn_mask is None:
             is_causal = False  # the newest token may attend to every key: no mask to build
         if is_causal and (attn_mask is not None or k.shape[2] != q.shape[2]):
@@ -222,6 +305,10 @@ class CrossAttention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1, activation, fc2. gated=True: a GLU (SwiGLU with nn.SiLU): `fc1` projects to a gate and a value of
+    `hidden_features` each (gate first) and `act(gate) * value` goes to `fc2`, as LLaMA's
+    `down(silu(gate(x)) * up(x))`. One fused matmul, as `qkv`, and one name for the key maps and LoRA targets."""
+
     def __init__(
         self,
         in_features: int,
@@ -229,16 +316,21 @@ class Mlp(nn.Module):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         drop: float = 0.0,
         bias: bool = True,
+        gated: bool = False,
     ):
         super().__init__()
         hidden_features = hidden_features or 4 * in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.gated = gated
+        self.fc1 = nn.Linear(in_features, 2 * hidden_features if gated else hidden_features, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, value = self.fc1(x).chunk(2, dim=-1)  # each (B, T, hidden)
+            return self.drop2(self.fc2(self.drop1(self.act(gate) * value)))
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
@@ -349,6 +441,8 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         proj_bias: bool = True,
         qk_norm: bool = False,
+        num_kv_heads: Optional[int] = None,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
     ):
         super().__init__()
         self.post_norm = post_norm
@@ -362,7 +456,7 @@ class Block(nn.Module):
         self.norm1 = norm_layer(dim)
         self.attn = Attention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, proj_bias=proj_bias,
-            qk_norm=qk_norm, norm_layer=norm_layer,
+            qk_norm=qk_norm, norm_layer=norm_layer, num_kv_heads=num_kv_heads,
         )  # fmt: skip
         self.ls1 = layer_scale()
         self.drop_path1 = drop_path_layer()
@@ -380,7 +474,7 @@ class Block(nn.Module):
         self.drop_path_cross = drop_path_layer() if cross_attention else nn.Identity()
 
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, bias=proj_bias)
+        self.mlp = mlp_layer(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, bias=proj_bias)
         self.ls2 = layer_scale()
         self.drop_path2 = drop_path_layer()
 
@@ -397,9 +491,10 @@ class Block(nn.Module):
         context: Optional[torch.Tensor] = None,
         context_mask: Optional[torch.Tensor] = None,
         cache: Optional[LayerCache] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         x = self.residual(
-            x, self.norm1, lambda h: self.drop_path1(self.ls1(self.attn(h, attn_mask, is_causal, cache)))
+            x, self.norm1, lambda h: self.drop_path1(self.ls1(self.attn(h, attn_mask, is_causal, cache, rope)))
         )
         if context is not None:  # BLIP runs one text stack with (multimodal) and without (unimodal) the image
             x = self.residual(
@@ -432,6 +527,8 @@ class Transformer(nn.Module):
         attn_drop: float = 0.0,
         proj_bias: bool = True,
         qk_norm: bool = False,
+        num_kv_heads: Optional[int] = None,
+        mlp_layer: Callable[..., nn.Module] = Mlp,
     ):
         super().__init__()
         self.width = width
@@ -455,6 +552,8 @@ class Transformer(nn.Module):
                 attn_drop=attn_drop,
                 proj_bias=proj_bias,
                 qk_norm=qk_norm,
+                num_kv_heads=num_kv_heads,
+                mlp_layer=mlp_layer,
             )
             for rate in drop_path_rates
         )
@@ -467,14 +566,18 @@ class Transformer(nn.Module):
         context: Optional[torch.Tensor] = None,
         context_mask: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Recompute each block's activations in backward instead of storing them.
-                x = checkpoint(block, x, attn_mask, is_causal, context, context_mask, layer_cache, use_reentrant=False)
+                x = checkpoint(
+                    block, x, attn_mask, is_causal, context, context_mask, layer_cache, rope, use_reentrant=False
+                )
             else:
                 x = block(
-                    x, attn_mask=attn_mask, is_causal=is_causal, context=context, context_mask=context_mask, cache=layer_cache
-                )
+                    x, attn_mask=attn_mask, is_causal=is_causal, context=context, context_mask=context_mask,
+                    cache=layer_cache, rope=rope,
+                )  # fmt: skip
         return x
