@@ -377,9 +377,15 @@ class Collate:
 
 def _loader(dataset: Dataset, collate, workers: int, **kwargs) -> DataLoader:
     """A tracked DataLoader (its workers ignore SIGTERM, are shut down with the run and killed with their parent)
-    collating with `collate`."""
+    collating with `collate`.
+
+    Its own generator: each iterator draws a base seed for its workers, from the global RNG when the loader has none.
+    A resumed run restores the global RNG of its checkpoint and then starts a new iterator; that draw would shift
+    every later dropout and drop-path mask away from the uninterrupted run's. Augmentation does not use the base
+    seed (it is keyed by seed, epoch and index), so the samples do not depend on it."""
     return _TrackedLoader(dataset, num_workers=workers, collate_fn=collate, worker_init_fn=_init_worker,
-                          prefetch_factor=4 if workers else None, **kwargs)
+                          prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
+                          **kwargs)
 
 
 class InterleavedItems(Dataset):

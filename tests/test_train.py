@@ -53,9 +53,11 @@ def test_twenty_steps_lower_the_loss(tmp_path, tokenizer_path, capsys):
     assert os.path.exists(tmp_path / "config.yaml") and os.path.exists(tmp_path / "tb")
 
 
-def test_resume_after_sigterm_is_exact(tmp_path, tokenizer_path, monkeypatch):
+# drop path: random masks from the global RNG, which the checkpoint restores; the data loader must not draw from it
+@pytest.mark.parametrize("model", [[], ["--model.name=ViT-tiny", "--model.drop_path=0.2"]], ids=["rn", "vit-drop-path"])
+def test_resume_after_sigterm_is_exact(tmp_path, tokenizer_path, monkeypatch, model):
     straight = tmp_path / "straight"
-    train.main(small_run(straight, tokenizer_path, "--train.steps=6"))
+    train.main(small_run(straight, tokenizer_path, "--train.steps=6", *model))
 
     interrupted = tmp_path / "interrupted"
     real_step, calls = ClipRecipe.train_step, []
@@ -69,11 +71,11 @@ def test_resume_after_sigterm_is_exact(tmp_path, tokenizer_path, monkeypatch):
 
     monkeypatch.setattr(ClipRecipe, "train_step", step_then_sigterm)
     with pytest.raises(SystemExit) as stop:
-        train.main(small_run(interrupted, tokenizer_path, "--train.steps=6"))
+        train.main(small_run(interrupted, tokenizer_path, "--train.steps=6", *model))
     assert stop.value.code == 0
     assert torch.load(os.path.join(interrupted, "checkpoint.pt"), weights_only=True)["step"] == 3
     monkeypatch.setattr(ClipRecipe, "train_step", real_step)
-    train.main(small_run(interrupted, tokenizer_path, "--train.steps=6", "--resume"))
+    train.main(small_run(interrupted, tokenizer_path, "--train.steps=6", *model, "--resume"))
 
     for name, weight in final_weights(straight).items():
         assert torch.equal(weight, final_weights(interrupted)[name]), name
