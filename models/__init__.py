@@ -45,6 +45,8 @@ from crossmodal.models.clip import CLIP
 from crossmodal.models.flamingo import FLAMINGO_MODELS, Flamingo
 from crossmodal.models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt, mpt_config_to_kwargs
 from crossmodal.models.lm import preset_differences as lm_preset_differences
+from crossmodal.models.llama import LLAMA_MODELS, LlamaLM, build_llama, llama_config_to_kwargs, load_llama
+from crossmodal.models.llama import preset_differences as llama_preset_differences
 from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor  # noqa: F401 (re-exported)
 from crossmodal.models.layers import get_act_layer
 from crossmodal.models.resnet import ModifiedResNet
@@ -372,8 +374,31 @@ def load_pretrained_blip(model: BLIP, name: str, state_dict: dict, path: convert
 # ---------------------------------------------------------------- decoder LMs and Flamingo
 
 
-def create_lm(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> DecoderLM:
-    """A `models.lm.LM_MODELS` preset; pretrained: a local HuggingFace MPT folder (`load_mpt`)."""
+def create_lm(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> Union[DecoderLM, LlamaLM]:
+    """A `models.lm.LM_MODELS` preset (MPT; pretrained: a local HuggingFace MPT folder, `load_mpt`) or a LLaMA:
+    "llama" with pretrained=FOLDER builds whatever the folder's config.json describes (`models.llama.load_llama`);
+    a `models.llama.LLAMA_MODELS` preset is built at random with `overrides`, or from a folder whose config.json
+    must describe that preset."""
+    if name == "llama" or name in LLAMA_MODELS:
+        if pretrained is None:
+            if name == "llama":
+                raise ValueError("create_lm('llama') takes its architecture from a folder: pass pretrained=FOLDER "
+                                 f"(a HuggingFace LLaMA folder), or name a preset: {sorted(LLAMA_MODELS)}")
+            return build_llama(name, **overrides)
+        if overrides:
+            raise ValueError(f"create_lm({name!r}, pretrained=...): the folder's config.json gives the architecture; "
+                             f"no overrides ({', '.join(overrides)})")
+        if name in LLAMA_MODELS:
+            pretrained = os.fspath(pretrained)
+            config = convert.read_hf_config(pretrained)
+            if config is None:
+                raise FileNotFoundError(f"{shown(pretrained)}: no LLaMA folder with a config.json there")
+            where = shown(os.path.join(pretrained, "config.json"))
+            differences = llama_preset_differences(name, llama_config_to_kwargs(config, where))
+            if differences:
+                raise BadInput(f"{where} describes another model than the preset {name} ({'; '.join(differences)}): "
+                               f"load it as create_lm('llama', pretrained=...)")
+        return load_llama(pretrained)
     return load_mpt(pretrained) if pretrained is not None else build_lm(name, **overrides)
 
 

@@ -650,6 +650,78 @@ def open_flamingo_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return converted
 
 
+# ---------------------------------------------------------------- LLaMA
+#
+# transformers' `LlamaForCausalLM` (models/llama.py): `model.embed_tokens`, `model.layers.N.{input_layernorm,
+# self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj}`, `model.norm`, `lm_head`. Ours
+# fuse q, k, v (in that order, kv heads after the query heads) into `attn.qkv` and gate, up into `mlp.fc1` (gate
+# first, `layers.Mlp(gated=True)`). A `LlamaModel`'s keys (no `model.` prefix, no lm_head: the language model
+# inside transformers 5's LLaVA) map the same way. Folders saved by transformers 4.3x keep each layer's rotary
+# `inv_freq` buffer: computed, not learned, and dropped here.
+
+# (HF, ours) key pieces, applied in order to every key (after the `model.` prefix is removed).
+LLAMA_PARTS = (
+    ("embed_tokens.", "token_embedding."),
+    ("layers.", "transformer.blocks."),  # no other piece holds "layers."
+    (".input_layernorm.", ".norm1."),
+    (".post_attention_layernorm.", ".norm2."),
+    (".self_attn.o_proj.", ".attn.proj."),
+    (".mlp.down_proj.", ".mlp.fc2."),
+)
+LLAMA_FUSED = (  # (ours, HF's parts in order)
+    (".attn.qkv.", (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.")),
+    (".mlp.fc1.", (".mlp.gate_proj.", ".mlp.up_proj.")),
+)
+LLAMA_BUFFERS = ".rotary_emb.inv_freq"
+
+
+def llama_to_ours(state_dict: Mapping[str, torch.Tensor], tied: bool = False) -> StateDict:
+    """HF `LlamaForCausalLM` (or `LlamaModel`) keys -> `models.llama.LlamaLM` keys; unknown keys pass through (and
+    fail the fit check). tied: the output matrix is the token embedding, so a stored `lm_head.weight` is dropped."""
+    renamed: StateDict = {}
+    for key, value in state_dict.items():
+        if key.endswith(LLAMA_BUFFERS) or (tied and key == "lm_head.weight"):
+            continue
+        key = key.removeprefix("model.")
+        for theirs, ours in LLAMA_PARTS:
+            key = key.replace(theirs, ours)
+        renamed[key] = value
+    for ours, parts in LLAMA_FUSED:
+        for key in [key for key in renamed if parts[0] in key]:
+            names = [key.replace(parts[0], part) for part in parts]
+            if all(name in renamed for name in names):  # else the parts pass through and fail the fit check
+                renamed[key.replace(parts[0], ours)] = torch.cat([renamed.pop(name) for name in names])
+    return renamed
+
+
+def read_llama_weights(path: PathLike) -> StateDict:
+    """`read_hf_weights` of a LLaMA folder, after checking that a sharded folder's index names shards that exist
+    and that they hold the tensors it lists (a missing or truncated download fails naming the file)."""
+    path = os.fspath(path)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        index = os.path.join(path, f"{name}.index.json")
+        if not os.path.exists(index):
+            continue
+        try:
+            with open(index, "rb") as file:
+                weight_map = json.load(file)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise BadInput(f"{shown(index)}: not a readable weights index ({error})") from None
+        missing = sorted({shard for shard in weight_map.values() if not os.path.isfile(os.path.join(path, shard))})
+        if missing:
+            raise FileNotFoundError(f"{shown(path)}: shard(s) {', '.join(missing)} listed in {os.path.basename(index)} "
+                                    f"are not in the folder")
+        state_dict = read_hf_weights(path)
+        absent = [key for key in weight_map if key not in state_dict]
+        if absent:
+            raise BadInput(f"{shown(index)}: {len(absent)} tensor(s) it lists are in no shard, e.g. {absent[0]} "
+                           f"(in {weight_map[absent[0]]})")
+        return state_dict
+    return read_hf_weights(path)
+
+
 # ---------------------------------------------------------------- export: ours -> HuggingFace and safetensors
 #
 # What `export.py --to hf` writes (issue 29): `models.CLIP` (ViT image tower) as transformers' `CLIPModel`, and
