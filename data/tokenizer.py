@@ -10,6 +10,8 @@ configs; `tokenizer_from_bytes` rebuilds one from the vocabulary a checkpoint ca
 
 SentencePieceTokenizer: text is lowercased before encoding, and the model normalises with NFKC + case folding,
 so "A Red Circle" and "a red circle" give the same tokens.
+LlamaTokenizer: LLaMA's and Vicuna's released tokenizer.model as it is (no lowercasing; unk 0, bos 1, eos 2, padded
+with unk's id), the ids of transformers' LlamaTokenizer.
 
 ClipTokenizer gives the ids of open_clip's `SimpleTokenizer` (itself openai/CLIP `simple_tokenizer.py`), checked
 on a varied corpus in tests/test_tokenizer.py. Deliberate differences from open_clip:
@@ -150,6 +152,32 @@ class SentencePieceTokenizer(_VocabularyFile):
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self._processor.decode([i for i in ids if i not in (self.pad_id, self.bos_id)])
+
+
+class LlamaTokenizer(SentencePieceTokenizer):
+    """LLaMA's and Vicuna's `tokenizer.model` (sentencepiece BPE with byte fallback; unk 0, bos 1, eos 2, no pad),
+    as it is: the text is not lowercased (the model keeps case) and ids are the model's own, those of
+    transformers' LlamaTokenizer. Padding uses unk's id, as FastChat and LLaVA set `pad_token = unk_token` (padded
+    positions are masked, so the id only needs to be a real one). No BLIP or Flamingo tokens."""
+
+    DEFAULT_CONTEXT_LENGTH = 4096  # LLaMA 2's max_position_embeddings
+
+    def _load(self) -> None:
+        self._processor = spm.SentencePieceProcessor(model_proto=self._blob)
+        if min(self._processor.bos_id(), self._processor.eos_id(), self._processor.unk_id()) < 0:
+            raise ValueError(f"{self.model_path}: a LLaMA tokenizer.model has unk, bos and eos pieces; this one lacks one")
+        self.vocab_size = self._processor.get_piece_size()
+        self.bos_id, self.eos_id = self._processor.bos_id(), self._processor.eos_id()
+        self.unk_id = self.pad_id = self._processor.unk_id()
+        self.dec_id = self.enc_id = self.media_id = self.eoc_id = None
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """texts -> LongTensor (N, context_length): bos, pieces, eos, padding; long texts are cut, eos kept."""
+        return self._rows(texts, self.bos_id, lambda text, limit: self.encode(text)[:limit], self.eos_id)
+
+    def encode(self, text: str) -> list[int]:
+        """One text -> its piece ids, without bos, eos, padding or truncation."""
+        return self._processor.encode(text, out_type=int)
 
 
 CLIP_MERGES = 49152 - 256 - 2  # the merges of bpe_simple_vocab_16e6.txt.gz that CLIP uses (its line 0 is a header)

@@ -273,3 +273,43 @@ def test_folder_problems_are_refused_in_one_line(tmp_path):
         load_llama(folder)
     with pytest.raises(FileNotFoundError, match="no LLaMA folder"):
         load_llama(tmp_path / "nothing")
+
+
+TOKENIZER_TEXTS = ["The quick brown fox jumps over the lazy dog.", "A photo of 2 cats and 13 dogs on a red sofa!",
+                   "USER: What is in the image? ASSISTANT: A small brown dog."]
+
+
+def test_llama_tokenizer_ids_equal_sentencepiece_and_transformers(tmp_path):
+    """A sentencepiece model trained as LLaMA's was (BPE with byte fallback, digits split, unk 0, bos 1, eos 2, no
+    pad): our ids equal sentencepiece's and transformers' LlamaTokenizer's, case and unseen characters (bytes)
+    included; SentencePieceTokenizer, which lowercases and needs pad 0, refuses it."""
+    import sentencepiece as spm
+
+    from crossmodal.data.tokenizer import LlamaTokenizer, SentencePieceTokenizer
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TOKENIZER_TEXTS * 20), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+        vocab_size=340, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=1.0, num_threads=1,
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    path = folder / "tokenizer.model"
+    ours, processor = LlamaTokenizer(path), spm.SentencePieceProcessor(model_file=str(path))
+    reference = transformers.LlamaTokenizer.from_pretrained(folder)
+    assert (ours.unk_id, ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, 2, 0)
+    sentences = ["The Quick brown fox.", "USER: a photo of 42 dogs ASSISTANT:", "Zürich 😀  two  spaces"]
+    for sentence in sentences:
+        ids = ours.encode(sentence)
+        assert ids == processor.encode(sentence) == reference(sentence, add_special_tokens=False).input_ids
+        assert ours.decode(ids) == sentence
+    assert any(processor.id_to_piece(i).startswith("<0x") for i in ours.encode("😀"))  # byte fallback
+    assert ours.encode("The") != ours.encode("the")  # case kept
+    short, long = ours.encode("The fox."), ours.encode(sentences[1])
+    assert len(short) + 2 < 16 < len(long) + 2
+    rows = LlamaTokenizer(path, context_length=16)(["The fox.", sentences[1]])  # (2, 16)
+    assert rows[0].tolist() == [1, *short, 2] + [0] * (14 - len(short))
+    assert rows[1].tolist() == [1, *long[:14], 2]  # cut, eos kept
+    with pytest.raises(ValueError, match="pad_id=0"):
+        SentencePieceTokenizer(path)
