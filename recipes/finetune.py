@@ -4,7 +4,9 @@
     python train.py --config configs/clip/finetune_shapes.yaml --finetune.strategy=full --finetune.wise_alpha=0.5
 
 The start: `finetune.init`, a train.py checkpoint (a fine-tuning run's too: its CLIP part), whose model and
-tokenizer settings the run adopts; or `finetune.pretrained`, released weights for `model.name` (eval.py's loaders).
+tokenizer settings the run adopts; or `finetune.pretrained`, released weights for `model.name` (eval.py's loaders): a
+file, or a tag of crossmodal.hub.RELEASED (`openai`, `laion2b_s34b_b79k`, ...), downloaded with its BPE vocabulary;
+a QuickGELU tag makes model.name its `-quickgelu` preset.
 
 The model (`ZeroShotClassifier`): the CLIP model and a linear head on its normalised image features, initialised as
 the zero-shot classifier (WiSE-FT's `ClassificationHead`, Wortsman et al., CVPR 2022): weight = the model's
@@ -58,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmodal import checkpointing, distributed, files
+from crossmodal import checkpointing, distributed, files, hub
 from crossmodal.config import BadInput, config_from_dict
 from crossmodal.data import build_dataset, eval_loader
 from crossmodal.data.templates import load_templates
@@ -130,7 +132,13 @@ def resolve(cfg):
             setattr(getattr(cfg, section), name, getattr(getattr(start, section), name))
     elif cfg.finetune.pretrained:
         cfg.data.tokenizer = "clip"
-        cfg.data.tokenizer_path = find_bpe(cfg.data.tokenizer_path or None, cfg.finetune.pretrained)
+        entry = hub.released(cfg.model.name, cfg.finetune.pretrained)  # a tag (None: a path)
+        if entry is not None and entry.quick_gelu and f"{cfg.model.name}-quickgelu" in MODELS:
+            # the tag's weights were trained with QuickGELU: the saved config must name the preset they load into
+            cfg.model.name += "-quickgelu"
+        bpe = hub.resolve_companions(cfg.model.name, cfg.finetune.pretrained, ["bpe"]).get("bpe")
+        explicit = cfg.data.tokenizer_path or None
+        cfg.data.tokenizer_path = bpe if bpe and not explicit else find_bpe(explicit, cfg.finetune.pretrained)
     return cfg
 
 
@@ -144,8 +152,8 @@ def check_config(cfg, world_size: int = 1) -> str | None:
     if bool(ft.init) == bool(ft.pretrained):
         return ("fine-tuning starts from finetune.init (a train.py checkpoint) or finetune.pretrained (released "
                 "weights for model.name): give exactly one")
-    if ft.pretrained and not os.path.isfile(ft.pretrained):
-        return f"finetune.pretrained: no file at '{ft.pretrained}'"
+    if ft.pretrained and not os.path.isfile(ft.pretrained) and hub.released(cfg.model.name, ft.pretrained) is None:
+        return f"finetune.pretrained: no file at '{ft.pretrained}' (nor a released tag: crossmodal.hub.RELEASED)"
     if cfg.model.name not in MODELS:
         return f"fine-tuning is built for CLIP models; model.name is '{cfg.model.name}'"
     if cfg.loss.name in PREDICTIVE_OBJECTIVES or cfg.train.strategy == "fsdp":

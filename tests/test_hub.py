@@ -340,3 +340,54 @@ def test_table_agrees_with_open_clip_and_its_urls():
             assert reference["hf_hub"] == repo + "/" and not reference["url"] and not entry.sha256
     with open(clip_bpe(), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == hub.CLIP_BPE.sha256
+
+
+def test_finetune_from_a_tag(server, tmp_path, monkeypatch):
+    """train.py --finetune.pretrained=TAG: the weights and their BPE come through the cache, and the run saves the
+    preset and vocabulary it used, so eval.py reloads it without the tag."""
+    import dataclasses
+
+    from crossmodal import train
+    from crossmodal.models import MODELS
+    from crossmodal.recipes import load_run
+
+    # ViT-tiny with CLIP's vocabulary and context, as released weights of it would have
+    monkeypatch.setitem(MODELS, "ViT-tiny", dataclasses.replace(MODELS["ViT-tiny"], vocab_size=49408, context_length=77))
+    data, expected = tiny_checkpoint(tmp_path)
+    server.files["/w/vit_tiny-test.pt"] = data
+    with open(clip_bpe(), "rb") as f:
+        vocab = f.read()
+    server.files["/bpe/vocab.txt.gz"] = vocab
+    bpe = hub.Released(f"{HOST}/bpe/vocab.txt.gz", hashlib.sha256(vocab).hexdigest())
+    entry = hub.Released(f"{HOST}/w/vit_tiny-test.pt", hashlib.sha256(data).hexdigest(), companions={"bpe": bpe})
+    monkeypatch.setitem(hub.RELEASED, ("ViT-tiny", "test"), entry)
+    run = tmp_path / "run"
+    common = ["--config", os.path.join(ROOT, "configs/clip/finetune_shapes.yaml"), "--model.name=ViT-tiny",
+              "--finetune.init=", "--data.workers=0", "--data.val=shapes:val:16", "--data.heldout=",
+              "--train.batch_size=8", "--train.steps=2", "--train.warmup_steps=1", "--train.eval_every=0",
+              "--finetune.wise_alphas=1", f"--out_dir={run}"]
+    train.main([*common, "--finetune.strategy=linear", "--finetune.pretrained=test"])
+    cfg, model, tokenizer = load_run(str(run / "checkpoint.pt"))
+    assert cfg.data.tokenizer_path == hub.cache_path(f"{HOST}/bpe/vocab.txt.gz")
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in expected.items())  # linear: head only
+    assert len(server.gets("/w/vit_tiny-test.pt")) == 1
+    with pytest.raises(SystemExit, match="nor a released tag of ViT-tiny"):
+        train.main([*common, "--finetune.strategy=linear", "--finetune.pretrained=tset", f"--out_dir={run}2"])
+
+
+def test_finetune_from_a_quickgelu_tag_names_the_quickgelu_preset(server, monkeypatch):
+    from crossmodal.config import load_config
+    from crossmodal.recipes.finetune import resolve
+
+    with open(clip_bpe(), "rb") as f:
+        vocab = f.read()
+    server.files["/bpe/vocab.txt.gz"] = vocab
+    bpe = hub.Released(f"{HOST}/bpe/vocab.txt.gz", hashlib.sha256(vocab).hexdigest())
+    entry = hub.Released(f"{HOST}/w/b32.pt", "0" * 64, quick_gelu=True, companions={"bpe": bpe})
+    for name in ("ViT-B-32", "ViT-B-32-quickgelu"):
+        monkeypatch.setitem(hub.RELEASED, (name, "test"), entry)
+    cfg = resolve(load_config(None, ["--model.name=ViT-B-32", "--finetune.strategy=linear",
+                                     "--finetune.pretrained=test"]))
+    assert cfg.model.name == "ViT-B-32-quickgelu"  # what the saved config must say to load the weights again
+    assert cfg.data.tokenizer_path == hub.cache_path(f"{HOST}/bpe/vocab.txt.gz")
+    assert server.gets("/w/b32.pt") == []  # resolving a config fetches the vocabulary, not the weights
