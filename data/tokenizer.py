@@ -165,7 +165,7 @@ class LlamaTokenizer(SentencePieceTokenizer):
     def _load(self) -> None:
         self._processor = spm.SentencePieceProcessor(model_proto=self._blob)
         if min(self._processor.bos_id(), self._processor.eos_id(), self._processor.unk_id()) < 0:
-            raise ValueError(f"{self.model_path}: a LLaMA tokenizer.model has unk, bos and eos pieces; this one lacks one")
+            raise ValueError(f"{self.model_path}: a LLaMA tokenizer.model has unk, bos and eos pieces; one is missing")
         self.vocab_size = self._processor.get_piece_size()
         self.bos_id, self.eos_id = self._processor.bos_id(), self._processor.eos_id()
         self.unk_id = self.pad_id = self._processor.unk_id()

@@ -42,9 +42,15 @@ from crossmodal.models.layers import ROPE_SCALINGS, KVCache, Mlp, RotaryEmbeddin
 # The released config.json files (meta-llama/Llama-2-7b-hf, Llama-2-13b-hf, Meta-Llama-3-8B; lmsys/vicuna-*-v1.5,
 # fine-tuned from LLaMA 2 with its architecture); mlp_ratio = intermediate_size / hidden_size.
 LLAMA_MODELS: dict[str, dict[str, Any]] = {
-    "Llama-2-7b": dict(vocab_size=32000, context_length=4096, width=4096, depth=32, num_heads=32, mlp_ratio=11008 / 4096),
-    "Llama-2-13b": dict(vocab_size=32000, context_length=4096, width=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120),
-    "vicuna-7b-v1.5": dict(vocab_size=32000, context_length=4096, width=4096, depth=32, num_heads=32, mlp_ratio=11008 / 4096),
+    "Llama-2-7b": dict(
+        vocab_size=32000, context_length=4096, width=4096, depth=32, num_heads=32, mlp_ratio=11008 / 4096
+    ),
+    "Llama-2-13b": dict(
+        vocab_size=32000, context_length=4096, width=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120
+    ),
+    "vicuna-7b-v1.5": dict(
+        vocab_size=32000, context_length=4096, width=4096, depth=32, num_heads=32, mlp_ratio=11008 / 4096
+    ),
     "vicuna-13b-v1.5": dict(
         vocab_size=32000, context_length=4096, width=5120, depth=40, num_heads=40, mlp_ratio=13824 / 5120
     ),
@@ -53,7 +59,9 @@ LLAMA_MODELS: dict[str, dict[str, Any]] = {
         mlp_ratio=14336 / 4096, rope_theta=500000.0,
     ),  # fmt: skip
     # For CPU demos and tests (not Meta's): grouped-query attention with two query heads per key/value head.
-    "llama-tiny": dict(vocab_size=1024, context_length=256, width=128, depth=2, num_heads=4, num_kv_heads=2, mlp_ratio=2.75),
+    "llama-tiny": dict(
+        vocab_size=1024, context_length=256, width=128, depth=2, num_heads=4, num_kv_heads=2, mlp_ratio=2.75
+    ),
 }
 
 
@@ -285,7 +293,8 @@ def load_llama(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = Non
     state_dict = convert.llama_to_ours(convert.read_llama_weights(path), tied=kwargs["tie_embeddings"])
     problems = convert.describe_mismatch(model.state_dict(), state_dict)
     if problems:
-        raise ValueError(f"{shown(path)}: the weights do not fit its config.json's model: {problems.replace(chr(10), '; ')}")
+        problems = problems.replace("\n", "; ")  # one line
+        raise ValueError(f"{shown(path)}: the weights do not fit its config.json's model: {problems}")
     dtype = dtype or torch.float32
     model.load_state_dict({key: value.to(dtype) for key, value in state_dict.items()}, assign=True)
     return model.eval()

@@ -13,7 +13,7 @@ from torch import nn
 from crossmodal.config import BadInput
 from crossmodal.models import create_lm
 from crossmodal.models.generation import generate
-from crossmodal.models.layers import KVCache
+from crossmodal.models.layers import KVCache, RotaryEmbedding
 from crossmodal.models.llama import LLAMA_MODELS, LlamaLM, llama_config_to_kwargs, load_llama, preset_differences
 
 transformers = pytest.importorskip("transformers")  # test-only reference
@@ -26,14 +26,16 @@ BASE = dict(
     num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS,
     pad_token_id=PAD,
 )  # fmt: skip
+# With head_dim 16 and theta 500, the wavelengths 6.3, 13.6, 29.6, 64.3, ... fall in each of llama3's three bands
+# (kept below 64 / 4, divided above 64 / 1, interpolated between).
 LLAMA3_SCALING = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=16)
-CONFIGS = {  # name -> changes to BASE; the scaled ones stretch over 16 positions so that 40 tokens cross the bands
+                      original_max_position_embeddings=64)
+CONFIGS = {  # name -> changes to BASE
     "gqa": {},
     "mha": dict(num_key_value_heads=4),
     "tied": dict(tie_word_embeddings=True),
     "linear": dict(rope_scaling=dict(rope_type="linear", factor=2.5)),
-    "llama3": dict(rope_scaling=LLAMA3_SCALING, rope_theta=500.0),
+    "llama3": dict(rope_scaling=LLAMA3_SCALING, rope_theta=500.0, max_position_embeddings=128),
     "theta": dict(rope_theta=1234.5, num_key_value_heads=1),
 }
 
@@ -156,6 +158,40 @@ def test_nucleus_sampling_cached_equals_uncached():
     runs = [generate(decode, prompt, torch.zeros(2, 0, 1), ours.depth, EOS, PAD, max_length=16, top_p=0.9, top_k=20,
                      generator=torch.Generator().manual_seed(0), use_cache=use_cache) for use_cache in (True, False)]
     assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="default", rope_theta=10000.0),
+    dict(rope_type="linear", factor=4.0, rope_theta=10000.0),
+    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=8192, rope_theta=500000.0),  # LLaMA 3.1's
+], ids=["default", "linear", "llama3"])  # fmt: skip
+def test_rotary_frequencies_equal_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=dict(rope))
+    init = ROPE_INIT_FUNCTIONS.get(rope["rope_type"])
+    if init is None:  # "default" has no entry: LlamaRotaryEmbedding computes it
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        expected = LlamaRotaryEmbedding(config).inv_freq
+    else:
+        expected = init(config, "cpu")[0]
+    scaling = None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+    got = RotaryEmbedding(128, theta=rope["rope_theta"], scaling=scaling).inverse_frequencies()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model = create_lm("llama-tiny", vocab_size=VOCAB)
+    tokens = random_tokens(2, 12, seed=6)
+    gradients = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model(tokens).logsumexp(-1).mean().backward()
+        gradients.append([parameter.grad.clone() for parameter in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*gradients))
 
 
 @torch.no_grad()
