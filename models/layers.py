@@ -23,11 +23,12 @@ Deliberate differences from the reference implementations:
   together, not per head as timm's `qk_norm` does.
 - LLaMA's options (`models/llama.py`): `num_kv_heads` < `num_heads` is grouped-query attention (Ainslie et al.,
   2023): `qkv` projects to heads + 2 x kv_heads head widths, the cache keeps the kv heads only, and each is repeated
-  for its group of query heads before `F.scaled_dot_product_attention` (a copy, as HF's `repeat_kv`: SDPA's
-  `enable_gqa` sends masked attention to the math kernel on GPU). `rope=(cos, sin)` rotates queries and keys by
-  their positions (RoFormer, Su et al. 2021; HF's `rotate_half` layout, the two halves of a head paired) before the
-  cache stores them; `RotaryEmbedding` gives cos/sin. `Mlp(gated=True)` is SwiGLU (Shazeer, 2020) with gate and up
-  projections fused in `fc1`, gate first (timm's `SwiGLUPacked`), `mlp_layer` chooses it in `Block`. RMSNorm is
+  for its group of query heads before `F.scaled_dot_product_attention` (a copy, as HF's `repeat_kv`: with a mask,
+  SDPA's `enable_gqa` falls back to the math kernel on CUDA, transformers' `use_gqa_in_sdpa` notes).
+  `rope=(cos, sin)` rotates queries and keys by their positions (RoFormer, Su et al. 2021; HF's `rotate_half`
+  layout, the two halves of a head paired) before the cache stores them; `RotaryEmbedding` gives cos/sin.
+  `Mlp(gated=True)` is SwiGLU (Shazeer, 2020) with gate and up projections fused in `fc1`, gate first (timm's
+  `SwiGLUPacked`; its `hidden_features` counts both halves, ours one), chosen in `Block` by `mlp_layer`. RMSNorm is
   torch's `nn.RMSNorm` passed as `norm_layer`.
 """
 import math
@@ -421,7 +422,8 @@ class Block(nn.Module):
     Pre-norm (`x + f(norm(x))`, ViT/GPT-2) by default; `post_norm=True` gives BERT's `norm(x + f(x))`.
     The cross-attention sub-block exists when `cross_attention=True` and runs when `context` is given.
     `drop` is BERT's hidden dropout (after each sub-layer's output projection, and inside the MLP as timm's Mlp
-    does); `attn_drop` drops attention probabilities.
+    does); `attn_drop` drops attention probabilities. `mlp_layer` builds the MLP (timm's name; LLaMA's is
+    `partial(Mlp, gated=True)`), `num_kv_heads` gives grouped-query attention.
     """
 
     def __init__(

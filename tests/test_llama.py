@@ -265,6 +265,16 @@ def test_released_configs_give_the_presets():
     assert new == old and new["rope_scaling"]["factor"] == 4.0 and new["rope_theta"] == 500.0
 
 
+def test_llava_text_config_takes_llama_config_defaults():
+    """llava-hf/llava-1.5-7b-hf's text_config names only what differs from LlamaConfig's defaults; absent fields
+    take those defaults (a 7B LLaMA), which give vicuna-7b-v1.5 with LLaVA's 64 added token rows."""
+    text_config = {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                   "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                   "torch_dtype": "float16", "vocab_size": 32064}
+    assert preset_differences("vicuna-7b-v1.5", llama_config_to_kwargs(text_config)) == [
+        "vocab_size=32064 (the preset's 32000)"]
+
+
 @pytest.mark.parametrize("changes, named", [
     (dict(sliding_window=16), "sliding_window=16"),
     (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope_type='dynamic'"),
