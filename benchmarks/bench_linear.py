@@ -8,6 +8,9 @@ projection, cross-attention query and projection, MLP (the cross-attention keys/
 caption, not per step), then the 30,524-word output layer: 490 MB, far beyond any cache. Each cell is the median of
 `--repeats` passes over all of them; the last column is a plain sum over the same weights, what the memory gives.
 `kernels.linear.MAX_ROWS` is where the kernel stops being the faster (models/packed.py routes by it).
+Each side's cell also gives its share of the fp32 matmul peak (benchmarks/flops.py; 2 x rows FLOPs per weight):
+at a few rows the work is bound by reading the weights, so the share stays small however good the kernel is, and
+GB/s against the plain sum is the measure of how close it runs to the limit.
 """
 import argparse
 import os
@@ -21,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from crossmodal import kernels  # noqa: E402
+from benchmarks.flops import matmul_peak, peak_line  # noqa: E402
 
 WIDTH, MLP, VOCAB, DEPTH = 768, 3072, 30524, 12
 
@@ -51,6 +55,9 @@ def main() -> None:
         return gigabytes / statistics.median(seconds)
 
     print(f"{gigabytes:.3f} GB of weights per step, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(peak_line("cpu", torch.float32))
+    peak = matmul_peak("cpu", torch.float32)
+    weight_count = sum(w.numel() for w in weights)
     print("| rows | few-row kernel (GB/s) | oneDNN, reordered (GB/s) | MKL F.linear (GB/s) | kernel / oneDNN "
           "| kernel / MKL | sum (GB/s) |")
     print("|---|---|---|---|---|---|---|")
@@ -65,7 +72,12 @@ def main() -> None:
             mkl = rate(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)])
             plain = rate(lambda: [w.sum() for w in weights])
             ratios = f"{ours / onednn:.2f}x | {ours / mkl:.2f}x"
-            print(f"| {rows} | {ours:.1f} | {onednn:.1f} | {mkl:.1f} | {ratios} | {plain:.1f} |")
+
+            def cell(gb_per_s: float) -> str:  # GB/s, and the FLOP/s that reading rate gives at these rows
+                flops = 2 * rows * weight_count * gb_per_s / gigabytes
+                return f"{gb_per_s:.1f} ({flops / 1e12:.3f} TFLOP/s, {100 * flops / peak:.0f}% of peak)"
+
+            print(f"| {rows} | {cell(ours)} | {cell(onednn)} | {cell(mkl)} | {ratios} | {plain:.1f} |")
 
 
 if __name__ == "__main__":
