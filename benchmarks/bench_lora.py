@@ -22,6 +22,8 @@ Each configuration runs in its own process, built and warmed up; a model's confi
 model's processes are alive together: BLIP-base's three need ~13 GiB on the CPU). Peak memory: on CUDA, torch.cuda.max_memory_allocated; on the CPU, the process's peak resident
 set (VmHWM) minus its resident set after `import torch` (weights, gradients, optimizer state, activations and
 the allocator's slack), as bench_train.py measures it. Weights are random: the figures are costs, not accuracy.
+FLOP/s and share of peak (benchmarks/flops.py): each step's matmuls, convolutions and attention, forward and
+backward, counted once by FlopCounterMode (LoRA skips the frozen weights' gradients, so its step does less work).
 """
 import argparse
 import multiprocessing as mp
@@ -115,6 +117,7 @@ def worker(model_key: str, strategy: str, precision: str, device: str, warmup: i
 
     from crossmodal import train
     from crossmodal.config import TrainConfig
+    from benchmarks.flops import count_flops, matmul_peak
     from crossmodal.models.lora import count_trainable
 
     torch.manual_seed(0)
@@ -135,7 +138,9 @@ def worker(model_key: str, strategy: str, precision: str, device: str, warmup: i
     for _ in range(warmup):
         step()
     trainable, total = count_trainable(model)
-    conn.send({"trainable": trainable, "total": total})
+    flops = count_flops(step)
+    conn.send({"trainable": trainable, "total": total, "flops": flops,
+               "matmul_peak": matmul_peak(device_type, dtype or torch.float32)})
     while (steps := conn.recv()) is not None:
         if device_type == "cuda":
             torch.cuda.synchronize()
@@ -188,6 +193,8 @@ def main() -> None:
 
     import torch
 
+    from benchmarks.flops import rate
+
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, precision "
           f"{args.precision}, median of {args.rounds} alternating rounds of {args.steps} steps after {args.warmup} "
           f"warm-up, each configuration in its own process", flush=True)
@@ -199,11 +206,13 @@ def main() -> None:
             rows.append(f"| {NAMES[model_key]} | {strategy} | {result['trainable'] / 1e6:.2f}M | "
                         f"{100 * result['trainable'] / result['total']:.2f}% | {result['peak_mib']:.0f} | "
                         f"{result['peak_mib'] / full['peak_mib']:.2f}x | {1000 * result['step_s']:.0f} | "
-                        f"{result['step_s'] / full['step_s']:.2f}x |")
+                        f"{result['step_s'] / full['step_s']:.2f}x | {result['flops'] / 1e9:.1f} | "
+                        f"{rate(result['flops'], result['step_s'], result['matmul_peak'])} |")
             print(rows[-1], flush=True)
     print()
-    print("| model, step | strategy | trainable | of all | peak MiB | vs full | step ms | vs full |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model, step | strategy | trainable | of all | peak MiB | vs full | step ms | vs full | GFLOP/step "
+          "| FLOP/s, share of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
