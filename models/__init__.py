@@ -16,9 +16,10 @@ BLIP presets (`BLIP-base`, `BLIP-large`, `BLIP-tiny`, `BLIP-RN-tiny`; table in `
 the checkpoint has (see `load_pretrained_blip`); a folder's config.json gives the architecture, which a train.py run
 from it must share with its preset (`released_folder_problem`).
 
-Decoder LMs (`models.lm.LM_MODELS`: `lm-tiny`, the MPT presets) and Flamingo presets (`models.flamingo.FLAMINGO_MODELS`)
-are built by `create_lm` and `create_flamingo`; a Flamingo takes its frozen parts from a language-model run or
-MPT folder and a CLIP run or checkpoint (see `create_flamingo`). `create_model(name, pretrained=checkpoint.pt,
+Decoder LMs (`models.lm.LM_MODELS`: `lm-tiny`, the MPT presets; `models.llama.LLAMA_MODELS`: `llama-tiny`,
+LLaMA 2 and 3, Vicuna; `create_lm("llama", pretrained=FOLDER)` for any HuggingFace LLaMA folder) and Flamingo
+presets (`models.flamingo.FLAMINGO_MODELS`) are built by `create_lm` and `create_flamingo`; a Flamingo takes its
+frozen parts from a language-model run or MPT folder and a CLIP run or checkpoint (see `create_flamingo`). `create_model(name, pretrained=checkpoint.pt,
 vision=..., lm=...)` builds a Flamingo preset with released OpenFlamingo weights from three local files (see
 `create_open_flamingo`). A run with loss.name caption or bow puts a CLIP preset's towers into a
 `models.predictive.TextPredictor` (the CLIP paper's predictive baselines).
@@ -321,8 +322,8 @@ def create_blip(name: str, pretrained: Optional[convert.PathLike] = None, **over
 def released_folder_problem(key: str, path: convert.PathLike, name: str) -> Optional[str]:
     """What stops a train.py run from starting at a released folder (config key `key`: model.pretrained,
     flamingo.lm_checkpoint) of preset `name`: the architecture fields in which its config.json (HuggingFace BLIP
-    for a BLIP preset, MPT for a language-model preset) differs from the preset. The loaders build the folder's
-    architecture, but a run records only the preset's name and rebuilds the preset to resume or be evaluated, so
+    for a BLIP preset, MPT or LLaMA for a language-model preset) differs from the preset. The loaders build the
+    folder's architecture, but a run records only the preset's name and rebuilds the preset to resume or be evaluated, so
     its checkpoints would compute something else. None for a file, or a folder without config.json."""
     hf_config = convert.read_hf_config(path)
     if hf_config is None:
@@ -330,6 +331,8 @@ def released_folder_problem(key: str, path: convert.PathLike, name: str) -> Opti
     where = shown(os.path.join(path, "config.json"))
     if name in BLIP_MODELS:
         differences = blip_preset_differences(BLIP_MODELS[name], blip_config_from_hf(hf_config, where))
+    elif name in LLAMA_MODELS:
+        differences = llama_preset_differences(name, llama_config_to_kwargs(hf_config, where))
     else:
         differences = lm_preset_differences(name, mpt_config_to_kwargs(hf_config, where))
     if not differences:

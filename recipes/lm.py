@@ -1,5 +1,6 @@
-"""The decoder language model (MPT-style, models/lm.py) and Flamingo (Alayrac et al., 2022; models/flamingo.py):
-next-token prediction on interleaved image-text sequences (shapes_icl, interleaved, interleaved_wds).
+"""The decoder language models (MPT-style, models/lm.py; LLaMA-style, models/llama.py) and Flamingo (Alayrac et
+al., 2022; models/flamingo.py): next-token prediction on interleaved image-text sequences (shapes_icl,
+interleaved, interleaved_wds).
 
 A language model reads their text alone (each image as its text); a Flamingo freezes its vision encoder
 (model.vision_checkpoint, a CLIP run) and language model (flamingo.lm_checkpoint, a language-model run or an MPT
@@ -14,8 +15,8 @@ from crossmodal.data import INTERLEAVED
 from crossmodal.data.tokenizer import PAD_ID, GPTNeoXTokenizer
 from crossmodal.evaluation import fewshot
 from crossmodal.losses import lm_labels, lm_loss
-from crossmodal.models import (FLAMINGO_MODELS, LM_MODELS, MODELS, create_flamingo, create_lm, create_model,
-                               is_run_checkpoint, load_run_weights, released_folder_problem)
+from crossmodal.models import (FLAMINGO_MODELS, LLAMA_MODELS, LM_MODELS, MODELS, create_flamingo, create_lm,
+                               create_model, is_run_checkpoint, load_run_weights, released_folder_problem)
 from crossmodal.models.flamingo import freeze_for_training
 from crossmodal.recipes.base import Recipe, check_unused, mean_step
 
@@ -29,7 +30,7 @@ class LanguageModelRecipe(Recipe):
     sharded = False
 
     def inputs(self) -> tuple[int, int]:
-        return 64, LM_MODELS[self.cfg.model.name]["context_length"]  # (no images)
+        return 64, {**LM_MODELS, **LLAMA_MODELS}[self.cfg.model.name]["context_length"]  # (no images)
 
     def check(self, world_size: int) -> str | None:
         cfg = self.cfg
@@ -41,7 +42,7 @@ class LanguageModelRecipe(Recipe):
             return (f"lm.induction_fraction must lie in [0, 1) and is for language models on map-style interleaved specs "
                     f"(shapes_icl, interleaved); got {cfg.lm.induction_fraction} with model.name '{cfg.model.name}' and "
                     f"data.train '{cfg.data.train}'")
-        if cfg.model.pretrained and cfg.model.name in LM_MODELS:  # a Flamingo's is a run's (FlamingoRecipe.check)
+        if cfg.model.pretrained and cfg.model.name not in FLAMINGO_MODELS:  # a Flamingo's is a run's (its check)
             problem = released_folder_problem("model.pretrained", cfg.model.pretrained, cfg.model.name)
             if problem:
                 return problem
@@ -49,7 +50,7 @@ class LanguageModelRecipe(Recipe):
 
     def build_model(self, tokenizer, pretrained: bool = True) -> torch.nn.Module:
         start = self.cfg.model.pretrained if pretrained else ""
-        if start and not is_run_checkpoint(start):  # released weights: a HuggingFace MPT folder
+        if start and not is_run_checkpoint(start):  # released weights: a HuggingFace MPT or LLaMA folder
             return create_lm(self.cfg.model.name, pretrained=start)
         model = create_lm(self.cfg.model.name, vocab_size=tokenizer.vocab_size,
                           context_length=tokenizer.context_length)

@@ -359,3 +359,23 @@ def test_llama_tokenizer_ids_equal_sentencepiece_and_transformers(tmp_path):
     assert rows[1].tolist() == [1, *long[:14], 2]  # cut, eos kept
     with pytest.raises(ValueError, match="pad_id=0"):
         SentencePieceTokenizer(path)
+
+
+def test_the_language_model_recipe_trains_and_evaluates_a_llama_preset(tmp_path):
+    """train.py on the LM demo's config with model.name=llama-tiny, then eval.py's loader rebuilds it from the run;
+    a LLaMA folder of another architecture is refused as model.pretrained before anything runs."""
+    from crossmodal import train
+    from crossmodal.recipes import load_run
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/lm/tiny_shapes.yaml")
+    run = ["--config", config, "--model.name=llama-tiny", f"--out_dir={tmp_path / 'run'}", "--train.steps=3",
+           "--train.warmup_steps=1", "--train.log_every=1", "--data.tokenizer_captions=300",
+           "--data.val=shapes_icl:val:8"]
+    results = train.main(run)
+    assert "val/words_seen_accuracy" in results and results["step"] == 3
+    cfg, model, tokenizer = load_run(str(tmp_path / "run" / "checkpoint.pt"))
+    assert isinstance(model, LlamaLM) and model.token_embedding.num_embeddings == tokenizer.vocab_size
+    folder = saved(hf_model(), tmp_path / "other")  # BASE's architecture, not llama-tiny's
+    with pytest.raises(SystemExit, match=r"model\.pretrained: .*config\.json describes another architecture than "
+                                         r"the preset llama-tiny"):
+        train.main([*run, f"--model.pretrained={folder}", f"--out_dir={tmp_path / 'refused'}"])
