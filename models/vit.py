@@ -11,10 +11,12 @@ Deliberate differences from openai/CLIP `clip/model.py:VisionTransformer`:
 - `forward_features` applies the final norm to every token, not only CLS (layer norm is per token, so the
   pooled output is identical); BLIP and Flamingo consume these tokens.
 - `norm_pre=False, patch_bias=True` give the timm/DeiT ViT that BLIP builds on.
+- `hidden_states` gives the blocks' outputs as transformers numbers them (CLIPVisionModel's `hidden_states`), for
+  LLaVA's features from an inner block; HuggingFace CLIP vision weights load through `models/convert.py`.
 - `stem="conv"` replaces the patch convolution by a convolutional stem (`models.layers.ConvStem`, Xiao et al.
   2021), which trains far better than a patch convolution on small images and small budgets (the CPU demos).
 """
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -82,15 +84,33 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
-    def forward_features(self, images: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
-        """(B, 3, H, W) -> tokens (B, 1 + HW, width), CLS first, normalised unless `final_norm=False` (the patch
-        tokens OpenFlamingo's models were trained on: see `models.flamingo.Flamingo`)."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the tokens the blocks take (B, 1 + HW, width): patches, CLS first, positions, norm_pre."""
         x = self.patch_embed(images)  # (B, HW, width)
         cls_token = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, width)
         x = torch.cat([cls_token, x], dim=1) + self.pos_embed  # (B, 1 + HW, width)
-        x = self.norm_pre(x)
-        x = self.transformer(x)
+        return self.norm_pre(x)
+
+    def forward_features(self, images: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) -> tokens (B, 1 + HW, width), CLS first, normalised unless `final_norm=False` (the patch
+        tokens OpenFlamingo's models were trained on: see `models.flamingo.Flamingo`)."""
+        x = self.transformer(self.embed(images))
         return self.norm(x) if final_norm else x
+
+    def hidden_states(self, images: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """The tokens (B, 1 + HW, width) after each of `layers` blocks, numbered as transformers' `hidden_states`:
+        0 is the output of `embed`, i the output of block i, negative counts from the end (-1: the last block,
+        -2: the one before). No final norm; the blocks after the deepest one asked for do not run (LLaVA's
+        features come from the second-to-last block)."""
+        depth = len(self.transformer.blocks)
+        for layer in layers:
+            if not -depth - 1 <= layer <= depth:
+                raise ValueError(f"hidden state {layer} of a {depth}-block ViT: valid are {-depth - 1} to {depth}")
+        wanted = [layer % (depth + 1) for layer in layers]  # -1 -> depth, -(depth + 1) -> 0
+        states = [self.embed(images)]
+        for block in self.transformer.blocks[: max(wanted)]:
+            states.append(block(states[-1]))
+        return [states[layer] for layer in wanted]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image embedding (B, output_dim), the CLS token projected."""
