@@ -722,6 +722,86 @@ def read_llama_weights(path: PathLike) -> StateDict:
     return read_hf_weights(path)
 
 
+# ---------------------------------------------------------------- HuggingFace CLIP vision tower and LLaVA
+#
+# transformers' `CLIPVisionModel` (LLaVA's image tower): `embeddings.{class_embedding, patch_embedding,
+# position_embedding}`, `pre_layrnorm` (sic), `encoder.layers.N.{layer_norm1, self_attn.{q,k,v,out}_proj,
+# layer_norm2, mlp.fc1, mlp.fc2}`, `post_layernorm`; folders of transformers 4.x put all of it under
+# `vision_model.` (5.x saves it without), and 4.3x files also hold the `embeddings.position_ids` buffer (computed,
+# dropped here). `clip_vision_to_ours` reads the tables of the export section below backwards, into a
+# `models.vit.VisionTransformer` (no `proj`: CLIPVisionModel has no projection).
+#
+# LLaVA folders (llava-hf) come in three layouts: released 4.x files (`language_model.model.*`,
+# `language_model.lm_head.*`, `multi_modal_projector.*`, `vision_tower.vision_model.*`), the module tree of
+# transformers >= 4.52 (`model.language_model.*` for the LlamaModel, `model.multi_modal_projector.*`,
+# `model.vision_tower.vision_model.*` or, in 5.x, `model.vision_tower.*`, and `lm_head.*`), and what 5.x
+# `save_pretrained` writes (the 4.x prefixes again, the tower without `vision_model.`). `llava_to_ours` maps any of
+# them to `models.llava.LLaVA` (`vision_tower.`, `multi_modal_projector.`, `language_model.` = `LlamaLM`).
+
+CLIP_VISION_BUFFERS = "embeddings.position_ids"
+# (HF LLaVA prefix, the part it belongs to), longest first: a key takes the first that it starts with.
+LLAVA_PREFIXES = (
+    ("model.vision_tower.", "vision_tower"),
+    ("model.multi_modal_projector.", "multi_modal_projector"),
+    ("model.language_model.", "language_model"),  # a LlamaModel's keys: embed_tokens, layers, norm
+    ("language_model.", "language_model"),  # a LlamaForCausalLM's: model.*, lm_head
+    ("vision_tower.", "vision_tower"),
+    ("multi_modal_projector.", "multi_modal_projector"),
+    ("lm_head.", "language_model"),
+)
+
+
+def clip_vision_to_ours(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """transformers' `CLIPVisionModel` keys (with or without `vision_model.`) -> `models.vit.VisionTransformer`
+    keys: q/k/v concatenated into `attn.qkv`, the class and position embeddings reshaped; unknown keys pass through
+    (and fail the fit check)."""
+    prefixes = [(theirs.removeprefix("vision_model."), ours.removeprefix("visual."))
+                for ours, theirs in HF_CLIP_PREFIXES if ours.startswith("visual.")]
+    renamed: StateDict = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("vision_model.")
+        if key == CLIP_VISION_BUFFERS:
+            continue
+        if key == "embeddings.class_embedding":
+            key, value = "cls_token", value.reshape(1, 1, -1)  # (width,) -> (1, 1, width)
+        elif key == "embeddings.position_embedding.weight":
+            key, value = "pos_embed", value.unsqueeze(0)  # (1 + HW, width) -> (1, 1 + HW, width)
+        else:
+            for theirs, ours in prefixes:
+                if key.startswith(theirs):
+                    key = ours + key[len(theirs):]
+                    break
+            for ours, theirs in HF_CLIP_BLOCK_PARTS:
+                key = key.replace(theirs, ours)
+        renamed[key] = value
+    for key in [key for key in renamed if ".self_attn.q_proj." in key]:
+        names = [key.replace(".self_attn.q_proj.", f".self_attn.{name}_proj.") for name in "qkv"]
+        if all(name in renamed for name in names):  # else the parts pass through and fail the fit check
+            renamed[key.replace(".self_attn.q_proj.", ".attn.qkv.")] = torch.cat([renamed.pop(name) for name in names])
+    return renamed
+
+
+def llava_to_ours(state_dict: Mapping[str, torch.Tensor], tied: bool = False) -> StateDict:
+    """HF `LlavaForConditionalGeneration` keys in any of the layouts above -> `models.llava.LLaVA` keys; tied: the
+    language model's output matrix is its token embedding (a stored lm_head is dropped). Keys of no part pass
+    through (and fail the fit check)."""
+    parts: dict[str, StateDict] = {"vision_tower": {}, "multi_modal_projector": {}, "language_model": {}}
+    other: StateDict = {}
+    for key, value in state_dict.items():
+        for prefix, part in LLAVA_PREFIXES:
+            if key.startswith(prefix):
+                inner = key if prefix == "lm_head." else key[len(prefix):]
+                parts[part][inner] = value
+                break
+        else:
+            other[key] = value
+    converted = {f"vision_tower.{key}": value for key, value in clip_vision_to_ours(parts["vision_tower"]).items()}
+    converted.update({f"multi_modal_projector.{key}": value for key, value in parts["multi_modal_projector"].items()})
+    language = llama_to_ours(parts["language_model"], tied=tied)
+    converted.update({f"language_model.{key}": value for key, value in language.items()})
+    return {**converted, **other}
+
+
 # ---------------------------------------------------------------- export: ours -> HuggingFace and safetensors
 #
 # What `export.py --to hf` writes (issue 29): `models.CLIP` (ViT image tower) as transformers' `CLIPModel`, and
