@@ -21,7 +21,9 @@ LLaMA 2 and 3, Vicuna; `create_lm("llama", pretrained=FOLDER)` for any HuggingFa
 presets (`models.flamingo.FLAMINGO_MODELS`) are built by `create_lm` and `create_flamingo`; a Flamingo takes its
 frozen parts from a language-model run or MPT folder and a CLIP run or checkpoint (see `create_flamingo`). `create_model(name, pretrained=checkpoint.pt,
 vision=..., lm=...)` builds a Flamingo preset with released OpenFlamingo weights from three local files (see
-`create_open_flamingo`). A run with loss.name caption or bow puts a CLIP preset's towers into a
+`create_open_flamingo`). LLaVA presets (`models.llava.LLAVA_MODELS`: `LLaVA-1.5-7b`, `LLaVA-1.5-13b`, `LLaVA-tiny`)
+and `create_model("llava", pretrained=FOLDER)` build a `models.llava.LLaVA`, from a llava-hf folder when one is
+given (see `create_llava`). A run with loss.name caption or bow puts a CLIP preset's towers into a
 `models.predictive.TextPredictor` (the CLIP paper's predictive baselines).
 """
 import contextlib
@@ -48,6 +50,8 @@ from crossmodal.models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt, mpt_c
 from crossmodal.models.lm import preset_differences as lm_preset_differences
 from crossmodal.models.llama import LLAMA_MODELS, LlamaLM, build_llama, llama_config_to_kwargs, load_llama
 from crossmodal.models.llama import preset_differences as llama_preset_differences
+from crossmodal.models.llava import LLAVA_MODELS, LLaVA, build_llava, llava_config_to_kwargs, load_llava
+from crossmodal.models.llava import preset_differences as llava_preset_differences
 from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor  # noqa: F401 (re-exported)
 from crossmodal.models.layers import get_act_layer
 from crossmodal.models.resnet import ModifiedResNet
@@ -122,9 +126,12 @@ BLIP_OVERRIDES = ("image_size", "drop_path", "text_drop", "tie_text_decoder", "g
 FLAMINGO_OVERRIDES = ("vision", "lm", "tokenizer")
 
 
-def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **overrides) -> Union[CLIP, BLIP, Flamingo]:
-    """Build a CLIP, BLIP or Flamingo preset; `overrides` may set any key of OVERRIDES (CLIP), BLIP_OVERRIDES (BLIP)
-    or FLAMINGO_OVERRIDES (Flamingo).
+def create_model(
+    name: str, pretrained: Optional[convert.PathLike] = None, **overrides
+) -> Union[CLIP, BLIP, Flamingo, LLaVA]:
+    """Build a CLIP, BLIP, Flamingo or LLaVA preset; `overrides` may set any key of OVERRIDES (CLIP), BLIP_OVERRIDES
+    (BLIP) or FLAMINGO_OVERRIDES (Flamingo); a LLaVA takes none (see `create_llava`; "llava" with a llava-hf folder
+    builds whatever its config.json describes).
 
     pretrained: an OpenAI CLIP `.pt` archive or an open_clip checkpoint, loaded as fp32 instead of the random init
     (BLIP: see `load_pretrained_blip`; Flamingo: OpenFlamingo's checkpoint.pt, see `create_open_flamingo`); or a
@@ -132,11 +139,13 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
     first, with the activation its weights were trained with (and for Flamingo its vision and lm files).
     drop_path (stochastic depth, max rate over depth) applies to the transformer towers, not to the ResNet.
     """
-    presets = [*MODELS, *BLIP_MODELS, *FLAMINGO_MODELS]
+    presets = [*MODELS, *BLIP_MODELS, *FLAMINGO_MODELS, *LLAVA_MODELS, "llava"]
     if name not in presets:
         closest = difflib.get_close_matches(name, presets, n=3, cutoff=0.4)
         raise ValueError(f"unknown model {name!r}; closest presets: {closest or sorted(MODELS)}")
     valid = BLIP_OVERRIDES if name in BLIP_MODELS else FLAMINGO_OVERRIDES if name in FLAMINGO_MODELS else OVERRIDES
+    if name == "llava" or name in LLAVA_MODELS:
+        valid = ()  # the architecture is the preset's or the folder's
     for key in overrides:
         if key not in valid:
             closest = difflib.get_close_matches(key, valid, n=3)
@@ -153,6 +162,8 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
         return create_blip(name, pretrained, **overrides)
     if name in FLAMINGO_MODELS:
         return create_open_flamingo(name, pretrained, **overrides)
+    if name == "llava" or name in LLAVA_MODELS:
+        return create_llava(name, pretrained)
     grad_checkpointing = overrides.pop("grad_checkpointing", False)
     config = dataclasses.replace(MODELS[name], **overrides)
     # With weights to load, build on the meta device: no random initialisation to throw away.
@@ -163,6 +174,28 @@ def create_model(name: str, pretrained: Optional[convert.PathLike] = None, **ove
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def create_llava(name: str, pretrained: Optional[convert.PathLike] = None) -> LLaVA:
+    """A LLaVA: "llava" with pretrained=FOLDER builds whatever the llava-hf folder's config.json describes
+    (`models.llava.load_llava`); a `models.llava.LLAVA_MODELS` preset is built at random, or from a folder whose
+    config.json must describe that preset (one line naming each field that differs otherwise)."""
+    if pretrained is None:
+        if name == "llava":
+            raise ValueError("create_model('llava') takes its architecture from a folder: pass pretrained=FOLDER (a "
+                             f"llava-hf folder), or name a preset: {sorted(LLAVA_MODELS)}")
+        return build_llava(**LLAVA_MODELS[name])
+    if name in LLAVA_MODELS:
+        pretrained = os.fspath(pretrained)
+        config = convert.read_hf_config(pretrained)
+        if config is None:
+            raise FileNotFoundError(f"{shown(pretrained)}: no LLaVA folder with a config.json there")
+        where = shown(os.path.join(pretrained, "config.json"))
+        differences = llava_preset_differences(name, llava_config_to_kwargs(config, where))
+        if differences:
+            raise BadInput(f"{where} describes another model than the preset {name} ({'; '.join(differences)}): "
+                           f"load it as create_model('llava', pretrained=...)")
+    return load_llava(pretrained)
 
 
 BLIP_TEXT_LENGTH = 35  # BLIP's text max_length for retrieval (30 in pretraining); BERT's positions allow 512
