@@ -87,7 +87,8 @@ def clip_vision_config_to_kwargs(config: dict[str, Any], where: str = "config.js
         raise BadInput(f"{where}: num_channels={config['num_channels']!r}: this CLIP tower takes RGB images (3)")
     width = convert.hf_size(config, "hidden_size", where, 768)
     num_heads = convert.hf_size(config, "num_attention_heads", where, 12)
-    image_size, patch_size = convert.hf_size(config, "image_size", where, 224), convert.hf_size(config, "patch_size", where, 32)
+    image_size = convert.hf_size(config, "image_size", where, 224)
+    patch_size = convert.hf_size(config, "patch_size", where, 32)
     if width % num_heads:
         raise BadInput(f"{where}: hidden_size={width} is not a multiple of num_attention_heads={num_heads}")
     if image_size % patch_size:
