@@ -17,6 +17,12 @@ at full size. A third column is ours with data.jpeg_draft=false (full decode, th
 Time runs from creating the loader's iterator to the last batch (worker start-up included, the same for
 both); each cell is the best of --repeats passes over all images, after one untimed pass that warms the
 page cache.
+
+The machine's limit for this work is the JPEG decoder: the least any pipeline must do is decode each file at the
+smallest DCT scale still >= image_size (PIL's draft) and convert it to RGB. That rate, measured in this process
+over the same files (best of --repeats), times the workers (at most the CPUs), is the limit each side's share is
+given against: the rest of its time goes to full-size decoding, cropping, resampling, tensors, collation and
+inter-process transfer.
 """
 import argparse
 import csv
@@ -63,6 +69,19 @@ def images_per_second(loader, num_images: int) -> float:
         if seen >= num_images:
             break
     return seen / (time.perf_counter() - start)
+
+
+def decode_rate(paths: list[str], image_size: int, repeats: int) -> float:
+    """Images/s of the least work a loader must do: open, draft to the smallest scale >= image_size, RGB."""
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for path in paths:
+            with Image.open(path) as image:
+                image.draft("RGB", (image_size, image_size))
+                image.convert("RGB")
+        best = max(best, len(paths) / (time.perf_counter() - start))
+    return best
 
 
 def main() -> None:
@@ -112,10 +131,13 @@ def main() -> None:
             return iter(train_loader(cfg, tokenizer, rank=0, world_size=1))
 
         images_per_second(baseline(1), args.num_images)  # warm the page cache for both
-        row = "{:>7} {:>13} {:>12} {:>6} {:>15} {:>6}"
+        decode = decode_rate([path for path, _ in baseline_dataset.samples], args.image_size, args.repeats)
+        row = "{:>7} {:>13} {:>12} {:>6} {:>15} {:>6} {:>13} {:>23}"
         print(f"\nimages/s, image_size {args.image_size}, batch {args.batch_size}, best of {args.repeats} passes, "
-              f"torch {torch.__version__}, {os.cpu_count()} CPUs")
-        print(row.format("workers", "ImageFolder", "wds (ours)", "ratio", "ours, no draft", "ratio"))
+              f"torch {torch.__version__}, {os.cpu_count()} CPUs; decode limit {decode:.0f} images/s a process "
+              f"(draft decode to >= {args.image_size} px and RGB, nothing else)")
+        print(row.format("workers", "ImageFolder", "wds (ours)", "ratio", "ours, no draft", "ratio", "decode limit",
+                         "share: ImageFolder/ours"))
         for workers in args.workers:
             best = {"baseline": 0.0, "draft": 0.0, "plain": 0.0}
             for _ in range(args.repeats):  # interleaved, so a busy moment on a shared machine hits all three
@@ -124,8 +146,11 @@ def main() -> None:
                     best[name] = max(best[name], images_per_second(loader, args.num_images))
                     del loader  # stops its workers before the next one starts
             reference = best["baseline"]
+            limit = decode * min(workers, os.cpu_count() or 1)
+            shares = f"{100 * reference / limit:.0f}% / {100 * best['draft'] / limit:.0f}%"
             print(row.format(workers, f"{reference:.0f}", f"{best['draft']:.0f}", f"{best['draft'] / reference:.2f}",
-                             f"{best['plain']:.0f}", f"{best['plain'] / reference:.2f}"), flush=True)
+                             f"{best['plain']:.0f}", f"{best['plain'] / reference:.2f}", f"{limit:.0f}", shares),
+                  flush=True)
 
 
 if __name__ == "__main__":
