@@ -7,6 +7,8 @@ GNU, USTAR and PAX formats. "tarfile" iterates `tarfile.open(path, "r|")` and re
 the `wds:` reader did before it had its own; "ours" is `iter_tar_members`. Best of `--repeats` passes
 over one shard, alternating; microseconds per member. On such shards the header parsing is the cost,
 which at image_size 64 is a sizeable part of a sample's loading time (docs/results.md, "Data loading").
+The limit beside them: reading the shard's bytes in 1 MiB chunks and nothing else (from the page cache), and each
+reader's share of it (limit time / reader time): what is left is per-member work in Python.
 """
 import argparse
 import io
@@ -47,6 +49,13 @@ def read_with_ours(path: str) -> int:
         return sum(1 for _ in iter_tar_members(f))
 
 
+def read_bytes(path: str) -> int:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    return -1  # not counted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=4000, help="samples per shard (two members each)")
@@ -54,22 +63,23 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"{2 * args.samples} members per shard, best of {args.repeats} passes, us per member")
-    print("| format | tarfile | ours | speed-up |")
-    print("|---|---|---|---|")
+    print("| format | tarfile | ours | speed-up | bytes alone (the limit) | share: tarfile / ours |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as root:
         for name, tar_format in FORMATS.items():
             path = os.path.join(root, f"{name}.tar")
             write_shard(path, args.samples, tar_format)
-            best = {"tarfile": float("inf"), "ours": float("inf")}
+            best = {"tarfile": float("inf"), "ours": float("inf"), "bytes": float("inf")}
             for _ in range(args.repeats):
-                for reader, read in (("tarfile", read_with_tarfile), ("ours", read_with_ours)):
+                for reader, read in (("tarfile", read_with_tarfile), ("ours", read_with_ours), ("bytes", read_bytes)):
                     start = time.perf_counter()
                     members = read(path)
                     best[reader] = min(best[reader], time.perf_counter() - start)
-                    assert members == 2 * args.samples, (reader, members)
+                    assert reader == "bytes" or members == 2 * args.samples, (reader, members)
             per_member = {reader: seconds / (2 * args.samples) * 1e6 for reader, seconds in best.items()}
             print(f"| {name} | {per_member['tarfile']:.1f} | {per_member['ours']:.1f} | "
-                  f"{per_member['tarfile'] / per_member['ours']:.1f}x |")
+                  f"{per_member['tarfile'] / per_member['ours']:.1f}x | {per_member['bytes']:.2f} | "
+                  f"{100 * best['bytes'] / best['tarfile']:.0f}% / {100 * best['bytes'] / best['ours']:.0f}% |")
 
 
 if __name__ == "__main__":
