@@ -261,10 +261,10 @@ def test_lora_run_changes_only_adapters_and_writes_merged_weights(tokenizer_path
 
 def test_lora_resume_is_exact_and_a_merged_run_resumes_with_new_adapters(  # noqa: F811
         tokenizer_path, start_run, tmp_path, monkeypatch):
-    # without lora_dropout: a resumed run's DataLoader draws its base seed from the global RNG after train.py restored
-    # the checkpoint's RNG state, so dropout (or drop path) in the model draws other masks after a resume
+    # with adapter dropout: its masks come from the global RNG, which the checkpoint restores (the data loader keeps
+    # its own generator, so starting its iterator on resume does not shift them)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train.main(lora_args(straight, tokenizer_path, start_run, "--train.steps=4"))
+    train.main(lora_args(straight, tokenizer_path, start_run, "--train.steps=4", "--finetune.lora_dropout=0.1"))
     real_step, calls = ClipRecipe.train_step, []
 
     def step_then_sigterm(*args, **kwargs):
@@ -276,11 +276,11 @@ def test_lora_resume_is_exact_and_a_merged_run_resumes_with_new_adapters(  # noq
 
     monkeypatch.setattr(ClipRecipe, "train_step", step_then_sigterm)
     with pytest.raises(SystemExit):
-        train.main(lora_args(interrupted, tokenizer_path, start_run, "--train.steps=4"))
+        train.main(lora_args(interrupted, tokenizer_path, start_run, "--train.steps=4", "--finetune.lora_dropout=0.1"))
     half = load(interrupted / "checkpoint.pt")
     assert half["step"] == 2 and "lora" not in half and any(k.endswith("lora_a") for k in half["model"])
     monkeypatch.setattr(ClipRecipe, "train_step", real_step)
-    train.main(lora_args(interrupted, tokenizer_path, start_run, "--train.steps=4",
+    train.main(lora_args(interrupted, tokenizer_path, start_run, "--train.steps=4", "--finetune.lora_dropout=0.1",
                          "--resume"))
     last_evaluation = [json.loads((run / "eval.jsonl").read_text().splitlines()[-1]) for run in (straight, interrupted)]
     assert last_evaluation[0] == last_evaluation[1]
