@@ -186,16 +186,24 @@ def create_llava(name: str, pretrained: Optional[convert.PathLike] = None) -> LL
                              f"llava-hf folder), or name a preset: {sorted(LLAVA_MODELS)}")
         return build_llava(**LLAVA_MODELS[name])
     if name in LLAVA_MODELS:
-        pretrained = os.fspath(pretrained)
-        config = convert.read_hf_config(pretrained)
-        if config is None:
-            raise FileNotFoundError(f"{shown(pretrained)}: no LLaVA folder with a config.json there")
-        where = shown(os.path.join(pretrained, "config.json"))
-        differences = llava_preset_differences(name, llava_config_to_kwargs(config, where))
-        if differences:
-            raise BadInput(f"{where} describes another model than the preset {name} ({'; '.join(differences)}): "
-                           f"load it as create_model('llava', pretrained=...)")
+        check_preset_folder(name, pretrained, "LLaVA", "create_model('llava', pretrained=...)",
+                            lambda config, where: llava_preset_differences(name, llava_config_to_kwargs(config, where)))
     return load_llava(pretrained)
+
+
+def check_preset_folder(name: str, folder: convert.PathLike, what: str, load_as: str, differences) -> None:
+    """A released folder given with a preset's name must describe that preset: `differences(config, where)` lists
+    the fields in which its config.json does not; any is one line, which names `load_as`, the call that loads the
+    folder as it is."""
+    folder = os.fspath(folder)
+    config = convert.read_hf_config(folder)
+    if config is None:
+        raise FileNotFoundError(f"{shown(folder)}: no {what} folder with a config.json there")
+    where = shown(os.path.join(folder, "config.json"))
+    found = differences(config, where)
+    if found:
+        raise BadInput(f"{where} describes another model than the preset {name} ({'; '.join(found)}): load it as "
+                       f"{load_as}")
 
 
 BLIP_TEXT_LENGTH = 35  # BLIP's text max_length for retrieval (30 in pretraining); BERT's positions allow 512
@@ -425,15 +433,10 @@ def create_lm(name: str, pretrained: Optional[convert.PathLike] = None, **overri
             raise ValueError(f"create_lm({name!r}, pretrained=...): the folder's config.json gives the architecture; "
                              f"no overrides ({', '.join(overrides)})")
         if name in LLAMA_MODELS:
-            pretrained = os.fspath(pretrained)
-            config = convert.read_hf_config(pretrained)
-            if config is None:
-                raise FileNotFoundError(f"{shown(pretrained)}: no LLaMA folder with a config.json there")
-            where = shown(os.path.join(pretrained, "config.json"))
-            differences = llama_preset_differences(name, llama_config_to_kwargs(config, where))
-            if differences:
-                raise BadInput(f"{where} describes another model than the preset {name} ({'; '.join(differences)}): "
-                               f"load it as create_lm('llama', pretrained=...)")
+            def differences(config, where):
+                return llama_preset_differences(name, llama_config_to_kwargs(config, where))
+
+            check_preset_folder(name, pretrained, "LLaMA", "create_lm('llama', pretrained=...)", differences)
         return load_llama(pretrained)
     return load_mpt(pretrained) if pretrained is not None else build_lm(name, **overrides)
 
