@@ -56,6 +56,22 @@ class FlamingoConfig:  # recipes/lm.py, Flamingo
 
 
 @dataclass
+class LlavaConfig:  # recipes/llava.py, LLaVA
+    lm_checkpoint: str = ""  # the language model a new LLaVA starts from: a language-model run's checkpoint.pt or a LLaMA folder
+    train: str = "projector"  # what trains: projector (stage 1, feature alignment) | projector,lm (stage 2, instruction tuning)
+    qa_fraction: float = 0.0  # share of rows that are a question and its answer (data with questions); the rest describe the image
+    prompt: str = "describe the image briefly."  # the user's turn of the rows that describe the image (LLaVA's brief-description instruction)
+    select: str = "default"  # the image tower's tokens: default (the grid or patches) | full (the pooled or CLS token too)
+
+
+@dataclass
+class VideoConfig:  # recipes/video.py, clips (video specs: moving_shapes, video_csv, msrvtt)
+    pool: str = "mean"  # how a clip's frame features become one: mean (CLIP4Clip's meanP) | transformer (seqTransf)
+    frames: int = 8  # frames sampled uniformly from each clip (random offsets in training, fixed in evaluation)
+    layers: int = 2  # the temporal Transformer's blocks (pool=transformer)
+
+
+@dataclass
 class DataConfig:
     train: str = "shapes:train"  # dataset spec strings, see data/__init__.py
     val: str = "shapes:val"
@@ -143,6 +159,8 @@ class Config:
     blip: BlipConfig = field(default_factory=BlipConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     flamingo: FlamingoConfig = field(default_factory=FlamingoConfig)
+    llava: LlavaConfig = field(default_factory=LlavaConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
@@ -199,6 +217,8 @@ RANGES = {
     "blip.itm_uniform": FRACTION, "blip.qa_fraction": FRACTION, "blip.text_drop": BELOW_ONE,
     "blip.token_stride": Range(16, 32),  # and 16 or 32: recipes/blip.py
     "lm.induction_fraction": BELOW_ONE,
+    "llava.qa_fraction": FRACTION,
+    "video.frames": AT_LEAST_ONE, "video.layers": AT_LEAST_ONE,
     "finetune.unfreeze_every": AT_LEAST_ONE, "finetune.layer_decay": Range(0, 1, open_low=True),
     "finetune.patience": NON_NEGATIVE, "finetune.wise_alpha": FRACTION,
     "finetune.lora_rank": AT_LEAST_ONE, "finetune.lora_alpha": POSITIVE, "finetune.lora_dropout": BELOW_ONE,
