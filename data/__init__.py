@@ -350,7 +350,7 @@ class Collate:
             batch["tokens"] = self.tokenizer(batch["caption"])
         if "question" in items[0]:  # a family that builds its own rows from them (LLaVA's conversations)
             batch["question"] = [item["question"] for item in items]
-            batch["answer"] = [item["answer"] for item in items]
+            batch["answer"] = [item.get("answer", "") for item in items]
         if "negative_caption" in items[0]:  # "" where a sample has none
             batch["negative_tokens"] = self.tokenizer([item["negative_caption"] for item in items])
             batch["has_negative"] = torch.tensor([bool(item["negative_caption"]) for item in items])
