@@ -1,0 +1,205 @@
+"""Video CLIP (models/video.py, recipes/video.py, evaluation/video.py): mean pooling equals the mean of CLIP's
+normalised frame features; the temporal Transformer equals it at initialisation, changes after a step, sees frame
+order (mean pooling does not) and passes gradients to every part; the retrieval metrics (several captions per
+clip, MSR-VTT's protocol) against a brute-force count on hand-made similarities and a hand-computed case; and
+train.py end to end on moving_shapes from an image CLIP run, then eval.py --task video_retrieval."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crossmodal.evaluation.contrastive import ranking_recalls
+from crossmodal.evaluation.video import match_ranks, video_retrieval_metrics
+from crossmodal.models import create_model
+from crossmodal.models.video import VideoCLIP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_clip(name: str = "ViT-tiny", seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model(name, vocab_size=64, context_length=8)
+
+
+def clips_and_tokens(batch: int = 3, frames: int = 4, size: int = 64, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    clips = torch.randn(batch, frames, 3, size, size, generator=generator)
+    tokens = torch.randint(1, 64, (batch, 8), generator=generator)
+    return clips, tokens
+
+
+# ---------------------------------------------------------------- models/video.py
+
+
+@pytest.mark.parametrize("name", ["ViT-tiny", "RN-tiny"])
+def test_mean_pool_is_the_mean_of_normalised_frame_features(name):
+    clip = tiny_clip(name).eval()
+    model = VideoCLIP(clip, "mean", max_frames=4).eval()
+    clips, tokens = clips_and_tokens()
+    with torch.no_grad():
+        frames = torch.stack([clip.encode_image(clips[:, t], normalize=True) for t in range(4)], 1)  # (B, T, D)
+        expected = F.normalize(frames.mean(1), dim=-1)
+        out = model(clips, tokens)
+    torch.testing.assert_close(out["image_features"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["text_features"], clip.encode_text(tokens, normalize=True))
+    assert out["logit_scale"] == clip.logit_scale.exp() and out["logit_bias"] is None
+    assert list(dict(model.named_parameters())) == ["clip." + name for name, _ in clip.named_parameters()]
+
+
+def test_transformer_pool_starts_as_mean_and_differs_after_a_step():
+    clip = tiny_clip()
+    mean = VideoCLIP(clip, "mean", max_frames=4).eval()
+    temporal = VideoCLIP(clip, "transformer", max_frames=4, temporal_layers=2).eval()
+    clips, tokens = clips_and_tokens()
+    with torch.no_grad():
+        start = temporal.encode_video(clips, normalize=True)
+        torch.testing.assert_close(start, mean.encode_video(clips, normalize=True), rtol=0, atol=0)
+
+    optimizer = torch.optim.SGD(temporal.temporal.parameters(), lr=0.1)
+    out = temporal.train()(clips, tokens)
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    F.cross_entropy(logits, torch.arange(len(logits))).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = temporal.eval().encode_video(clips, normalize=True)
+    assert (after - start).abs().max() > 1e-4
+
+
+def trained_temporal_model() -> VideoCLIP:
+    """A temporal model whose output projection is no longer zero and whose frame positions have grown apart (as
+    after training; without position embeddings the module would not see order: attention is permutation
+    equivariant and the mean invariant)."""
+    model = VideoCLIP(tiny_clip(), "transformer", max_frames=4).eval()
+    torch.nn.init.normal_(model.temporal.proj.weight, std=0.5)
+    torch.nn.init.normal_(model.temporal.pos_embed, std=1.0)
+    return model
+
+
+def test_the_transformer_sees_frame_order_and_the_mean_does_not():
+    temporal = trained_temporal_model()
+    mean = VideoCLIP(temporal.clip, "mean", max_frames=4).eval()
+    clips, _ = clips_and_tokens()
+    reversed_clips = clips.flip(1)
+    with torch.no_grad():
+        torch.testing.assert_close(mean.encode_video(reversed_clips), mean.encode_video(clips), rtol=1e-5, atol=1e-6)
+        change = (temporal.encode_video(reversed_clips) - temporal.encode_video(clips)).abs().max()
+    assert change > 1e-3
+
+
+def test_gradients_reach_every_part_of_the_temporal_model():
+    model = trained_temporal_model().train()
+    clips, tokens = clips_and_tokens(batch=2)
+    out = model(clips, tokens)
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    F.cross_entropy(logits, torch.arange(len(logits))).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_gradcheck_of_the_temporal_module_in_float64():
+    model = trained_temporal_model().temporal.double()
+    frames = torch.randn(2, 3, model.pos_embed.shape[1], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model, (frames,), eps=1e-6, atol=1e-5)
+
+
+def test_more_frames_than_position_embeddings_is_one_line():
+    model = VideoCLIP(tiny_clip(), "transformer", max_frames=2)
+    with pytest.raises(ValueError, match="clip of 4 frames.*position embeddings for 2"):
+        model.encode_video(clips_and_tokens(batch=1)[0])
+    with pytest.raises(ValueError, match="pool must be one of mean, transformer"):
+        VideoCLIP(tiny_clip(), "max")
+
+
+# ---------------------------------------------------------------- evaluation/video.py
+
+
+def brute_force(similarity: torch.Tensor, text_to_video: list[int], unreadable: set[int] = frozenset()) -> dict:
+    """Ranks counted one by one: ties go to the lower index; an unreadable clip is no candidate, and its queries
+    and its captions' queries rank after every candidate."""
+    num_videos, num_texts = similarity.shape
+    text_ranks = []
+    for t, v in enumerate(text_to_video):
+        if v in unreadable:
+            text_ranks.append(num_videos + 1)
+            continue
+        score = similarity[v, t]
+        better = [u for u in range(num_videos) if u not in unreadable
+                  and (similarity[u, t] > score or (similarity[u, t] == score and u < v))]
+        text_ranks.append(1 + len(better))
+    video_ranks = []
+    for v in range(num_videos):
+        if v in unreadable:
+            video_ranks.append(num_texts + 1)
+            continue
+        ranks = []
+        for c in (t for t in range(num_texts) if text_to_video[t] == v):
+            score = similarity[v, c]
+            ranks.append(1 + sum(1 for t in range(num_texts)
+                                 if similarity[v, t] > score or (similarity[v, t] == score and t < c)))
+        video_ranks.append(min(ranks))
+    results = {}
+    for direction, ranks in (("text_to_video", text_ranks), ("video_to_text", video_ranks)):
+        for k in (1, 5, 10):
+            results[f"{direction}_R@{k}"] = 100.0 * sum(rank <= k for rank in ranks) / len(ranks)
+        ordered = sorted(ranks)
+        middle = len(ordered) // 2
+        results[f"{direction}_median_rank"] = (ordered[middle] if len(ordered) % 2
+                                               else (ordered[middle - 1] + ordered[middle]) / 2)
+        results[f"{direction}_mean_rank"] = sum(ranks) / len(ranks)
+    return results
+
+
+def metrics_of_similarity(similarity: torch.Tensor, text_to_video: list[int], unreadable=None) -> dict:
+    """video_retrieval_metrics on a given similarity: identity video features, the similarity's columns as text."""
+    num_videos = similarity.shape[0]
+    mask = None if unreadable is None else torch.tensor([v in unreadable for v in range(num_videos)])
+    return video_retrieval_metrics(torch.eye(num_videos), similarity.T, torch.tensor(text_to_video), mask)
+
+
+def test_metrics_on_a_hand_made_case():
+    # 3 clips; clip 0 has captions 0, 1; clip 1 has caption 2; clip 2 has captions 3, 4, 5
+    similarity = torch.tensor([[0.9, 0.1, 0.5, 0.2, 0.0, 0.3],
+                               [0.8, 0.7, 0.4, 0.1, 0.6, 0.2],
+                               [0.1, 0.2, 0.6, 0.3, 0.9, 0.1]])
+    text_to_video = [0, 0, 1, 2, 2, 2]
+    results = metrics_of_similarity(similarity, text_to_video)
+    # text -> video ranks: t0: clip 0 first (0.9) -> 1; t1: 0.1 behind 0.7, 0.2 -> 3; t2: 0.4 behind 0.6, 0.5 -> 3;
+    # t3: 0.3 first -> 1; t4: 0.9 first -> 1; t5: 0.1 behind 0.3, 0.2 -> 3
+    assert results["text_to_video_R@1"] == pytest.approx(50.0)
+    assert results["text_to_video_median_rank"] == 2.0 and results["text_to_video_mean_rank"] == 2.0
+    # video -> text: clip 0's best caption t0 is its first text; clip 1's t2 (0.4) behind 0.8, 0.7, 0.6 -> 4;
+    # clip 2's best t4 (0.9) first
+    assert results["video_to_text_R@1"] == pytest.approx(200 / 3) and results["video_to_text_R@5"] == 100.0
+    assert results["video_to_text_median_rank"] == 1.0 and results["video_to_text_mean_rank"] == 2.0
+    assert results == pytest.approx(brute_force(similarity, text_to_video))
+    assert list(results)[:5] == ["text_to_video_R@1", "text_to_video_R@5", "text_to_video_R@10",
+                                 "text_to_video_median_rank", "text_to_video_mean_rank"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_equal_a_brute_force_count_with_ties_and_unreadable_clips(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_videos = 15
+    captions = torch.randint(1, 5, (num_videos,), generator=generator)  # 1 to 4 captions a clip
+    text_to_video = [v for v in range(num_videos) for _ in range(int(captions[v]))]
+    similarity = torch.randint(0, 6, (num_videos, len(text_to_video)), generator=generator).float()  # many ties
+    unreadable = {int(v) for v in torch.randperm(num_videos, generator=generator)[:seed]}
+    results = metrics_of_similarity(similarity, text_to_video, unreadable)
+    assert results == pytest.approx(brute_force(similarity, text_to_video, unreadable))
+
+
+def test_ranks_agree_with_the_image_retrieval_recalls():
+    generator = torch.Generator().manual_seed(0)
+    similarity = torch.randn(20, 50, generator=generator)
+    text_to_video = torch.randint(0, 20, (50,), generator=generator)
+    text_to_video[:20] = torch.arange(20)  # every clip has a caption
+    matches = text_to_video[None, :] == torch.arange(20)[:, None]
+    ranks = match_ranks(similarity, matches, torch.zeros(20, dtype=torch.bool))
+    recalls = ranking_recalls(similarity, similarity.T, text_to_video)
+    for k in (1, 5, 10):
+        assert recalls[f"image_to_text_R@{k}"] == pytest.approx(100.0 * (ranks <= k).float().mean().item())
