@@ -211,6 +211,7 @@ class Flamingo(nn.Module):
         ff_mult: int = 4,
         only_attend_immediate_media: bool = True,
         vision_final_norm: bool = True,
+        max_num_frames: Optional[int] = None,
     ):
         super().__init__()
         self.media_token_id, self.eoc_token_id, self.pad_token_id = media_token_id, eoc_token_id, pad_token_id
@@ -220,7 +221,7 @@ class Flamingo(nn.Module):
         self.vision_encoder = vision_encoder
         self.perceiver = PerceiverResampler(
             dim=vis_dim, depth=perceiver_depth, dim_head=perceiver_dim_head, heads=perceiver_heads,
-            num_latents=num_latents,
+            num_latents=num_latents, max_num_frames=max_num_frames,
         )  # fmt: skip
         self.lang_model = lang_model
         self.gated_cross_attn_layers = nn.ModuleList(
@@ -231,12 +232,16 @@ class Flamingo(nn.Module):
         )
 
     def encode_media(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, T_media, 3, H, W) -> resampled visual tokens (B, T_media, num_latents, vis_dim)."""
-        batch = images.shape[0]
+        """images (B, T_media, 3, H, W), or clips (B, T_media, frames, 3, H, W) -> resampled visual tokens
+        (B, T_media, num_latents, vis_dim): a clip's frames, each with its time embedding (`max_num_frames`), are
+        one set of tokens for the resampler (paper section 2.1), so a clip costs the LM as many tokens as an image."""
+        if images.dim() == 5:
+            images = images.unsqueeze(2)  # an image is a one-frame clip
+        batch, num_media = images.shape[:2]
         with torch.no_grad():  # the vision encoder is frozen: no activations kept for it
-            tokens = self.vision_encoder.forward_features(images.flatten(0, 1), self.vision_final_norm)
-        tokens = tokens[:, 1:]  # (B * T_media, HW, vis_dim): the patch tokens
-        tokens = rearrange(tokens, "(b t) v d -> b t 1 v d", b=batch)  # an image is a one-frame video
+            tokens = self.vision_encoder.forward_features(images.flatten(0, 2), self.vision_final_norm)
+        tokens = tokens[:, 1:]  # (B * T_media * frames, HW, vis_dim): the patch tokens
+        tokens = rearrange(tokens, "(b t f) v d -> b t f v d", b=batch, t=num_media)
         return self.perceiver(tokens)
 
     def logits(

@@ -203,3 +203,43 @@ def test_ranks_agree_with_the_image_retrieval_recalls():
     recalls = ranking_recalls(similarity, similarity.T, text_to_video)
     for k in (1, 5, 10):
         assert recalls[f"image_to_text_R@{k}"] == pytest.approx(100.0 * (ranks <= k).float().mean().item())
+
+
+# ---------------------------------------------------------------- Flamingo over frames (models/flamingo.py)
+
+
+def tiny_flamingo(max_num_frames: int | None = 4, seed: int = 0):
+    from crossmodal.models import create_lm
+    from crossmodal.models.flamingo import Flamingo
+
+    torch.manual_seed(seed)
+    vision = create_model("ViT-tiny", image_size=32).visual
+    lang_model = create_lm("lm-tiny", vocab_size=64, context_length=32)
+    return Flamingo(vision, lang_model, media_token_id=1, eoc_token_id=2, perceiver_depth=2, perceiver_heads=4,
+                    perceiver_dim_head=32, num_latents=8, heads=4, dim_head=32, ff_mult=2,
+                    max_num_frames=max_num_frames).eval()
+
+
+def test_flamingo_resamples_a_clip_into_one_media_of_latents_with_its_time_embeddings():
+    model = tiny_flamingo()
+    clips = torch.randn(2, 3, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, T_media, F, 3, H, W)
+    with torch.no_grad():
+        media = model.encode_media(clips)
+        reversed_media = model.encode_media(clips.flip(2))
+        assert media.shape == (2, 3, 8, 128)
+        assert (reversed_media - media).abs().max() > 1e-3  # the frame embeddings tell the order
+        model.perceiver.frame_embs.zero_()  # without them the resampler sees a clip's tokens as one set
+        torch.testing.assert_close(model.encode_media(clips.flip(2)), model.encode_media(clips), rtol=1e-4, atol=1e-5)
+        # a clip is one media position: the LM sees num_latents tokens per <image>, as for an image
+        tokens = torch.tensor([[1, 5, 6, 2, 1, 7, 8, 2, 1, 9, 10, 2]] * 2)
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(0.5)
+        assert model.logits(tokens, media).shape == (2, 12, 64)
+
+
+def test_flamingo_takes_images_as_one_frame_clips():
+    model = tiny_flamingo(max_num_frames=None)
+    images = torch.randn(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_media(images), model.encode_media(images[:, :, None]))
+    assert model.perceiver.frame_embs is None  # released OpenFlamingo models have none
