@@ -29,6 +29,7 @@ RUNTIME = [
 # exporter needs onnx and onnxscript for --to onnx; safetensors' package is the test peer of models/convert.py's own
 # writer, which --to hf uses, so that it needs nothing beyond torch.
 EXPORT = ["onnx==1.23.2", "onnxscript==0.7.2", "safetensors==0.8.0"]
+VIDEO = ["av==18.1.0"]  # clip decoding (data/video.py, search.py); its wheel carries its own FFmpeg libraries
 # Test-only peers, never imported at run time (transformers 5.25 brings a package named `kernels`; tests/conftest.py keeps
 # the repository root, whose kernels/ would shadow it, off sys.path): open_clip (with its BPE vocabulary file, ftfy and regex) for the
 # CLIP checkpoint conversion, tokenizer and training benchmark; transformers for BLIP (and its WordPiece
@@ -40,7 +41,7 @@ EXPORT = ["onnx==1.23.2", "onnxscript==0.7.2", "safetensors==0.8.0"]
 # exported ONNX encoders (as open_clip and transformers load the other formats).
 DEV = [
     "pytest", "open-clip-torch==3.3.0", "transformers==5.25.0", "pycocoevalcap==1.2", "scikit-learn==1.9.1",
-    "einops-exts==0.0.4", *EXPORT, "onnxruntime==1.32.0",
+    "einops-exts==0.0.4", *EXPORT, *VIDEO, "onnxruntime==1.32.0",
 ]  # fmt: skip
 PLOTS = ["matplotlib"]  # optional: ablation and probe figures
 
@@ -116,7 +117,7 @@ setup(
     package_dir={"crossmodal": "."},
     package_data={"crossmodal.data": ["prompts/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"dev": DEV, "export": EXPORT, "plots": PLOTS},
+    extras_require={"dev": DEV, "export": EXPORT, "video": VIDEO, "plots": PLOTS},
     ext_modules=extension_modules(),
     cmdclass={"build_py": BuildPy, **build_ext_class()},
 )

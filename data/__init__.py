@@ -11,6 +11,15 @@ Spec strings (config keys `data.train`, `data.val`, `data.heldout`, and `eval.py
     vqa:QUESTIONS[#ANNOTATIONS]  VQAv2 questions (and answers) over COCO images; evaluation only (data/vqa.py)
     shapes_icl:SPLIT[:LENGTH], interleaved:PATH.jsonl, interleaved_wds:PATTERN
                               interleaved image-text sequences for Flamingo and its LM (data/interleaved.py)
+    moving_shapes:SPLIT[:LENGTH]  the built-in procedural clips (splits train, val, heldout, val_order: pairs of a
+                              clip and its time reversal), needs no files (data/moving_shapes.py)
+    video_csv:PATH            one video path and caption per row, the csv convention (data/video.py)
+    msrvtt:PATH[#SPLIT]       MSR-VTT's JSON (videos, sentences), clips <video_id>.mp4 (data/video.py)
+
+Video specs (VIDEO, is_video_spec): items carry `frames` (a list of PIL images) instead of `image`; train_loader
+(with frames=N) and video_retrieval_loader give batches whose `image` is (B, N, 3, H, W), N frames sampled uniformly
+from each clip (random offsets in training, each segment's middle in evaluation; data/video.py), every frame of a
+clip through the same crop.
 
 Determinism (map-style specs, all but wds): the global batch at step s is a fixed slice of a per-epoch
 permutation seeded by (seed, epoch), and each sample's augmentation is seeded by (seed, epoch, index).
@@ -43,8 +52,10 @@ from crossmodal.data.csv_pairs import load_csv
 from crossmodal.data.image_files import ImageFiles
 from crossmodal.data.imagefolder import ImageFolder
 from crossmodal.data.interleaved import InterleavedCollate, InterleavedDocuments, InterleavedShards, shapes_icl
+from crossmodal.data.moving_shapes import MovingShapesDataset
 from crossmodal.data.shapes import ShapesDataset
 from crossmodal.data.transforms import image_transform
+from crossmodal.data.video import ClipFiles, load_msrvtt, load_video_csv, training_offsets
 from crossmodal.data.vqa import VQA_PROMPT, VQADataset, load_vqa, question_answer_rows, text_ids
 from crossmodal.data.webdataset import WebDataset, check_record, expand_shards, shard_records
 from crossmodal.files import end_with_parent
@@ -103,10 +114,38 @@ def _interleaved_wds(argument: str, image_size: int, seed: int, options: DataCon
     return InterleavedShards(argument, epochs=1)
 
 
+def _moving_shapes(argument: str, image_size: int, seed: int, options: DataConfig) -> MovingShapesDataset:
+    split, _, length = argument.partition(":")
+    if length and not length.isdigit():
+        raise ValueError(f"moving_shapes:{argument}: the length after the split must be a number of clips")
+    return MovingShapesDataset(split or "train", image_size, int(length) if length else None, seed)
+
+
+def _video_csv(argument: str, image_size: int, seed: int, options: DataConfig) -> ClipFiles:
+    return load_video_csv(argument, options.csv_image_key, options.csv_caption_key, options.csv_separator,
+                          options.image_root, _draft_size(options, image_size))
+
+
+def _msrvtt(argument: str, image_size: int, seed: int, options: DataConfig) -> ClipFiles:
+    return load_msrvtt(argument, options.image_root, _draft_size(options, image_size))
+
+
 DATASETS = {"shapes": _shapes, "coco": _coco, "csv": _csv, "imagefolder": _imagefolder, "wds": _wds, "vqa": _vqa,
-            "shapes_icl": _shapes_icl, "interleaved": _interleaved, "interleaved_wds": _interleaved_wds}
+            "shapes_icl": _shapes_icl, "interleaved": _interleaved, "interleaved_wds": _interleaved_wds,
+            "moving_shapes": _moving_shapes, "video_csv": _video_csv, "msrvtt": _msrvtt}
 INTERLEAVED = ("shapes_icl", "interleaved", "interleaved_wds")  # sequences of images and text (Flamingo, LMs)
 QUESTION_ONLY = ("vqa",)  # specs without captions: neither training nor caption/retrieval evaluation
+VIDEO = ("moving_shapes", "video_csv", "msrvtt")  # clips: items carry `frames`, batches (B, frames, 3, H, W)
+
+
+def is_video_spec(spec: str) -> bool:
+    """Whether a spec names clips (VIDEO) rather than images."""
+    return spec.partition(":")[0] in VIDEO
+
+
+def _check_images(spec: str, what: str, instead: str) -> None:
+    if is_video_spec(spec):
+        raise ValueError(f"{what} '{spec}' holds video clips, not images; {instead}")
 
 
 def _check_captions(spec: str, what: str) -> None:
@@ -146,8 +185,12 @@ def captions(spec: str, limit: int | None = None, options: DataConfig | None = N
             item["text_only"] for item in (base if isinstance(base, IterableDataset) else map(base.__getitem__, range(len(base)))))
     elif isinstance(base, WebDataset):
         texts = _stream_captions(base.shards)
-    elif isinstance(base, ImageFiles):
+    elif isinstance(base, ImageFiles):  # video_csv and msrvtt too
         texts = iter(base.texts)
+    elif isinstance(base, MovingShapesDataset):  # its texts without drawing a frame
+        texts = (text for i in range(len(base)) for item in [base.texts(i)]
+                 for text in ((item["caption"], f"{VQA_PROMPT.format(item['question'])} {item['answer']}")
+                              if questions else (item["caption"],)))
     elif questions and has_questions(base):
         texts = (text for i in range(len(base)) for item in [base[i]]
                  for text in (item["caption"], f"{VQA_PROMPT.format(item['question'])} {item['answer']}"))
@@ -172,10 +215,16 @@ def _stream_captions(shards: list[str]) -> Iterator[str]:
 
 
 def _augment(item: dict, transform, seed: int, epoch: int, index: int) -> dict:
+    """The item's image through `transform`, or a clip's frames, each through the same draws (so the same crop),
+    stacked (frames, 3, H, W)."""
+    state = hash((seed, epoch, index)) % 2**63
     with torch.random.fork_rng(devices=[]):
         # the CPU generator only: torch.manual_seed also seeds every accelerator backend, ~0.5 ms a call
-        torch.default_generator.manual_seed(hash((seed, epoch, index)) % 2**63)
-        image = transform(item["image"])
+        pictures = []
+        for picture in item["frames"] if "frames" in item else [item["image"]]:
+            torch.default_generator.manual_seed(state)  # each frame of a clip the same draws: the same crop
+            pictures.append(transform(picture))
+        image = torch.stack(pictures) if "frames" in item else pictures[0]  # (frames, 3, H, W) or (3, H, W)
     texts = {name: item[name] for name in ("caption", "question", "answer") if name in item}  # vqa: no caption
     return {"image": image, "label": item.get("label", -1), "key": item.get("key", ""), **texts}
 
@@ -216,6 +265,26 @@ class ImageTextDataset(Dataset):
         if self.negatives:
             sample["negative_caption"] = self.base.negative_caption(index)
         return {**sample, "index": index, **bad_fields}
+
+
+class VideoTextDataset(ImageTextDataset):
+    """ImageTextDataset for clips: `frames` frames sampled uniformly from each (data/video.py), at offsets drawn from
+    (seed, epoch, index) when `train`, at each segment's middle otherwise; the same crop for all of a clip's frames.
+    The training transform never flips (data/transforms.py), so "moves left" stays true."""
+
+    def __init__(self, base: Dataset, transform, seed: int = 0, frames: int = 8, train: bool = False):
+        super().__init__(base, transform, seed)
+        self.frames, self.train = frames, train
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+
+        def read(i: int) -> dict:
+            offsets = training_offsets(self.seed, epoch, i, self.frames) if self.train else None
+            return self.base.item(i, self.frames, offsets)
+
+        item, bad_fields = _read_or_next(read, index, len(self.base))
+        return {**_augment(item, self.transform, self.seed, epoch, index), "index": index, **bad_fields}
 
 
 class ImageTextStream(IterableDataset):
@@ -432,13 +501,14 @@ def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: i
 
 def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False,
                  qa_fraction: float = 0.0, prompt: str = "", induction_fraction: float = 0.0,
-                 negatives: bool = False) -> DataLoader:
+                 negatives: bool = False, frames: int = 0) -> DataLoader:
     """This process's micro-batches (image, tokens, label, key, bad, bad_examples), from `start_step` on.
 
     text_only (interleaved specs): the text alone, for a language model; induction_fraction: that share of rows
     synthetic induction rows (InterleavedItems). qa_fraction and prompt: decoder rows for a family whose recipe asks
     for them (see Collate), on every spec kind, streams included. negatives: each sample's `negative_caption` as
-    `negative_tokens` and `has_negative` (shapes specs: data/shapes.py's binding_negative).
+    `negative_tokens` and `has_negative` (shapes specs: data/shapes.py's binding_negative). frames: video specs
+    (VIDEO) only, and needed there: each clip's number of frames, batches' `image` (B, frames, 3, H, W).
 
     Map-style specs go through GlobalBatchSampler and stop after train.steps; a wds stream never ends.
     With wds, each process uses at most as many workers as it has shards (the others would idle).
@@ -459,10 +529,18 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
         workers = min(data.workers, len(shards) // world_size)
         collate = Collate(tokenizer, qa_fraction, prompt)
         return _loader(ImageTextStream(stream, transform, cfg.seed), collate, workers, batch_size=micro)
+    if is_video_spec(data.train) != (frames > 0):
+        raise ValueError(f"data.train '{data.train}' is a video spec: train on it with a number of frames per clip "
+                         f"(a video recipe, video.frames)" if frames <= 0 else
+                         f"data.train '{data.train}' holds images: frames={frames} applies to video specs only "
+                         f"({', '.join(VIDEO)})")
     base = build_dataset(data.train, data.image_size, cfg.seed, data, train=True)
     if negatives and not hasattr(base, "negative_caption"):
         raise ValueError(f"data.train: '{data.train}' has no attribute-swapped negative captions (shapes specs do)")
-    dataset = ImageTextDataset(base, transform, cfg.seed, negatives)
+    if frames:
+        dataset = VideoTextDataset(base, transform, cfg.seed, frames, train=True)
+    else:
+        dataset = ImageTextDataset(base, transform, cfg.seed, negatives)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,
                                  train.accum_steps, cfg.seed, start_step)
     collate = Collate(tokenizer, qa_fraction, prompt)
@@ -497,6 +575,7 @@ def map_style_dataset(spec: str, image_size: int, seed: int, options: DataConfig
 def eval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 256, workers: int = 0, seed: int = 0,
                 options: DataConfig | None = None) -> tuple[Dataset, DataLoader]:
     """In-order, unaugmented batches of a whole dataset (for zero-shot and retrieval evaluation)."""
+    _check_images(spec, "eval_loader:", "evaluate it with video_retrieval_loader")
     base = map_style_dataset(spec, image_size, seed, options)
     dataset = ImageTextDataset(base, image_transform(image_size, train=False), seed)
     return base, _loader(dataset, Collate(tokenizer), workers, batch_size=batch_size)
@@ -522,6 +601,7 @@ def _unique_images(spec: str, image_size: int, seed: int, options: DataConfig | 
     (COCO's five per image, repeated CSV paths) map to one image; datasets without files (shapes) have one
     caption per image."""
     _check_captions(spec, "captions of")
+    _check_images(spec, "retrieval over", "evaluate it with video_retrieval_loader (eval.py --task video_retrieval)")
     base = map_style_dataset(spec, image_size, seed, options)
     transform = image_transform(image_size, train=False)
     if isinstance(base, ImageFiles):
@@ -536,6 +616,43 @@ def retrieval_loader(spec: str, image_size: int, tokenizer, batch_size: int = 25
     images, texts, text_to_image = _unique_images(spec, image_size, seed, options)
     loader = _loader(images, Collate(tokenizer), workers, batch_size=batch_size)
     return loader, tokenizer(texts), torch.tensor(text_to_image, dtype=torch.long)
+
+
+class UniqueClips(Dataset):
+    """The distinct clips of a video_csv or msrvtt dataset, in order, `frames` frames each at evaluation sampling; an
+    unreadable one is replaced by the next (and counted)."""
+
+    def __init__(self, base: ClipFiles, transform, frames: int):
+        self.base, self.transform, self.frames = base, transform, frames
+
+    def __len__(self) -> int:
+        return len(self.base.image_paths)
+
+    def __getitem__(self, index: int) -> dict:
+        clip, bad_fields = _read_or_next(lambda i: self.base.clip(i, self.frames), index, len(self))
+        return {"image": torch.stack([self.transform(frame) for frame in clip]), "label": -1, "index": index,
+                "key": self.base.image_paths[index], **bad_fields}
+
+
+def video_retrieval_loader(spec: str, image_size: int, frames: int, tokenizer, batch_size: int = 256,
+                           workers: int = 0, seed: int = 0, options: DataConfig | None = None
+                           ) -> tuple[DataLoader, torch.Tensor, torch.Tensor]:
+    """(loader over the unique clips in order, batches' `image` (B, frames, 3, H, W); text tokens (T, L) of every
+    caption; text_to_video (T,), the clip of each caption). Clips of several captions (video_csv rows naming one
+    file, MSR-VTT's twenty sentences) appear once; moving_shapes has one caption per clip."""
+    if not is_video_spec(spec):
+        raise ValueError(f"video retrieval over '{spec}': not a video spec ({', '.join(VIDEO)})")
+    if frames <= 0:
+        raise ValueError(f"video retrieval over '{spec}' needs frames > 0 per clip, got {frames}")
+    base = map_style_dataset(spec, image_size, seed, options)
+    transform = image_transform(image_size, train=False)
+    if isinstance(base, ClipFiles):
+        clips, texts, text_to_video = UniqueClips(base, transform, frames), list(base.texts), list(base.image_of)
+    else:
+        clips = VideoTextDataset(base, transform, seed, frames, train=False)
+        texts, text_to_video = [base.texts(i)["caption"] for i in range(len(base))], list(range(len(base)))
+    loader = _loader(clips, Collate(tokenizer), workers, batch_size=batch_size)
+    return loader, tokenizer(texts), torch.tensor(text_to_video, dtype=torch.long)
 
 
 def caption_loader(spec: str, image_size: int, batch_size: int = 256, workers: int = 0, seed: int = 0,
@@ -588,6 +705,7 @@ def question_loader(spec: str, image_size: int, batch_size: int = 256, workers: 
                     options: DataConfig | None = None) -> tuple[Dataset, DataLoader]:
     """(dataset, in-order batches of image, question, answers (None without annotations), question_id, key) of a
     shapes or vqa spec, for VQA evaluation."""
+    _check_images(spec, "VQA over", "its questions are not evaluated over clips yet")
     base = map_style_dataset(spec, image_size, seed, options)
     if not has_questions(base):
         raise ValueError(f"{spec}: no questions; VQA evaluation needs a shapes or vqa:QUESTIONS#ANNOTATIONS spec")
