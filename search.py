@@ -17,10 +17,13 @@ are the entries the folder walk leaves out (files.walk: each real folder once, s
 twice; FIFOs, sockets and devices, which would block a read; dangling and looping links).
 Long runs save the index every SAVE_EVERY_ROWS new rows, so an interrupted run resumes where it stopped.
 
-Videos are decoded by the `ffmpeg` and `ffprobe` programs when they are on PATH (no Python package);
-without them videos are skipped with that reason. Frames are sampled by ffmpeg's `select` filter and
-timed by its `showinfo` filter. Segments are decoded apart (input seeking), so a scene change that
-falls exactly on a segment boundary is missed.
+Videos are decoded by PyAV through data/video.py, the code that decodes training clips (the optional `video`
+extra, whose wheel carries FFmpeg's libraries), when it imports; otherwise by the `ffmpeg` and `ffprobe` programs
+when they are on PATH, where frames are sampled by ffmpeg's `select` filter and timed by its `showinfo` filter.
+With neither, videos are skipped with that reason. PyAV's frames are selected here by the same rule as the
+filter's expression (every --every seconds; with --scene, ffmpeg's scene score, min(mafd, |mafd - previous mafd|)
+over 100 with mafd the mean absolute frame difference in percent, computed on the RGB frames as scaled). Segments are decoded
+apart (seeking), so a scene change that falls exactly on a segment boundary is missed.
 
 The index file is one torch.save dict, loaded with weights_only=True (so a crafted index runs no code) and written
 atomically (files.write_atomic: a temporary file, then a rename):
@@ -62,12 +65,14 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from crossmodal.config import BadInput, fail
+from crossmodal.data import video
 from crossmodal.data.bad_samples import BadSample, open_image
 from crossmodal.data.image_files import IMAGE_EXTENSIONS
 from crossmodal.data.transforms import image_transform
@@ -82,17 +87,55 @@ CHUNK_ROWS = 1 << 20
 RESCORE_EXTRA = 64
 THUMBNAIL_SIZE = 160
 MIN_EVERY = 0.001  # seconds; no video has frames closer than this, and smaller values only multiply the segments
-NO_DECODER = "no video decoder: install ffmpeg (e.g. apt-get install ffmpeg) so that ffmpeg and ffprobe are on PATH"
+NO_DECODER = ("no video decoder: pip install 'crossmodal[video]' (PyAV), or install ffmpeg (e.g. apt-get install "
+              "ffmpeg) so that ffmpeg and ffprobe are on PATH")
+SPACING_SLACK = 1e-6  # seconds: frame times are rounded, and 1.3 - 0.3 must count as 1 second apart
 
 
 # ---------------------------------------------------------------------------------------------- video
 
 
-def video_decoder() -> bool:
-    return shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
+def video_decoder() -> str:
+    """"pyav" when PyAV imports, "ffmpeg" when both programs are on PATH, "" when videos cannot be decoded."""
+    if video.has_av():
+        return "pyav"
+    return "ffmpeg" if shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None else ""
 
 
 def video_duration(path: str) -> float:
+    """Seconds; raises BadSample."""
+    return video.video_duration(path) if video_decoder() == "pyav" else ffprobe_duration(path)
+
+
+def scene_score(previous: np.ndarray | None, current: np.ndarray, previous_mafd: float) -> tuple[float, float]:
+    """(ffmpeg select's scene score of `current` after `previous`, 0-1; this frame's mafd): frames are uint8 arrays
+    of one shape; the first frame (no previous) scores 0."""
+    if previous is None or previous.shape != current.shape:
+        return 0.0, 0.0
+    mafd = float(np.abs(current.astype(np.int16) - previous).mean()) * 100 / 256  # percent, as ffmpeg's 8-bit one
+    return min(max(min(mafd, abs(mafd - previous_mafd)) / 100, 0.0), 1.0), mafd
+
+
+def pyav_frames(path: str, start: float, length: float, every: float, scene: float | None,
+                short_side: int) -> list[tuple[float, Image.Image]]:
+    """video_frames through PyAV, each frame kept by the rule of ffmpeg's select expression in ffmpeg_frames."""
+    kept, last_kept, previous, previous_mafd = [], None, None, 0.0
+    for number, (seconds, frame) in enumerate(video.timed_frames(path, start, length, short_side)):
+        spaced = last_kept is None or seconds - last_kept >= every - SPACING_SLACK
+        if scene is not None:
+            pixels = np.asarray(frame)
+            score, previous_mafd = scene_score(previous, pixels, previous_mafd)
+            previous = pixels
+            keep = (spaced and score > scene) or (start == 0 and number == 0)  # and the video's first frame
+        else:
+            keep = spaced
+        if keep:
+            kept.append((seconds, frame))
+            last_kept = seconds
+    return kept
+
+
+def ffprobe_duration(path: str) -> float:
     result = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
                              "stream=codec_type:format=duration", "-of", "json", path],
                             capture_output=True, text=True, preexec_fn=end_with_parent)
@@ -151,6 +194,14 @@ def video_frames(path: str, start: float, length: float, every: float, scene: fl
     Every --every seconds from the segment's first frame; with `scene`, only frames whose scene score
     (ffmpeg's, 0-1) exceeds it, at most one every --every seconds, and the video's first frame.
     """
+    if video_decoder() == "pyav":
+        return pyav_frames(path, start, length, every, scene, short_side)
+    return ffmpeg_frames(path, start, length, every, scene, short_side)
+
+
+def ffmpeg_frames(path: str, start: float, length: float, every: float, scene: float | None,
+                  short_side: int) -> list[tuple[float, Image.Image]]:
+    """video_frames through the ffmpeg program: its select filter picks the frames."""
     spaced = f"(isnan(prev_selected_t)+gte(t-prev_selected_t,{every}))"
     if scene is None:
         select = spaced
@@ -164,6 +215,13 @@ def video_frames(path: str, start: float, length: float, every: float, scene: fl
 
 def video_frame_at(path: str, seconds: float) -> Image.Image:
     """One frame (for a thumbnail); raises BadSample."""
+    if video_decoder() == "pyav":
+        frames = video.timed_frames(path, seconds)
+        frame = next(frames, None)
+        frames.close()  # the container with it
+        if frame is None:
+            raise BadSample(path, f"no frame at {seconds:.2f} s")
+        return frame[1]
     frames = run_ffmpeg(path, ["-ss", f"{seconds:.6f}"], "null", max_frames=1)
     if not frames:
         raise BadSample(path, f"no frame at {seconds:.2f} s")

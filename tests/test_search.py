@@ -1,7 +1,8 @@
 """search.py: the index finds what it must (a colour model whose text and image features agree by
 construction), incremental updates embed only new files and keep old scores, unreadable files and
 what the folder walk leaves out (FIFOs, loops, dangling links) are skipped and listed, a failed page leaves
-the previous one, an index that is not intact is a BadInput, videos are sampled at the right times (when ffmpeg is installed), the command line
+the previous one, an index that is not intact is a BadInput, videos are sampled at the right times (through PyAV, or the ffmpeg
+program where PyAV is missing), a folder of mp4 clips is indexed with no ffmpeg program on PATH, the command line
 on a train.py checkpoint writes the JSON and HTML formats, and a real browser shows the thumbnails."""
 import base64
 import io
@@ -26,7 +27,7 @@ from tests.test_train import ROOT, small_run, tokenizer_path  # noqa: F401  (mod
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
            "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255)}
-needs_ffmpeg = pytest.mark.skipif(not search.video_decoder(), reason="ffmpeg and ffprobe are not installed")
+needs_decoder = pytest.mark.skipif(not search.video_decoder(), reason="neither PyAV nor ffmpeg and ffprobe are installed")
 
 
 class ColourModel(torch.nn.Module):
@@ -62,7 +63,19 @@ def write_picture(path, colour, size=(40, 30)):
 
 
 def write_video(path, colours, seconds_each=2, fps=10):
-    """Colour blocks of seconds_each seconds, one after another."""
+    """Colour blocks of seconds_each seconds, one after another (64x48, written by PyAV or else by ffmpeg)."""
+    if search.video_decoder() == "pyav":
+        import av
+
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("mpeg4", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for colour in colours:
+                picture = np.zeros((48, 64, 3), np.uint8) + np.array(COLOURS[colour], np.uint8)
+                for _ in range(seconds_each * fps):
+                    container.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+            container.mux(stream.encode())
+        return str(path)
     inputs = []
     for colour in colours:
         inputs += ["-f", "lavfi", "-i", f"color=c={colour}:s=64x48:d={seconds_each}:r={fps}"]
@@ -238,7 +251,7 @@ def test_videos_without_a_decoder_are_skipped_with_the_reason(tmp_path, monkeypa
     assert summary["rows"] == 1 and summary["skipped"] == {str(folder / "holiday.mp4"): search.NO_DECODER}
 
 
-@needs_ffmpeg
+@needs_decoder
 def test_video_frames_every_n_seconds_and_at_scene_changes(tmp_path):
     folder = tmp_path / "pictures"
     write_picture(folder / "red.png", "red")
@@ -257,6 +270,40 @@ def test_video_frames_every_n_seconds_and_at_scene_changes(tmp_path):
     assert sorted(t for t in search.load_index(str(index))["times"].tolist() if t == t) == pytest.approx([0, 2, 4],
                                                                                                         abs=0.01)
     assert search.thumbnail(video, 4.0) is not None  # a frame for the HTML page
+
+
+def test_a_folder_of_mp4_clips_is_indexed_without_an_ffmpeg_program(tmp_path, monkeypatch):
+    pytest.importorskip("av")
+    monkeypatch.setenv("PATH", str(tmp_path / "no_programs"))  # no ffmpeg, no ffprobe
+    assert shutil.which("ffmpeg") is None and search.video_decoder() == "pyav"
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    red_then_blue = write_video(folder / "red_then_blue.mp4", ["red", "blue"], seconds_each=1)
+    green = write_video(folder / "green.mp4", ["green"], seconds_each=3)
+    model, index = ColourModel(), tmp_path / "index.pt"
+    summary, _ = build(model, folder, index, every=0.5)
+    assert summary["rows"] == 4 + 6 and summary["skipped"] == {}
+    stored = search.load_index(str(index))
+    times = {path: [] for path in (red_then_blue, green)}
+    for path, time in zip(stored["paths"], stored["times"].tolist()):
+        times[path].append(time)
+    assert times == {red_then_blue: pytest.approx([0, 0.5, 1, 1.5], abs=1e-3),
+                     green: pytest.approx([0, 0.5, 1, 1.5, 2, 2.5], abs=1e-3)}
+    assert {(r["path"], r["time"]) for r in ask(model, index, text="blue", k=2)} == {(red_then_blue, 1.0),
+                                                                                    (red_then_blue, 1.5)}
+    assert ask(model, index, text="green", k=1)[0]["path"] == green
+    assert search.thumbnail(red_then_blue, 1.2) is not None
+
+
+def test_scene_score_is_ffmpegs():
+    black, white = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)
+    assert search.scene_score(None, black, 0.0) == (0.0, 0.0)  # the first frame
+    score, mafd = search.scene_score(black, white, 0.0)
+    assert mafd == pytest.approx(255 * 100 / 256) and score == pytest.approx(255 / 256)
+    # a steady change (mafd as large as the previous one) is no scene change: min(mafd, |mafd - previous|)
+    assert search.scene_score(black, white, mafd)[0] == 0.0
+    half = np.concatenate([white[:2], black[2:]])
+    assert search.scene_score(black, half, 0.0)[0] == pytest.approx(0.5 * 255 / 256)
 
 
 @pytest.fixture(scope="module")

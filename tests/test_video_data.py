@@ -21,9 +21,9 @@ av = pytest.importorskip("av")
 LEVELS = 16  # frame i of a test clip is grey i * LEVELS
 
 
-def write_clip(path, count=12, size=32, codec="mpeg4"):
+def write_clip(path, count=12, size=32, codec="mpeg4", options=None):
     """An mp4 of `count` frames, frame i a uniform grey of level i * LEVELS."""
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=10)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
@@ -74,6 +74,13 @@ def test_decoding_picks_the_sampled_frames(tmp_path):
     frames = read_clip(path, 3)
     assert all(frame.mode == "RGB" and frame.size == (32, 32) for frame in frames)
     assert read_clip(path, 3, short_side=16)[0].size == (16, 16)
+    # a file cut short after its index (moov first): sampled again over the frames that do decode
+    whole = write_clip(tmp_path / "indexed.mp4", options={"movflags": "faststart"})
+    data = open(whole, "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.9)])
+    decodable = sum(1 for _ in av.open(str(tmp_path / "cut.mp4")).decode(video=0))
+    assert av.open(str(tmp_path / "cut.mp4")).streams.video[0].frames == 12 and 0 < decodable < 12
+    assert len(read_clip(str(tmp_path / "cut.mp4"), 4)) == 4
     # a container without a frame count (Matroska): every frame decoded, then sampled
     mkv = write_clip(tmp_path / "grey.mkv")
     assert av.open(mkv).streams.video[0].frames == 0
