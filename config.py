@@ -61,7 +61,7 @@ class LlavaConfig:  # recipes/llava.py, LLaVA
     train: str = "projector"  # what trains: projector (stage 1, feature alignment) | projector,lm (stage 2, instruction tuning)
     qa_fraction: float = 0.0  # share of rows that are a question and its answer (data with questions); the rest describe the image
     prompt: str = "describe the image briefly."  # the user's turn of the rows that describe the image (LLaVA's brief-description instruction)
-    select: str = "default"  # the image tower's tokens: default (the grid or patches) | full (the pooled or CLS token too)
+    select: str = ""  # the image tower's tokens: "" (the preset's) | default (the grid or patches) | full (the pooled or CLS token too)
 
 
 @dataclass

@@ -18,20 +18,18 @@ queries fail; an unreadable image's caption is empty (scored, not skipped) and i
 evaluation stops with one line once those pass data.max_bad_fraction.
 """
 import contextlib
-import json
-import os
-from collections import Counter
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from crossmodal.data import build_dataset, caption_loader, has_questions, question_loader, retrieval_loader
+from crossmodal.data import build_dataset, has_questions, question_loader, retrieval_loader
 from crossmodal.data.vqa import VQA_PROMPT, VQADataset, text_ids
 from crossmodal.data.bad_samples import BadSampleCount
 from crossmodal.evaluation.contrastive import (Progress, check_unreadable, encode_texts, ranking_recalls,
                                                retrieval_metrics, zeroshot)
-from crossmodal.metrics import caption_scores, normalize_answer, vqa_score
+from crossmodal.evaluation.generation import (answer_questions, caption_images, check_vqa_mode,  # noqa: F401
+                                              dataset_answers, load_answer_list, reference_answers)
 from crossmodal.models import generation
 from crossmodal.models.blip import BLIP
 
@@ -102,20 +100,11 @@ def caption(model: BLIP, spec, image_size, device, batch_size=256, workers=0, op
             max_length=20, min_length=5, prompt="a picture of ", log_every=10) -> dict:
     """A caption for every unique image, scored against all its captions (BLEU-1..4, CIDEr, x100); an unreadable
     image's caption is empty."""
-    loader, references = caption_loader(spec, image_size, batch_size, workers, options=options)
-    captions, count = [], BadSampleCount()
-    progress = Progress("captioned images", len(references), log_every)
-    for batch in loader:
-        texts = model.generate(batch["image"].to(device), prompt=prompt, num_beams=num_beams, max_length=max_length,
-                               min_length=min_length)
-        for key, index, text, bad in zip(batch["key"], batch["index"].tolist(), texts, batch["bad"].tolist()):
-            captions.append({"image": key, "caption": "" if bad else text, "references": references[index]})
-        count.add_batch(batch)
-        progress.update(len(texts))
-    check_unreadable(count, count.bad, len(captions), "images", spec, options)
-    scores = caption_scores({i: c["caption"] for i, c in enumerate(captions)},
-                            {i: c["references"] for i, c in enumerate(captions)})
-    return {**scores, "num_images": len(captions), "bad_images": count.bad, "captions": captions}
+    def describe(images: torch.Tensor) -> list[str]:
+        return model.generate(images.to(device), prompt=prompt, num_beams=num_beams, max_length=max_length,
+                              min_length=min_length)
+
+    return caption_images(describe, spec, image_size, batch_size, workers, options, log_every)
 
 
 def vqa_prompts(model: BLIP, tokenizer, questions: list[str]) -> list[list[int]]:
@@ -195,77 +184,26 @@ def generate_answers(model: BLIP, image_tokens: torch.Tensor, prompts: list[list
     return answers
 
 
-def load_answer_list(path: str) -> list[str]:
-    """--answers: a JSON list of answers (BLIP's answer_list.json) or a text file with one answer a line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--answers: no answer list at '{path}'")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            answers = json.load(f)
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise ValueError(f"--answers: '{path}' is not a JSON list of strings")
-        else:
-            answers = [line.strip() for line in f if line.strip()]
-    if not answers:
-        raise ValueError(f"--answers: '{path}' holds no answers")
-    return answers
-
-
-def dataset_answers(dataset) -> list[str]:
-    """The distinct answers of a dataset, most frequent first: shapes' answers, vqa's multiple_choice_answer."""
-    if isinstance(dataset, VQADataset):
-        if dataset.best_answers is None:
-            raise ValueError(f"{dataset.source}: no annotations to take candidate answers from; pass --answers FILE")
-        counts = Counter(dataset.best_answers)
-    else:
-        counts = Counter(dataset[i]["answer"] for i in range(len(dataset)))
-    return [answer for answer, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
-
-
-def reference_answers(answers: list[str]) -> list[str]:
-    """A single answer (shapes) stands for ten identical human answers, normalised as a prediction is."""
-    return [normalize_answer(answers[0])] * 10 if len(answers) == 1 else answers
-
-
 @torch.no_grad()
 def vqa(model: BLIP, tokenizer, spec, image_size, device, batch_size=256, workers=0, options=None, mode="rank",
         answers: list[str] | None = None, answer_k: int = 128, num_beams: int = 3, log_every: int = 10) -> dict:
     """VQA accuracy (x100) of answers generated or ranked after "question: {q} answer:" (see the module docstring)."""
-    if mode not in ("generate", "rank"):
-        raise ValueError(f"--vqa-mode must be generate or rank; got '{mode}'")
+    check_vqa_mode(mode)
     dataset, loader = question_loader(spec, image_size, batch_size, workers, options=options)
     candidates = candidate_ids = None
     if mode == "rank":
         candidates = answers or dataset_answers(dataset)
         candidate_ids = [ids + [model.eos_id] for ids in text_ids(tokenizer, candidates, model.eos_id)]
-    predictions, references, rows, count, bad_images = {}, {}, [], BadSampleCount(), set()
-    progress = Progress("answered questions", len(dataset), log_every)
-    for batch in loader:
-        image_tokens = model.forward_image(batch["image"].to(device))  # (B, 1 + HW, vision_width)
-        prompts = vqa_prompts(model, tokenizer, batch["question"])
+
+    def answer(images: torch.Tensor, questions: list[str]) -> list[str]:
+        image_tokens = model.forward_image(images.to(device))  # (B, 1 + HW, vision_width)
+        prompts = vqa_prompts(model, tokenizer, questions)
         if mode == "rank":
-            predicted = [candidates[i] for i in rank_answers(model, image_tokens, prompts, candidate_ids, answer_k,
-                                                              batch_size)]
-        else:
-            predicted = generate_answers(model, image_tokens, prompts, tokenizer, num_beams)
-        for question_id, question, answer, truth, key, bad in zip(batch["question_id"], batch["question"], predicted,
-                                                                  batch["answers"], batch["key"], batch["bad"]):
-            if bad:  # the model saw a neighbour's image
-                answer = ""
-                bad_images.add(key)
-            predictions[question_id] = answer
-            rows.append({"question_id": question_id, "question": question, "answer": answer, "answers": truth})
-            if truth is not None:
-                references[question_id] = reference_answers(truth)
-        count.add(int(batch["bad"].sum()), len(predicted), batch["bad_examples"])
-        progress.update(len(predicted))
-    check_unreadable(count, count.bad, len(rows), "questions", spec, options)
-    results = {"accuracy": vqa_score(predictions, references)} if references else {}
-    results.update(mode=mode, num_questions=len(rows), bad_images=len(bad_images), affected_questions=count.bad,
-                   prompt=VQA_PROMPT)
-    if mode == "rank":
-        results["num_candidates"] = len(candidates)
-    return {**results, "predictions": rows}
+            return [candidates[i] for i in rank_answers(model, image_tokens, prompts, candidate_ids, answer_k,
+                                                        batch_size)]
+        return generate_answers(model, image_tokens, prompts, tokenizer, num_beams)
+
+    return answer_questions(answer, dataset, loader, spec, options, mode, candidates, VQA_PROMPT, log_every)
 
 
 

@@ -50,7 +50,8 @@ from crossmodal.models.lm import LM_MODELS, DecoderLM, build_lm, load_mpt, mpt_c
 from crossmodal.models.lm import preset_differences as lm_preset_differences
 from crossmodal.models.llama import LLAMA_MODELS, LlamaLM, build_llama, llama_config_to_kwargs, load_llama
 from crossmodal.models.llama import preset_differences as llama_preset_differences
-from crossmodal.models.llava import LLAVA_MODELS, LLaVA, build_llava, llava_config_to_kwargs, load_llava
+from crossmodal.models.llava import (LLAVA_MODELS, LLAVA_RUN_MODELS, LLaVA, build_llava, llava_config_to_kwargs,
+                                    load_llava)
 from crossmodal.models.llava import preset_differences as llava_preset_differences
 from crossmodal.models.predictive import OBJECTIVES as PREDICTIVE_OBJECTIVES, TextPredictor  # noqa: F401 (re-exported)
 from crossmodal.models.layers import get_act_layer
@@ -460,6 +461,44 @@ def _flamingo_preset(name: str, image_size: int = 0) -> tuple[str, CLIPConfig, s
     return vision_name, vision_config, lm_name, preset
 
 
+def _clip_tower(name: str, config: CLIPConfig, checkpoint: str = "") -> torch.nn.Module:
+    """The image tower of CLIP preset `name` (`config`: its CLIP config, image size included), from a train.py CLIP
+    run's checkpoint.pt, an OpenAI/open_clip checkpoint of the preset, or random where `checkpoint` is empty."""
+    run = _run_weights(checkpoint) if checkpoint else None
+    if checkpoint and run is None:
+        return create_model(name, pretrained=checkpoint, image_size=config.image_size).visual
+    vision = build_model(config).visual
+    if run is not None:
+        vision.load_state_dict({key[len("visual."):]: value for key, value in run.items() if key.startswith("visual.")})
+    return vision
+
+
+def _language_model(name: str, tokenizer, context_length: int = 0, checkpoint: str = "",
+                    key: str = "lm_checkpoint") -> Union[DecoderLM, LlamaLM]:
+    """Language-model preset `name` for a tokenizer's ids: from a HuggingFace folder (MPT, or LLaMA for a LLaMA
+    preset), a train.py language-model run's checkpoint.pt (same tokenizer), or random where `checkpoint` is
+    empty; `key` names the setting in errors."""
+    if checkpoint and os.path.isdir(checkpoint):
+        lang_model = create_lm(name, pretrained=checkpoint) if name in LLAMA_MODELS else load_mpt(checkpoint)
+    else:
+        presets = {**LM_MODELS, **LLAMA_MODELS}
+        lang_model = create_lm(name, vocab_size=tokenizer.vocab_size,
+                               context_length=context_length or presets[name]["context_length"])
+        if checkpoint:
+            weights = _run_weights(checkpoint)
+            if weights is None:
+                raise FileNotFoundError(f"{key}: no train.py checkpoint or HuggingFace folder at '{checkpoint}'")
+            problems = convert.describe_mismatch(lang_model.state_dict(), weights)
+            if problems:
+                raise ValueError(f"{key} '{checkpoint}' does not fit {name} with this tokenizer: "
+                                 f"{'; '.join(problems.splitlines())}")
+            lang_model.load_state_dict(weights)
+    if lang_model.token_embedding.num_embeddings < tokenizer.vocab_size:
+        raise ValueError(f"the language model has {lang_model.token_embedding.num_embeddings} token embeddings, the "
+                         f"tokenizer {tokenizer.vocab_size} ids")
+    return lang_model
+
+
 def create_flamingo(
     name: str, tokenizer, image_size: int = 0, context_length: int = 0, lm_checkpoint: str = "",
     vision_checkpoint: str = "",
@@ -472,27 +511,35 @@ def create_flamingo(
     vision_name, vision_config, lm_name, preset = _flamingo_preset(name, image_size)
     if tokenizer.media_id is None:
         raise ValueError(f"{name} needs a tokenizer with <image> and <|endofchunk|> (sentencepiece: flamingo_tokens)")
-    run = _run_weights(vision_checkpoint) if vision_checkpoint else None
-    if vision_checkpoint and run is None:
-        vision = create_model(vision_name, pretrained=vision_checkpoint, image_size=vision_config.image_size).visual
-    else:
-        vision = build_model(vision_config).visual
-        if run is not None:
-            vision.load_state_dict({key[len("visual."):]: value for key, value in run.items() if key.startswith("visual.")})
-    if lm_checkpoint and os.path.isdir(lm_checkpoint):
-        lang_model = load_mpt(lm_checkpoint)
-    else:
-        lang_model = build_lm(lm_name, vocab_size=tokenizer.vocab_size,
-                              context_length=context_length or LM_MODELS[lm_name]["context_length"])
-        if lm_checkpoint:
-            weights = _run_weights(lm_checkpoint)
-            if weights is None:
-                raise FileNotFoundError(f"flamingo.lm_checkpoint: no train.py checkpoint or MPT folder at '{lm_checkpoint}'")
-            lang_model.load_state_dict(weights)
-    if lang_model.token_embedding.num_embeddings < tokenizer.vocab_size:
-        raise ValueError(f"the language model has {lang_model.token_embedding.num_embeddings} token embeddings, the "
-                         f"tokenizer {tokenizer.vocab_size} ids")
+    vision = _clip_tower(vision_name, vision_config, vision_checkpoint)
+    lang_model = _language_model(lm_name, tokenizer, context_length, lm_checkpoint, "flamingo.lm_checkpoint")
     return Flamingo(vision, lang_model, tokenizer.media_id, tokenizer.eoc_id, tokenizer.pad_id, **preset)
+
+
+def create_llava_run(
+    name: str, tokenizer, image_size: int = 0, context_length: int = 0, lm_checkpoint: str = "",
+    vision_checkpoint: str = "", select: str = "",
+) -> LLaVA:
+    """A `models.llava.LLAVA_RUN_MODELS` preset for a tokenizer with `<image>` (sentencepiece: flamingo_tokens),
+    whose ids the model takes (its image token, end and padding).
+
+    vision_checkpoint: a train.py CLIP run's checkpoint.pt of the tower preset (or an OpenAI/open_clip checkpoint);
+    lm_checkpoint: a train.py language-model run's checkpoint.pt (same tokenizer) or a HuggingFace folder; either
+    left empty keeps that part random. select: "default" or "full" in place of the preset's feature strategy."""
+    preset = dict(LLAVA_RUN_MODELS[name])
+    tower_name, lm_name = preset.pop("tower"), preset.pop("lm")
+    if tokenizer.media_id is None:
+        raise ValueError(f"{name} needs a tokenizer with <image> (sentencepiece: flamingo_tokens)")
+    vision_config = MODELS[tower_name]
+    if image_size:
+        vision_config = dataclasses.replace(vision_config, image_size=image_size)
+    vision = _clip_tower(tower_name, vision_config, vision_checkpoint)
+    if isinstance(vision, VisionTransformer):
+        vision.proj = None  # LLaVA reads the tower's hidden states; CLIP's output projection is not used
+    lang_model = _language_model(lm_name, tokenizer, context_length, lm_checkpoint, "llava.lm_checkpoint")
+    if select:
+        preset["vision_feature_select_strategy"] = select
+    return LLaVA(vision, lang_model, tokenizer.media_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **preset)
 
 
 # What an OpenFlamingo checkpoint.pt holds (its trainable parts): the resampler, the gated cross-attention blocks and

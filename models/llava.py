@@ -37,6 +37,8 @@ from crossmodal.models import convert
 from crossmodal.models.generation import generate
 from crossmodal.models.layers import KVCache, QuickGELU, get_act_layer
 from crossmodal.models.llama import LLAMA_MODELS, LlamaLM, llama_config_to_kwargs
+from crossmodal.models.lm import DecoderLM
+from crossmodal.models.resnet import ModifiedResNet
 from crossmodal.models.vit import VisionTransformer
 
 # ---------------------------------------------------------------- the CLIP vision tower
@@ -166,12 +168,18 @@ class MultiModalProjector(nn.Module):
 
 
 class LLaVA(nn.Module):
-    """A CLIP image tower's features, projected, in place of the image tokens of a LLaMA-style LM's prompt."""
+    """A CLIP image tower's features, projected, in place of the image tokens of a LLaMA-style LM's prompt.
+
+    The tower may also be CLIP's ResNet (this codebase's demos: the CLIP demo's RN-tiny), whose tokens are its
+    attention pool's with every position querying (`ModifiedResNet.forward_tokens`): the pooled token stands
+    where a ViT's CLS token does and the grid cells where its patches do, so `vision_feature_select_strategy`
+    means the same; its only feature layer is the last (-1). The language model may also be the MPT-style
+    `models.lm.DecoderLM` (the LM demo's): any decoder with `token_embedding`, `forward_embeddings` and `depth`."""
 
     def __init__(
         self,
-        vision_tower: VisionTransformer,
-        language_model: LlamaLM,
+        vision_tower: Union[VisionTransformer, ModifiedResNet],
+        language_model: Union[LlamaLM, DecoderLM],
         image_token_id: int,
         projector: str = "mlp2x_gelu",
         projector_act: str = "gelu",
@@ -186,12 +194,18 @@ class LLaVA(nn.Module):
             raise ValueError(f"vision_feature_select_strategy {vision_feature_select_strategy!r}: choose one of "
                              f"{list(FEATURE_STRATEGIES)}")
         layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
-        depth = len(vision_tower.transformer.blocks)
-        if not layers or any(not -depth - 1 <= layer <= depth for layer in layers):
-            raise ValueError(f"vision_feature_layer {vision_feature_layer!r}: the tower's hidden states are "
-                             f"{-depth - 1} to {depth}")
+        if isinstance(vision_tower, ModifiedResNet):
+            if layers != [-1]:
+                raise ValueError(f"vision_feature_layer {vision_feature_layer!r}: a ResNet tower's features are its "
+                                 f"attention pool's tokens, layer -1")
+            vision_width = vision_tower.output_dim
+        else:
+            depth = len(vision_tower.transformer.blocks)
+            if not layers or any(not -depth - 1 <= layer <= depth for layer in layers):
+                raise ValueError(f"vision_feature_layer {vision_feature_layer!r}: the tower's hidden states are "
+                                 f"{-depth - 1} to {depth}")
+            vision_width = vision_tower.cls_token.shape[-1]
         self.vision_tower = vision_tower
-        vision_width = vision_tower.cls_token.shape[-1]
         width = language_model.token_embedding.embedding_dim
         # Several layers are concatenated along the width, as HF does.
         self.multi_modal_projector = MultiModalProjector(vision_width * len(layers), width, projector, projector_act,
@@ -201,40 +215,66 @@ class LLaVA(nn.Module):
         self.vision_feature_layers = layers
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.eos_id, self.pad_id = eos_id, pad_id
+        self.vision_locked = False  # lock_vision
 
     @property
     def features_per_image(self) -> int:
-        """How many image tokens each image fills: its patches, plus the CLS token for "full"."""
-        return self.vision_tower.patch_embed.num_patches + (self.vision_feature_select_strategy == "full")
+        """How many image tokens each image fills: its patches (a ResNet's grid cells), plus the CLS (pooled) token
+        for "full"."""
+        tower = self.vision_tower
+        if isinstance(tower, ModifiedResNet):
+            cells = tower.attnpool.positional_embedding.shape[0] - 1
+        else:
+            cells = tower.patch_embed.num_patches
+        return cells + (self.vision_feature_select_strategy == "full")
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised images -> (N, features_per_image, LM width)."""
-        states = self.vision_tower.hidden_states(images, self.vision_feature_layers)  # each (N, 1 + HW, width)
+        if isinstance(self.vision_tower, ModifiedResNet):
+            states = [self.vision_tower.forward_tokens(images)]  # (N, 1 + HW, output_dim), the pooled token first
+        else:
+            states = self.vision_tower.hidden_states(images, self.vision_feature_layers)  # each (N, 1 + HW, width)
         if self.vision_feature_select_strategy == "default":
             states = [state[:, 1:] for state in states]  # (N, HW, width): the CLS token dropped
         return self.multi_modal_projector(torch.cat(states, dim=-1))
 
-    def embed(self, images: Optional[torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: Optional[torch.Tensor], input_ids: torch.Tensor,
+              features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings (B, T, LM width) of `input_ids` (B, T) with the features of `images` (N, 3, H, W),
-        image after image, in place of the image tokens, which must number N x features_per_image."""
+        image after image, in place of the image tokens, which must number N x features_per_image. `features`:
+        `image_features(images)` computed before, in place of `images` (one image's for several prompts)."""
         is_image = input_ids == self.image_token_id  # (B, T)
         x = self.language_model.token_embedding(input_ids.masked_fill(is_image, 0))  # (B, T, width)
         num_tokens = int(is_image.sum())
-        num_images = 0 if images is None else images.shape[0]
+        num_images = features.shape[0] if features is not None else 0 if images is None else images.shape[0]
         if num_tokens != num_images * self.features_per_image:
             raise BadInput(f"input_ids hold {num_tokens} image tokens (id {self.image_token_id}), but {num_images} "
                            f"image(s) x {self.features_per_image} features = {num_images * self.features_per_image} "
                            f"(the prompt repeats the image token once per feature, as llava-hf's processor writes it)")
         if num_images == 0:
             return x
-        features = self.image_features(images).to(x.dtype)  # (N, F, width)
+        features = (self.image_features(images) if features is None else features).to(x.dtype)  # (N, F, width)
         return x.masked_scatter(is_image[..., None], features)
 
     def forward(self, images: Optional[torch.Tensor], input_ids: torch.Tensor,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                padding_mask: Optional[torch.Tensor] = None, features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images (N, 3, H, W) (transformers' pixel_values) and input_ids (B, T) -> logits (B, T, vocab).
-        padding_mask: (B, T) bool, True at real tokens (left padding), as `LlamaLM.forward_embeddings`."""
-        return self.language_model.forward_embeddings(self.embed(images, input_ids), padding_mask=padding_mask)
+        padding_mask: (B, T) bool, True at real tokens (left padding), as `LlamaLM.forward_embeddings`;
+        features: as `embed`'s."""
+        x = self.embed(images, input_ids, features)
+        return self.language_model.forward_embeddings(x, padding_mask=padding_mask)
+
+    def lock_vision(self) -> None:
+        """Freeze the image tower, as LLaVA does in both stages: no gradient, and eval mode whatever `train()`
+        says, so a ResNet's BatchNorm keeps its running statistics."""
+        self.vision_locked = True
+        self.vision_tower.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> "LLaVA":
+        super().train(mode)
+        if self.vision_locked:
+            self.vision_tower.eval()
+        return self
 
     def generate(
         self,
@@ -292,6 +332,20 @@ LLAVA_MODELS: dict[str, dict[str, Any]] = {
                     norm_eps=1e-5),
         text=dict(LLAMA_MODELS["llama-tiny"]), image_token_id=1023,
     ),
+}
+
+# Presets composed of this codebase's own presets, for runs that start from a CLIP run and a language-model run
+# (recipes/llava.py; the CPU demo, configs/llava/): `tower` names a CLIP preset whose image tower is taken, `lm` a
+# language-model preset (models/lm.py or models/llama.py) sized to the run's tokenizer; the rest are `LLaVA`'s (the
+# image token, end and padding ids are the tokenizer's). Built by `models.create_llava_run`.
+LLAVA_RUN_MODELS: dict[str, dict[str, Any]] = {
+    # The CLIP demo's RN-tiny (its attention pool's 5 tokens at 64x64: the pooled one and a 2x2 grid) and the LM
+    # demo's lm-tiny; BLIP-RN-tiny's image tokens are the same 5.
+    "LLaVA-RN-tiny": dict(tower="RN-tiny", lm="lm-tiny", vision_feature_layer=-1, vision_feature_select_strategy="full"),
+    # ViT-tiny's 64 patches from its second-to-last block, as LLaVA-1.5 takes them.
+    "LLaVA-ViT-tiny": dict(tower="ViT-tiny", lm="lm-tiny", vision_feature_layer=-2),
+    "LLaVA-RN-llama-tiny": dict(tower="RN-tiny", lm="llama-tiny", vision_feature_layer=-1,
+                                vision_feature_select_strategy="full"),
 }
 
 

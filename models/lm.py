@@ -146,9 +146,15 @@ class DecoderLM(nn.Module):
 
         cache: keys/values of the tokens before these (generation); padding_mask: (B, T_past + T) bool, True at
         real tokens (left padding for batched prompts)."""
+        return self.forward_embeddings(self.token_embedding(tokens), cache, padding_mask)
+
+    def forward_embeddings(
+        self, x: torch.Tensor, cache: Optional[KVCache] = None, padding_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Input embeddings (B, T, width) -> logits (B, T, vocab) (LLaVA splices image features into them); cache
+        and padding_mask as `forward`."""
         num_past = cache.length if cache is not None else 0
-        x = self.token_embedding(tokens)  # (B, T, width)
-        attn_bias = self.attention_bias(tokens.shape[1], num_past, padding_mask)  # (1 or B, heads, T, T_past + T)
+        attn_bias = self.attention_bias(x.shape[1], num_past, padding_mask)  # (1 or B, heads, T, T_past + T)
         x = self.transformer(x, attn_mask=attn_bias.to(x.dtype), cache=cache)
         return self.logits(x)
 

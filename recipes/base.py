@@ -166,7 +166,7 @@ class Recipe:
 
 def check_unused(cfg, own: str) -> str | None:
     """A config that sets another family's keys is a mistake, not something to ignore; `own`: the caller's family
-    (clip, blip, lm)."""
+    (clip, blip, lm, llava)."""
     blip_keys = ("itm_uniform", "qa_fraction", "prompt", "lock_vision")
     if own != "blip" and any(getattr(cfg.blip, key) for key in blip_keys):
         return (f"{', '.join('blip.' + key for key in blip_keys)} are BLIP settings; model.name is "
@@ -174,6 +174,9 @@ def check_unused(cfg, own: str) -> str | None:
     if own != "clip" and cfg.loss.name in ("caption", "bow"):
         return (f"loss.name={cfg.loss.name} trains a CLIP preset's image tower to predict its captions (the objective "
                 f"ablation's baseline); model.name is '{cfg.model.name}'")
+    if own != "llava" and (cfg.llava.lm_checkpoint or cfg.llava.qa_fraction or cfg.llava.train != "projector"):
+        return (f"llava.lm_checkpoint, llava.qa_fraction and llava.train are LLaVA settings; model.name is "
+                f"'{cfg.model.name}'")
     if own != "lm" and cfg.lm.induction_fraction:
         return (f"lm.induction_fraction must lie in [0, 1) and is for language models on map-style interleaved specs "
                 f"(shapes_icl, interleaved); got {cfg.lm.induction_fraction} with model.name '{cfg.model.name}' and "
