@@ -91,17 +91,15 @@ def _open(path: str, where: str):
     return container
 
 
-def _decode(path: str, where: str, count: int | None, frames: int, offsets, short_side: int) -> tuple[int, dict]:
-    """(frames decoded, {index: image}) for the sampled indices of a clip assumed to have `count` frames (None:
-    unknown, every frame kept until the count is known)."""
+def _decode(container, where: str, count: int | None, frames: int, offsets, short_side: int) -> tuple[int, dict]:
+    """(frames decoded, {index: picture}) from an open container (closed here) for the sampled indices of a clip
+    assumed to have `count` frames; count None (unknown): every frame kept, as a PyAV frame, to sample once known."""
     wanted = None if count is None else set(sample_indices(count, frames, offsets))
-    container = _open(path, where)
     kept, decoded = {}, 0
     try:
-        stream = container.streams.video[0]
-        for decoded, frame in enumerate(container.decode(stream), start=1):
+        for decoded, frame in enumerate(container.decode(container.streams.video[0]), start=1):
             if wanted is None:
-                kept[decoded - 1] = frame  # converted below, once the count is known
+                kept[decoded - 1] = frame
             elif decoded - 1 in wanted:
                 kept[decoded - 1] = _to_image(frame, short_side)
                 if decoded - 1 == max(wanted):
@@ -110,6 +108,8 @@ def _decode(path: str, where: str, count: int | None, frames: int, offsets, shor
         raise BadSample(where, f"cannot decode video ({type(error).__name__}: {error})") from None
     finally:
         container.close()
+    if not decoded:
+        raise BadSample(where, "no frames decoded")
     return decoded, kept
 
 
@@ -121,19 +121,14 @@ def read_clip(path: str, frames: int, offsets: np.ndarray | None = None, where: 
     where = where or path
     container = _open(path, where)
     count = container.streams.video[0].frames or None  # from the container's index; 0 where it keeps none (webm)
-    container.close()
-    decoded, kept = _decode(path, where, count, frames, offsets, short_side)
+    decoded, kept = _decode(container, where, count, frames, offsets, short_side)
     if count is None:  # every frame was kept: now the count is known
-        if not decoded:
-            raise BadSample(where, "no frames decoded")
         return [_to_image(kept[i], short_side) for i in sample_indices(decoded, frames, offsets)]
     indices = sample_indices(count, frames, offsets)
     if all(i in kept for i in indices):
         return [kept[i] for i in indices]
-    if not decoded:
-        raise BadSample(where, "no frames decoded")
-    # the container promised more frames than the stream holds: sample again over what it holds
-    decoded, kept = _decode(path, where, decoded, frames, offsets, short_side)
+    # the index promised more frames than the stream holds (a file cut short): sample again over what it holds
+    decoded, kept = _decode(_open(path, where), where, decoded, frames, offsets, short_side)
     return [kept[i] for i in sample_indices(decoded, frames, offsets)]
 
 

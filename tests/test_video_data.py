@@ -184,6 +184,12 @@ def test_a_corrupt_clip_is_skipped_and_counted_in_training(tmp_path):
     assert (count.bad, count.seen) == (3, 12) and count.fraction == 0.25
     assert "broken.mp4" in count.examples[0] and not any(key.endswith("broken.mp4") for key in keys)
     assert skipped_rows(loader).bad == 0  # every row of the CSV was usable
+    assert not count.too_many(0.01)  # fewer than MIN_BAD_TO_STOP so far: one stray file does not stop a young run
+    for batch in train_loader(video_config(spec, batch_size=4, steps=10), tokenizer, 0, 1, frames=3, start_step=3):
+        count.add_batch(batch)
+    assert (count.bad, count.seen) == (10, 40)  # a quarter of the clips, and now ten of them: train.py stops
+    with pytest.raises(BadInput, match=r"10 of 40 samples bad \(25.00%\), e.g. .*broken.mp4"):
+        count.check(0.01, "data.train")
 
 
 def test_training_sampling_is_random_per_epoch_and_fixed_in_evaluation(tmp_path):
