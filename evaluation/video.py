@@ -13,6 +13,7 @@ dataset's, and the evaluation stops with one line once they pass data.max_bad_fr
 """
 import torch
 
+from crossmodal.data import video_retrieval_loader
 from crossmodal.data.bad_samples import BadSampleCount
 from crossmodal.evaluation.contrastive import check_unreadable, encode_texts, ranking_recalls
 
@@ -65,8 +66,6 @@ def video_retrieval(model, tokenizer, spec: str, image_size: int, frames: int, d
                     workers: int = 0, options=None, seed: int = 0) -> dict:
     """Text-to-video and video-to-text retrieval on a video spec (moving_shapes, video_csv, msrvtt), `frames`
     frames a clip at fixed positions."""
-    from crossmodal.data import video_retrieval_loader
-
     loader, text_tokens, text_to_video = video_retrieval_loader(spec, image_size, frames, tokenizer, batch_size,
                                                                 workers, seed, options)
     video_features, unreadable, count = encode_videos(model, loader, device)

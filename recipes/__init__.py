@@ -13,6 +13,7 @@ from crossmodal.recipes.lm import FlamingoRecipe, LanguageModelRecipe
 from crossmodal.recipes.lora import LoraRecipe, is_family_lora
 from crossmodal.recipes.registry import (FAMILIES, PRESETS, VARIANTS, check_config, load_released, load_run,
                                          model_from_config, recipe_for, register, resolve)
+from crossmodal.recipes.video import VideoRecipe, is_video_run
 
 register(ClipRecipe, MODELS)  # CLIP, SigLIP (loss.name), LiT (finetune.strategy=lit)
 register(BlipRecipe, BLIP_MODELS)
@@ -20,6 +21,7 @@ register(LanguageModelRecipe, {**LM_MODELS, **LLAMA_MODELS})  # MPT- and LLaMA-s
 register(FlamingoRecipe, FLAMINGO_MODELS)
 register(LlavaRecipe, {**LLAVA_MODELS, **LLAVA_RUN_MODELS})
 VARIANTS.append((is_family_lora, LoraRecipe))  # LoRA on any family's run (a wrapper, no family); before FinetuneRecipe
+register(VideoRecipe, (), when=is_video_run)  # a CLIP preset on clips (data.train a video spec); before FinetuneRecipe
 register(FinetuneRecipe, (), when=lambda cfg: bool(cfg.finetune.strategy))  # classifier fine-tuning, LiT
 register(PredictiveRecipe, (), when=is_predictive)  # loss.name caption | bow on a CLIP preset
 

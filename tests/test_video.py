@@ -12,10 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crossmodal import eval as evaluation
+from crossmodal import train
+from crossmodal.config import Failure, load_config
+from crossmodal.data import build_dataset
+from crossmodal.data.tokenizer import train_sentencepiece
 from crossmodal.evaluation.contrastive import ranking_recalls
 from crossmodal.evaluation.video import match_ranks, video_retrieval_metrics
-from crossmodal.models import create_model
+from crossmodal.models import create_lm, create_model
+from crossmodal.models.flamingo import Flamingo
 from crossmodal.models.video import VideoCLIP
+from crossmodal.recipes import recipe_for, resolve
+from crossmodal.recipes.video import VideoRecipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -205,13 +213,108 @@ def test_ranks_agree_with_the_image_retrieval_recalls():
         assert recalls[f"image_to_text_R@{k}"] == pytest.approx(100.0 * (ranks <= k).float().mean().item())
 
 
+# ---------------------------------------------------------------- recipes/video.py: train.py and eval.py end to end
+
+CONFIG = os.path.join(ROOT, "configs", "clip", "tiny_shapes.yaml")
+
+
+@pytest.fixture(scope="module")
+def video_tokenizer(tmp_path_factory) -> str:
+    """A sentencepiece model of shapes' and moving_shapes' captions (the image run's, which the video run adopts)."""
+    texts = [dataset[i]["caption"] for spec in ("shapes:train:300", "moving_shapes:train:300")
+             for dataset in [build_dataset(spec)] for i in range(len(dataset))]
+    path = str(tmp_path_factory.mktemp("tokenizer") / "video.model")
+    train_sentencepiece(texts, path, vocab_size=256)
+    return path
+
+
+def common_args(tokenizer: str, *extra) -> list[str]:
+    return ["--config", CONFIG, f"--data.tokenizer_path={tokenizer}", "--model.name=ViT-tiny", "--data.workers=0",
+            "--data.heldout=", "--train.batch_size=8", "--train.warmup_steps=1", "--train.log_every=1", *extra]
+
+
+def video_args(tokenizer: str, out_dir, start: str, *extra) -> list[str]:
+    return common_args(tokenizer, f"--out_dir={out_dir}", f"--model.pretrained={start}",
+                       "--data.train=moving_shapes:train:64", "--data.val=moving_shapes:val:16", "--video.frames=4",
+                       *extra)
+
+
+@pytest.fixture(scope="module")
+def image_run(video_tokenizer, tmp_path_factory) -> str:
+    """A two-step image CLIP run (ViT-tiny on shapes) that video runs start from."""
+    out_dir = tmp_path_factory.mktemp("image_run")
+    train.main(common_args(video_tokenizer, f"--out_dir={out_dir}", "--data.val=shapes:val:16", "--train.steps=2"))
+    return str(out_dir / "checkpoint.pt")
+
+
+def test_a_video_run_starts_from_the_image_run_as_its_mean_pooling(video_tokenizer, image_run, tmp_path):
+    cfg = resolve(load_config(CONFIG, video_args(video_tokenizer, tmp_path, image_run, "--video.pool=transformer")[2:]))
+    recipe = recipe_for(cfg)
+    assert isinstance(recipe, VideoRecipe) and "video_retrieval" in recipe.tasks
+    assert recipe.loader_options() == {"frames": 4}
+    model = recipe.build_model(recipe.build_tokenizer(str(tmp_path))).eval()
+    start = torch.load(image_run, map_location="cpu", weights_only=True)["model"]
+    state = model.state_dict()
+    assert all(torch.equal(state[f"clip.{key}"], value) for key, value in start.items())
+    assert {key.split(".")[0] for key in state} == {"clip", "temporal"}
+    clips, _ = clips_and_tokens(batch=2, frames=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_video(clips),
+                                   VideoCLIP(model.clip, "mean").encode_video(clips), rtol=0, atol=0)
+
+
+def test_train_py_trains_on_clips_and_eval_py_reports_video_retrieval(video_tokenizer, image_run, tmp_path):
+    results = train.main(video_args(video_tokenizer, tmp_path, image_run, "--video.pool=transformer",
+                                    "--train.steps=3"))
+    for prefix in ("val", "val_order"):
+        assert results[f"{prefix}/num_videos"] == 16 and results[f"{prefix}/bad_videos"] == 0
+        assert 0 <= results[f"{prefix}/text_to_video_R@1"] <= results[f"{prefix}/text_to_video_R@10"] <= 100
+        assert 1 <= results[f"{prefix}/text_to_video_median_rank"] <= 16
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["config"]["video"] == {"pool": "transformer", "frames": 4, "layers": 2}
+    assert checkpoint["model"]["temporal.proj.weight"].abs().max() > 0  # the temporal module trained
+
+    out = tmp_path / "video.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoint",
+                           str(tmp_path / "checkpoint.pt"), "--task", "video_retrieval", "--data",
+                           "moving_shapes:val:16", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = json.loads(out.read_text())
+    for direction in ("text_to_video", "video_to_text"):
+        for metric in ("R@1", "R@5", "R@10", "median_rank", "mean_rank"):
+            # the checkpoint scores as the run's own last evaluation did: the same model, clips and frames
+            assert written[f"{direction}_{metric}"] == pytest.approx(results[f"val/{direction}_{metric}"])
+    assert written["num_videos"] == 16 and written["num_texts"] == 16
+    # a video run still embeds single images: the image tasks run through its image tower
+    assert evaluation.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--task", "zeroshot", "--data",
+                            "shapes:val:16"])["num_images"] == 16
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--video.pool=max"], "video.pool must be one of mean, transformer; got 'max'"),
+    (["--data.val=shapes:val"], "data.val=shapes:val is not a video spec"),
+    (["--model.name=BLIP-tiny"], "model.name must be a CLIP preset (e.g. RN-tiny, ViT-B-32); got 'BLIP-tiny'"),
+    (["--loss.name=bow"], "loss.name must be one of clip, siglip for a video run"),
+])
+def test_bad_video_configs_fail_in_one_line(video_tokenizer, image_run, tmp_path, capsys, extra, message):
+    with pytest.raises(Failure):
+        train.main(video_args(video_tokenizer, tmp_path / "run", image_run, "--train.steps=1", *extra))
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error and error.startswith("config error:")
+
+
+def test_a_video_run_does_not_start_from_another_video_run(video_tokenizer, image_run, tmp_path, capsys):
+    train.main(video_args(video_tokenizer, tmp_path / "first", image_run, "--train.steps=1", "--data.val="))
+    with pytest.raises(Failure):
+        train.main(video_args(video_tokenizer, tmp_path / "second", str(tmp_path / "first" / "checkpoint.pt"),
+                              "--train.steps=1"))
+    assert "is a video run; a video run starts from an image CLIP run" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- Flamingo over frames (models/flamingo.py)
 
 
 def tiny_flamingo(max_num_frames: int | None = 4, seed: int = 0):
-    from crossmodal.models import create_lm
-    from crossmodal.models.flamingo import Flamingo
-
     torch.manual_seed(seed)
     vision = create_model("ViT-tiny", image_size=32).visual
     lang_model = create_lm("lm-tiny", vocab_size=64, context_length=32)

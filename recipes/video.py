@@ -1,0 +1,87 @@
+"""Video CLIP (CLIP4Clip, Luo et al., 2022; models/video.py): a CLIP preset trained contrastively on clips and their
+captions, started from an image CLIP run. Chosen for any config whose data.train is a video spec (moving_shapes,
+video_csv, msrvtt); `video.pool` picks mean pooling or the temporal Transformer, `video.frames` the frames a clip.
+
+    python train.py --config configs/video/tiny_moving_shapes.yaml --video.pool=transformer \\
+        --model.pretrained=runs/clip_tiny_shapes/checkpoint.pt
+    python eval.py --checkpoint RUN/checkpoint.pt --task video_retrieval --data moving_shapes:val --out F.json
+
+Everything but the model, the data's frames and the evaluation is the contrastive recipe's (recipes/clip.py): the
+loss (clip or siglip), exact accumulation, the temperature and its clamp, and the start's tokenizer. The image CLIP
+run's weights load into the wrapped CLIP (`clip.`); the temporal module starts as mean pooling (zero projection),
+so step 0 scores what the image model scores on the frame average. During training the run reports video retrieval
+on data.val (and moving_shapes:val_order, the val clips whose captions depend on order alone, as `val_order/`) and
+on data.heldout. A video run's checkpoint still embeds single images, so the image tasks work on it too.
+FSDP is not supported (`sharded`).
+"""
+import torch
+
+from crossmodal import checkpointing
+from crossmodal.config import ConfigError
+from crossmodal.data import is_video_spec
+from crossmodal.evaluation import video
+from crossmodal.models import MODELS
+from crossmodal.models.video import POOLS, VideoCLIP
+from crossmodal.recipes.clip import LOSSES, ClipRecipe
+
+
+def is_video_run(cfg) -> bool:
+    """A run on clips: data.train is a video spec."""
+    return is_video_spec(cfg.data.train)
+
+
+class VideoRecipe(ClipRecipe):
+    """Contrastive clip-text training of a CLIP preset with temporal pooling (module docstring)."""
+
+    tasks = ("video_retrieval", *ClipRecipe.tasks)
+    sharded = False
+
+    def inputs(self) -> tuple[int, int]:
+        if self.cfg.model.name not in MODELS:
+            raise ConfigError(self.not_clip())
+        return super().inputs()
+
+    def not_clip(self) -> str:
+        return (f"data.train={self.cfg.data.train} is a video spec, trained as a video CLIP: model.name must be a "
+                f"CLIP preset (e.g. RN-tiny, ViT-B-32); got '{self.cfg.model.name}'")
+
+    def check(self, world_size: int) -> str | None:
+        cfg = self.cfg
+        if cfg.model.name not in MODELS:
+            return self.not_clip()
+        if cfg.video.pool not in POOLS:
+            return f"video.pool must be one of {', '.join(POOLS)}; got '{cfg.video.pool}'"
+        if cfg.loss.name not in LOSSES:
+            return (f"loss.name must be one of {', '.join(LOSSES)} for a video run (data.train={cfg.data.train}); "
+                    f"got '{cfg.loss.name}'")
+        if cfg.finetune.strategy not in ("", "lora"):
+            return (f"finetune.strategy={cfg.finetune.strategy} fine-tunes an image classifier; data.train="
+                    f"{cfg.data.train} is a video spec (a video run trains contrastively, or with lora)")
+        for key in ("val", "heldout"):
+            spec = getattr(cfg.data, key)
+            if spec and not is_video_spec(spec):
+                return (f"data.{key}={spec} is not a video spec; a video run evaluates video retrieval on it (e.g. "
+                        f"moving_shapes:{key}, video_csv:FILE), or '' for none")
+        start = checkpointing.read_run(cfg.model.pretrained) if cfg.model.pretrained else None
+        if start is not None and is_video_spec(start["config"]["data"]["train"]):
+            return (f"model.pretrained '{cfg.model.pretrained}' is a video run; a video run starts from an image CLIP "
+                    f"run's checkpoint.pt (continue a video run with --resume)")
+        return super().check(world_size)
+
+    def build_model(self, tokenizer, pretrained: bool = True) -> torch.nn.Module:
+        """The CLIP preset (with model.pretrained's weights for a new run), wrapped for clips."""
+        clip = super().build_model(tokenizer, pretrained)
+        video_cfg = self.cfg.video
+        return VideoCLIP(clip, video_cfg.pool, max_frames=video_cfg.frames, temporal_layers=video_cfg.layers)
+
+    def loader_options(self) -> dict:
+        return {"frames": self.cfg.video.frames}
+
+    def evaluate(self, model, tokenizer, device, writer=None, step: int = 0) -> dict:
+        return video.evaluate_run(self.cfg, model, tokenizer, device)
+
+    def run_task(self, task: str, model, tokenizer, spec: str, args) -> dict:
+        if task != "video_retrieval":
+            return super().run_task(task, model, tokenizer, spec, args)  # images, through the image tower
+        return video.video_retrieval(model, tokenizer, spec, self.cfg.data.image_size, self.cfg.video.frames,
+                                     args.device, args.batch_size, args.workers, self.cfg.data, self.cfg.seed)
