@@ -14,7 +14,7 @@ Captions name what happens in order, e.g. "a red circle moves left, then a blue 
 nothing happens says what stays still. Every event's time reversal is another event (left <-> right,
 up <-> down, turns blue from red <-> turns red from blue, appears <-> disappears), so a caption of a clip with
 events is false of the reversed clip, whose frames are the same set: neither a single frame nor the frame average
-can answer it. Vocabulary and captions stay small (at most 11 words) for a CPU demo.
+can answer it. Vocabulary and captions stay small (28 words, at most 12 a caption) for a CPU demo.
 
 Splits (position = split id in the random seed):
     train, val   clips without the held-out (shape, event) pairs below, 15% still, 45% one event, 40% two

@@ -236,7 +236,7 @@ def test_moving_shapes_is_deterministic_and_fast():
     other = MovingShapesDataset("train", 64, 50, seed=1)
     assert [a.texts(i)["caption"] for i in range(20)] != [other.texts(i)["caption"] for i in range(20)]
     captions_ = [a.texts(i)["caption"] for i in range(50)]
-    assert max(len(text.split()) for text in captions_) <= 16
+    assert max(len(text.split()) for text in captions_) <= 12
     # sampled frames are the matching frames of the whole clip
     whole, picked = a[3]["frames"], a.item(3, 4)["frames"]
     indices = sample_indices(len(whole), 4)
@@ -262,6 +262,8 @@ def test_moving_shapes_splits_hold_out_their_pairs():
     assert len(val_captions) > 150  # not a handful of repeated sentences
     with pytest.raises(ValueError, match="splits train, val, heldout, val_order"):
         build_dataset("moving_shapes:test")
+    with pytest.raises(ValueError, match="pairs .* must be even"):
+        build_dataset("moving_shapes:val_order:7")
 
 
 def test_val_order_pairs_are_exact_reversals_with_other_captions():
