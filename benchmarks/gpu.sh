@@ -160,6 +160,8 @@ needs="import transformers" step "BLIP-base step and captioning vs transformers,
   python3 benchmarks/bench_blip.py --device cuda --precision bf16 --batch 16 --rounds 3
 needs="from open_flamingo.src import helpers" step "Flamingo resampler + gated cross-attention vs OpenFlamingo, bf16" \
   25 python3 benchmarks/bench_flamingo.py --device cuda --precision bf16 --preset 3b --batch 8 --rounds 5
+needs="import transformers" step "LLaVA small step and greedy generation vs transformers, fp32 and bf16" 25 \
+  python3 benchmarks/bench_llava.py --device cuda --config small --steps 10 --rounds 5
 
 # 5. Each demo config for 20 steps under torchrun on the GPU, as .ci/run's smoke runs (on one process); BLIP starts
 #    from the CLIP run's image tower and Flamingo from the LM run.
