@@ -112,7 +112,8 @@ def ranking_recalls(image_to_text: torch.Tensor, text_to_image_scores: torch.Ten
                                               unreadable[text_to_image])):
         ranked = scores.argsort(dim=-1, descending=True, stable=True)
         found = truth.gather(1, ranked)  # (queries, candidates) True where a true match sits
-        first = found.float().argmax(-1).masked_fill(missed, scores.shape[-1])  # rank of the best-placed true match
+        first = found.float().argmax(-1)  # rank of the best-placed true match
+        first = first.masked_fill(missed, max(scores.shape[-1], *ks))  # a missed query is found at no K
         for k in ks:
             results[f"{direction}_R@{k}"] = 100.0 * (first < k).float().mean().item()
     return results

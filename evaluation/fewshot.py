@@ -19,6 +19,11 @@ protocol (`open_flamingo/eval/evaluate.py`, Alayrac et al. 2022 section 3):
 - VQA accuracy (the VQAv2 soft accuracy with ten answers, exact match with one) and CIDEr (metrics/caption.py),
   as mean and standard deviation over seeds.
 
+Video specs (moving_shapes with its questions, video_csv and msrvtt with their captions) are answered over clips:
+each query and demonstration is `frames` frames sampled at evaluation's fixed positions, one `<image>` each, which
+the Flamingo's resampler turns into as many tokens as an image (with its time embeddings, if it has them); RICES
+compares clips by the mean of their frames' embeddings.
+
 `shapes_icl:SPLIT[:N]` queries are the first N shapes images of the split, each to be named by its colour in its
 own episode's made-up words (query i: episode i), with the captioning prompt its episodes train on
 (`<image> Output: dax`) and scored as VQA accuracy; every demonstration of query i is answered in episode i's
@@ -42,7 +47,9 @@ from crossmodal.data.bad_samples import BadSample, BadSampleCount
 from crossmodal.data.image_files import ImageFiles
 from crossmodal.data.interleaved import (CAPTION_CUE, END_OF_CHUNK, MEDIA, InterleavedCollate, ShapesICL, caption_prompt,
                               vqa_prompt)
+from crossmodal.data.moving_shapes import MovingShapesDataset
 from crossmodal.data.transforms import image_transform
+from crossmodal.data.video import ClipFiles
 from crossmodal.metrics.caption import caption_scores
 from crossmodal.metrics.vqa import normalize_answer, vqa_accuracy
 
@@ -54,12 +61,15 @@ class FewShotData:
     """Queries and a demonstration pool (module docstring): `example(index, episode)` -> dict(image (3, H, W),
     question, answers, captions) of query `index`, `demonstration(index, episode)` the same of pool entry `index`;
     `episode` only matters for shapes_icl (whose words answer the questions). `pool_position[index]`: where a query
-    sits in the pool when the pool is drawn from the queries' own spec (it is then left out of its own draws)."""
+    sits in the pool when the pool is drawn from the queries' own spec (it is then left out of its own draws).
+    frames: a video spec's frames per clip (its examples' `image` is then (frames, 3, H, W))."""
 
     def __init__(self, spec: str, image_size: int, seed: int = 0, options=None, pool_size: int = 2048,
-                 num_queries: Optional[int] = None):
-        self.spec = spec
+                 num_queries: Optional[int] = None, frames: int = 0):
+        self.spec, self.frames = spec, frames
         self.base = map_style_dataset(spec, image_size, seed, options)
+        if isinstance(self.base, (MovingShapesDataset, ClipFiles)) and frames <= 0:
+            raise ValueError(f"{spec} holds clips: few-shot prompts over it need frames > 0 per clip; got {frames}")
         self.transform = image_transform(image_size, train=False)
         base = self.base
         if isinstance(base, ShapesICL):
@@ -96,13 +106,19 @@ class FewShotData:
         if isinstance(source, ShapesICL):
             item = source.example(index, episode, words=self.base.words(episode))
             item["captions"] = [item["caption"]]
+        elif isinstance(source, ClipFiles):  # (an ImageFiles of clips)
+            item = {"frames": source.clip(index, self.frames), "captions": self.references[index], "question": None,
+                    "answers": None}
         elif isinstance(source, ImageFiles):
             item = {"image": source.image(index), "captions": self.references[index], "question": None,
                     "answers": None}
         else:
-            raw = source[index]
-            item = {"image": raw["image"], "question": raw.get("question"), "captions": [raw.get("caption")],
-                    "answers": raw.get("answers", [raw["answer"]] if "answer" in raw else None)}
+            raw = source.item(index, self.frames) if isinstance(source, MovingShapesDataset) else source[index]
+            item = {"question": raw.get("question"), "captions": [raw.get("caption")],
+                    "answers": raw.get("answers", [raw["answer"]] if "answer" in raw else None),
+                    **{key: raw[key] for key in ("image", "frames") if key in raw}}
+        if "frames" in item:  # a clip: (frames, 3, H, W)
+            return {**item, "image": torch.stack([self.transform(frame) for frame in item.pop("frames")])}
         return {**item, "image": self.transform(item["image"])}
 
 
@@ -122,8 +138,10 @@ def image_features(model, data: FewShotData, indices: list[int], device, pool: b
             except BadSample:
                 readable.append(False)
         if images:
-            features.append(torch.nn.functional.normalize(model.vision_encoder(torch.stack(images).to(device)).float(),
-                                                          dim=-1).cpu())
+            batch = torch.stack(images).to(device)  # (N, 3, H, W), or clips (N, frames, 3, H, W)
+            embeddings = model.vision_encoder(batch.flatten(0, batch.dim() - 4)).float()  # (N * frames, D)
+            embeddings = embeddings.view(len(images), -1, embeddings.shape[-1]).mean(1)  # a clip: its frames' mean
+            features.append(torch.nn.functional.normalize(embeddings, dim=-1).cpu())
     readable = torch.tensor(readable, dtype=torch.bool)
     rows = torch.zeros(len(indices), features[0].shape[-1] if features else 1)
     if features:
@@ -252,10 +270,11 @@ def evaluate_shots(model, tokenizer, data: FewShotData, task: str, shots: int, s
 
 def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, shots=(0, 4, 8), seeds=(0, 1, 2),
              rices: bool = False, options=None, batch_size: int = 32, num_beams: int = 3, pool_size: int = 2048,
-             num_queries: Optional[int] = None, log=print, prompts: str = "ours") -> dict:
+             num_queries: Optional[int] = None, log=print, prompts: str = "ours", frames: int = 0) -> dict:
     """{"shots": {"0": {"mean", "std", "runs", "affected_queries"}, ...}, "metric", "num_queries", "pool_size",
     "demonstrations", "prompts", "affected_queries" (the most of any run)} (see module doc; prompts: one of
-    PROMPTS). Stops (BadInput) once a run's affected queries pass data.max_bad_fraction."""
+    PROMPTS; frames: a video spec's frames per clip). Stops (BadInput) once a run's affected queries pass
+    data.max_bad_fraction."""
     if task not in TASKS:
         raise ValueError(f"few-shot tasks: {', '.join(TASKS)}; got {task!r}")
     if prompts not in PROMPTS:
@@ -265,9 +284,11 @@ def evaluate(model, tokenizer, spec: str, task: str, image_size: int, device, sh
     if not seeds or not shots:
         raise BadInput(f"few-shot evaluation needs at least one seed and one shot count; got seeds {list(seeds)}, "
                        f"shots {list(shots)}")
-    data = FewShotData(spec, image_size, 0, options, pool_size, num_queries)
-    if task == "fewshot_vqa" and not (has_questions(data.base) or isinstance(data.base, ShapesICL)):
-        raise ValueError(f"{spec}: fewshot_vqa needs questions (shapes, shapes_icl, vqa with annotations)")
+    data = FewShotData(spec, image_size, 0, options, pool_size, num_queries, frames)
+    if task == "fewshot_vqa" and not (has_questions(data.base) or isinstance(data.base, (ShapesICL,
+                                                                                         MovingShapesDataset))):
+        raise ValueError(f"{spec}: fewshot_vqa needs questions (shapes, shapes_icl, moving_shapes, vqa with "
+                         f"annotations)")
     max_fraction = (options or DataConfig()).max_bad_fraction
     similarity = None
     if rices:

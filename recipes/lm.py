@@ -11,7 +11,7 @@ import os
 import torch
 
 from crossmodal.config import Config
-from crossmodal.data import INTERLEAVED
+from crossmodal.data import INTERLEAVED, is_video_spec
 from crossmodal.data.tokenizer import PAD_ID, GPTNeoXTokenizer
 from crossmodal.evaluation import fewshot
 from crossmodal.losses import lm_labels, lm_loss
@@ -133,7 +133,8 @@ class FlamingoRecipe(LanguageModelRecipe):
         return fewshot.evaluate(model, tokenizer, spec, task, self.cfg.data.image_size, args.device,
                                 args.shots or [0, 4, 8], seeds, args.rices, self.cfg.data, args.batch_size,
                                 args.num_beams, num_queries=args.num_queries,
-                                prompts="open_flamingo" if released else "ours")
+                                prompts="open_flamingo" if released else "ours",
+                                frames=self.cfg.video.frames if is_video_spec(spec) else 0)  # clips as media
 
     @classmethod
     def load_released(cls, name: str, pretrained: str, vision: str | None = None, lm: str | None = None, **unused):

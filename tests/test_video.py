@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,10 +17,11 @@ from crossmodal import eval as evaluation
 from crossmodal import train
 from crossmodal.config import Failure, load_config
 from crossmodal.data import build_dataset
-from crossmodal.data.tokenizer import train_sentencepiece
+from crossmodal.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from crossmodal.evaluation import fewshot
 from crossmodal.evaluation.contrastive import ranking_recalls
 from crossmodal.evaluation.video import match_ranks, video_retrieval_metrics
-from crossmodal.models import create_lm, create_model
+from crossmodal.models import create_flamingo, create_lm, create_model
 from crossmodal.models.flamingo import Flamingo
 from crossmodal.models.video import VideoCLIP
 from crossmodal.recipes import recipe_for, resolve
@@ -346,3 +348,105 @@ def test_flamingo_takes_images_as_one_frame_clips():
     with torch.no_grad():
         torch.testing.assert_close(model.encode_media(images), model.encode_media(images[:, :, None]))
     assert model.perceiver.frame_embs is None  # released OpenFlamingo models have none
+
+
+@pytest.fixture(scope="module")
+def flamingo_and_tokenizer(tmp_path_factory):
+    """Flamingo-tiny (no time embeddings: create_flamingo's presets have none) and a tokenizer of moving_shapes'
+    captions, questions and answers."""
+    dataset = build_dataset("moving_shapes:train:200")
+    texts = [text for i in range(len(dataset)) for item in [dataset.texts(i)]
+             for text in (item["caption"], f"question: {item['question']} answer: {item['answer']}")]
+    path = train_sentencepiece(texts, tmp_path_factory.mktemp("flamingo") / "tok", 300, flamingo_tokens=True)
+    tokenizer = SentencePieceTokenizer(path, context_length=96)
+    torch.manual_seed(0)
+    return create_flamingo("Flamingo-tiny", tokenizer, image_size=32, context_length=96).eval(), tokenizer
+
+
+def test_fewshot_vqa_on_moving_shapes_prompts_with_clips(flamingo_and_tokenizer, monkeypatch):
+    model, tokenizer = flamingo_and_tokenizer
+    media_shapes = []
+    generate = model.generate
+
+    def recording_generate(images, prompts, **kwargs):
+        media_shapes.append(tuple(images.shape))
+        return generate(images, prompts, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    results = fewshot.evaluate(model, tokenizer, "moving_shapes:val:6", "fewshot_vqa", 32, "cpu", shots=(0, 2),
+                               seeds=(0,), rices=True, frames=4, log=None)
+    assert results["num_queries"] == 6 and results["metric"] == "accuracy"
+    assert all(0 <= results["shots"][shots]["mean"] <= 100 for shots in ("0", "2"))
+    # 0 shots: the query's clip alone; 2 shots: two demonstration clips and the query's, each 4 frames
+    assert media_shapes == [(6, 1, 4, 3, 32, 32), (6, 3, 4, 3, 32, 32)]
+    with pytest.raises(ValueError, match="holds clips: few-shot prompts over it need frames > 0"):
+        fewshot.evaluate(model, tokenizer, "moving_shapes:val:6", "fewshot_vqa", 32, "cpu", shots=(0,), seeds=(0,))
+
+    # eval.py's path: a Flamingo run's recipe gives a video spec video.frames frames a clip
+    cfg = load_config(None, ["--model.name=Flamingo-tiny", "--data.image_size=32", "--video.frames=3"])
+    args = SimpleNamespace(seeds=[1], model=None, shots=[0], rices=False, batch_size=32, num_beams=1,
+                           num_queries=None, device="cpu")
+    media_shapes.clear()
+    assert recipe_for(cfg).run_task("fewshot_vqa", model, tokenizer, "moving_shapes:val:6", args)["num_queries"] == 6
+    assert media_shapes == [(6, 1, 3, 3, 32, 32)]
+
+
+# ---------------------------------------------------------------- clips from files (video_csv, several captions)
+
+
+def numbered_tokens(texts: list[str]) -> torch.Tensor:
+    """A stand-in tokenizer: (T, 8) ids that differ per caption."""
+    return torch.arange(len(texts) * 8).reshape(len(texts), 8) % 60 + 1
+
+
+@pytest.fixture
+def clip_csv(tmp_path) -> str:
+    """Three mp4 clips with two captions each, and a fourth file that is no video (its caption's clip is unreadable)."""
+    from tests.test_video_data import write_clip, write_csv
+
+    (tmp_path / "clips").mkdir()
+    for name, count in (("a", 12), ("b", 9), ("c", 15)):
+        write_clip(tmp_path / "clips" / f"{name}.mp4", count=count)
+    (tmp_path / "clips" / "broken.mp4").write_bytes(b"not a video")
+    rows = [("clips/a.mp4", "grey fades in"), ("clips/b.mp4", "a short fade"), ("clips/broken.mp4", "nothing"),
+            ("clips/c.mp4", "a long fade"), ("clips/a.mp4", "it gets brighter"), ("clips/b.mp4", "brief"),
+            ("clips/c.mp4", "slowly lighter")]
+    return "video_csv:" + write_csv(tmp_path, rows)
+
+
+def test_video_retrieval_on_clip_files_with_several_captions_and_an_unreadable_clip(clip_csv):
+    from crossmodal.data.transforms import image_transform
+    from crossmodal.data.video import read_clip
+    from crossmodal.evaluation.video import video_retrieval
+
+    model = VideoCLIP(create_model("ViT-tiny", vocab_size=64, context_length=8, image_size=32), "mean").eval()
+    results = video_retrieval(model, numbered_tokens, clip_csv, 32, 2, "cpu", batch_size=3)
+    assert (results["num_videos"], results["num_texts"], results["bad_videos"], results["affected_captions"]) == \
+        (4, 7, 1, 1)
+    # the same metrics computed by hand: each clip's frames through the evaluation transform, the broken one a miss
+    folder = os.path.dirname(clip_csv.partition(":")[2])
+    transform = image_transform(32, train=False)
+    with torch.no_grad():
+        clips = torch.stack([torch.stack([transform(frame) for frame in read_clip(
+            os.path.join(folder, "clips", f"{name}.mp4"), 2)]) for name in ("a", "b", "a", "c")])  # broken: any
+        videos = model.encode_video(clips, normalize=True)
+        texts = model.encode_text(numbered_tokens(["x"] * 7), normalize=True)
+    expected = video_retrieval_metrics(videos, texts, torch.tensor([0, 1, 2, 3, 0, 1, 3]),
+                                       torch.tensor([False, False, True, False]))
+    assert {key: results[key] for key in expected} == pytest.approx(expected)
+    assert results["text_to_video_R@10"] == pytest.approx(100 * 6 / 7)  # all but the broken clip's caption
+
+
+def test_fewshot_caption_over_clip_files(flamingo_and_tokenizer, tmp_path):
+    from tests.test_video_data import write_clip, write_csv
+
+    model, tokenizer = flamingo_and_tokenizer
+    (tmp_path / "clips").mkdir()
+    for name in "abc":
+        write_clip(tmp_path / "clips" / f"{name}.mp4", count=9)
+    spec = "video_csv:" + write_csv(tmp_path, [(f"clips/{name}.mp4", f"a red circle moves {way}")
+                                              for name, way in zip("abca", ("left", "right", "up", "down"))])
+    results = fewshot.evaluate(model, tokenizer, spec, "fewshot_caption", 32, "cpu", shots=(2,), seeds=(0,),
+                               rices=True, num_queries=1, frames=3, num_beams=1, log=None)
+    assert results["metric"] == "CIDEr" and results["num_queries"] == 1 and results["pool_size"] == 3  # (query left out)
+    assert results["shots"]["2"]["mean"] >= 0 and results["affected_queries"] == 0
