@@ -1,8 +1,10 @@
-"""Video CLIP (models/video.py, recipes/video.py, evaluation/video.py): mean pooling equals the mean of CLIP's
-normalised frame features; the temporal Transformer equals it at initialisation, changes after a step, sees frame
-order (mean pooling does not) and passes gradients to every part; the retrieval metrics (several captions per
-clip, MSR-VTT's protocol) against a brute-force count on hand-made similarities and a hand-computed case; and
-train.py end to end on moving_shapes from an image CLIP run, then eval.py --task video_retrieval."""
+"""Video CLIP (models/video.py, recipes/video.py, evaluation/video.py) and Flamingo over frames: mean pooling equals
+the mean of CLIP's normalised frame features; the temporal Transformer equals it at initialisation, changes after a
+step, sees frame order (mean pooling does not) and passes gradients to every part; the retrieval metrics (several
+captions per clip, MSR-VTT's protocol) against a brute-force count on hand-made similarities and a hand-computed
+case; train.py end to end on moving_shapes from an image CLIP run, then eval.py --task video_retrieval; retrieval over
+mp4 clips listed in a CSV (several captions, a broken file); the Flamingo resampler's time embeddings, and few-shot
+prompts over clips (moving_shapes questions, captions of mp4 clips)."""
 import json
 import os
 import subprocess
