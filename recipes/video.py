@@ -2,8 +2,9 @@
 captions, started from an image CLIP run. Chosen for any config whose data.train is a video spec (moving_shapes,
 video_csv, msrvtt); `video.pool` picks mean pooling or the temporal Transformer, `video.frames` the frames a clip.
 
-    python train.py --config configs/video/tiny_moving_shapes.yaml --video.pool=transformer \\
-        --model.pretrained=runs/clip_tiny_shapes/checkpoint.pt
+    python train.py --config configs/clip/tiny_shapes.yaml --model.pretrained=runs/clip_tiny_shapes/checkpoint.pt \\
+        --data.train=moving_shapes:train --data.val=moving_shapes:val --data.heldout=moving_shapes:heldout \\
+        --video.pool=transformer --video.frames=8 --out_dir=runs/video_transformer
     python eval.py --checkpoint RUN/checkpoint.pt --task video_retrieval --data moving_shapes:val --out F.json
 
 Everything but the model, the data's frames and the evaluation is the contrastive recipe's (recipes/clip.py): the
