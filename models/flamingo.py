@@ -34,6 +34,9 @@ into a HuggingFace instance at run time (`extend_instance`), and the media of a 
 LayerNorm: OpenFlamingo takes the tokens of open_clip's `VisionTransformer(output_tokens=True)`, and the open_clip
 of its training (2023) applied `ln_post` to the pooled CLS token only; later open_clip versions
 (`final_ln_after_pool=False`) normalise every token, which the released weights never saw.
+The vision encoder may also be CLIP's ResNet (`Flamingo-RN-tiny`, beside LLaVA's and BLIP's demos on the CLIP demo's
+tower): its attention pool's tokens (`ModifiedResNet.forward_tokens`: the pooled token and the grid cells) go to the
+resampler, and it stays in eval mode, so BatchNorm keeps the CLIP run's statistics.
 `freeze_for_training` (called by train.py) leaves trainable only the resampler, the cross-attention blocks and
 the `<image>` and `<|endofchunk|>` rows of the token embedding.
 """
@@ -47,6 +50,7 @@ from crossmodal.losses import interleaved_labels, lm_loss
 from crossmodal.models.generation import generate
 from crossmodal.models.layers import CrossAttention, KVCache, Mlp
 from crossmodal.models.lm import DecoderLM
+from crossmodal.models.resnet import ModifiedResNet
 from crossmodal.models.vit import VisionTransformer
 
 
@@ -184,6 +188,11 @@ FLAMINGO_MODELS = {
     "OpenFlamingo-3B-vitl-mpt1b": dict(
         vision="ViT-L-14-quickgelu", lm="mpt-1b-redpajama-200b", cross_attn_every_n_layers=1, vision_final_norm=False,
     ),
+    # The CLIP demo's RN-tiny tower (its 5 attention-pool tokens at 64x64), as the BLIP and LLaVA demos use it.
+    "Flamingo-RN-tiny": dict(
+        vision="RN-tiny", lm="lm-tiny", cross_attn_every_n_layers=1, perceiver_depth=2, perceiver_heads=4,
+        perceiver_dim_head=32, num_latents=8, heads=4, dim_head=32, ff_mult=2,
+    ),
     "Flamingo-tiny": dict(  # a one-layer ViT-tiny: a random frozen encoder gains nothing from depth
         vision="ViT-tiny", vision_layers=1, lm="lm-tiny", cross_attn_every_n_layers=1, perceiver_depth=2, perceiver_heads=4,
         perceiver_dim_head=32, num_latents=8, heads=4, dim_head=32, ff_mult=2,
@@ -196,7 +205,7 @@ class Flamingo(nn.Module):
 
     def __init__(
         self,
-        vision_encoder: VisionTransformer,
+        vision_encoder: VisionTransformer | ModifiedResNet,
         lang_model: DecoderLM,
         media_token_id: int,
         eoc_token_id: int,
@@ -216,7 +225,8 @@ class Flamingo(nn.Module):
         super().__init__()
         self.media_token_id, self.eoc_token_id, self.pad_token_id = media_token_id, eoc_token_id, pad_token_id
         self.vision_final_norm = vision_final_norm
-        vis_dim = vision_encoder.transformer.width
+        resnet = isinstance(vision_encoder, ModifiedResNet)
+        vis_dim = vision_encoder.output_dim if resnet else vision_encoder.transformer.width
         lang_dim = lang_model.token_embedding.embedding_dim
         self.vision_encoder = vision_encoder
         self.perceiver = PerceiverResampler(
@@ -239,10 +249,18 @@ class Flamingo(nn.Module):
             images = images.unsqueeze(2)  # an image is a one-frame clip
         batch, num_media = images.shape[:2]
         with torch.no_grad():  # the vision encoder is frozen: no activations kept for it
-            tokens = self.vision_encoder.forward_features(images.flatten(0, 2), self.vision_final_norm)
-        tokens = tokens[:, 1:]  # (B * T_media * frames, HW, vis_dim): the patch tokens
+            if isinstance(self.vision_encoder, ModifiedResNet):  # (B * T_media * frames, 1 + HW, vis_dim)
+                tokens = self.vision_encoder.forward_tokens(images.flatten(0, 2))
+            else:  # (B * T_media * frames, HW, vis_dim): the patch tokens
+                tokens = self.vision_encoder.forward_features(images.flatten(0, 2), self.vision_final_norm)[:, 1:]
         tokens = rearrange(tokens, "(b t f) v d -> b t f v d", b=batch, t=num_media)
         return self.perceiver(tokens)
+
+    def train(self, mode: bool = True) -> "Flamingo":
+        """The frozen vision encoder stays in eval mode (a ResNet's BatchNorm statistics are its CLIP run's)."""
+        super().train(mode)
+        self.vision_encoder.eval()
+        return self
 
     def logits(
         self,

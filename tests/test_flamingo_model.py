@@ -249,3 +249,20 @@ def test_language_model_and_flamingo_runs_start_from_an_earlier_run(tmp_path, to
     cfg.model.pretrained = str(tmp_path)  # not a run's checkpoint
     with pytest.raises(ValueError, match="a Flamingo run starts from another run's checkpoint.pt"):
         model_from_config(cfg, tokenizer)
+
+
+def test_a_resnet_tower_gives_its_attention_pool_tokens_and_keeps_its_statistics(tokenizer):
+    """Flamingo-RN-tiny: the resampler reads the CLIP ResNet's 5 attention-pool tokens (the pooled one and the 2x2
+    grid at 64x64), and training mode leaves the frozen tower's BatchNorm statistics as they were."""
+    torch.manual_seed(0)
+    model = create_flamingo("Flamingo-RN-tiny", tokenizer, image_size=64, context_length=96)
+    tower = model.vision_encoder
+    images = torch.randn(2, 3, 3, 64, 64)  # (B, T_media, 3, H, W)
+    statistics = {name: buffer.clone() for name, buffer in tower.named_buffers()}
+    model.train()
+    assert not tower.training and model.perceiver.training
+    media = model.encode_media(images)
+    assert media.shape == (2, 3, 8, tower.output_dim)  # (B, T_media, latents, vis_dim)
+    assert all(torch.equal(buffer, statistics[name]) for name, buffer in tower.named_buffers())
+    expected = model.perceiver(tower.forward_tokens(images.flatten(0, 1)).view(2, 3, 1, 5, tower.output_dim))
+    torch.testing.assert_close(media, expected)
