@@ -6,7 +6,7 @@ features into one video feature:
 - `mean`: the average of the L2-normalised frame features (CLIP4Clip's parameter-free meanP);
 - `transformer`: CLIP4Clip's seqTransf: learned frame position embeddings are added, a small temporal Transformer
   (the shared `models.layers.Transformer`, width embed_dim) runs over the frames, and its output is added
-  residually to the frame features before they are normalised and averaged. Unlike meanP it sees frame order,
+  residually to the frame features before they are normalised again and averaged. Unlike meanP it sees frame order,
   so it can tell "moves left, then turns red" from "turns red, then moves left".
 The text tower and the temperature are the CLIP's, and `forward` returns what CLIP's does (video features under
 `image_features`), so the contrastive losses and `recipes.base.contrastive_step` apply unchanged.
@@ -16,6 +16,9 @@ Deliberate differences from CLIP4Clip's `modules/modeling.py` (`_loose_similarit
   proj`) before the residual, so at initialisation `transformer` pools exactly as `mean` does and a run that
   starts from an image CLIP loses nothing. CLIP4Clip instead copies the first layers of CLIP's text Transformer
   and its position embeddings into the temporal module, which changes the features at step 0;
+- the temporal module takes the normalised frame features (CLIP4Clip: the raw ones), so its position embeddings
+  (std 0.02) are a fixed share of its input whatever the image tower's feature scale (the tiny RN's features have
+  norm ~30, which would make them 0.7% of it). Mean pooling is unchanged: it averages normalised frames either way;
 - clips have a fixed number of frames (the data samples `video.frames` uniformly), so there is no video mask;
 - its blocks are pre-norm `models.layers.Block`s (CLIP's residual attention blocks are the same computation).
 """
@@ -81,9 +84,9 @@ class VideoCLIP(nn.Module):
         self.clip.set_grad_checkpointing(enable)
 
     def encode_frames(self, clips: torch.Tensor) -> torch.Tensor:
-        """Per-frame features (B, T, D) of the image tower, after the temporal module (unnormalised)."""
+        """Per-frame features (B, T, D): the image tower's, normalised, after the temporal module."""
         num_frames = clips.shape[1]
-        frames = self.clip.encode_image(rearrange(clips, "b t c h w -> (b t) c h w"))  # (B * T, D)
+        frames = self.clip.encode_image(rearrange(clips, "b t c h w -> (b t) c h w"), normalize=True)  # (B * T, D)
         return self.temporal(rearrange(frames, "(b t) d -> b t d", t=num_frames))  # (B, T, D)
 
     def encode_video(self, clips: torch.Tensor, normalize: bool = False) -> torch.Tensor:
