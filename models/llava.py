@@ -341,7 +341,8 @@ LLAVA_MODELS: dict[str, dict[str, Any]] = {
 LLAVA_RUN_MODELS: dict[str, dict[str, Any]] = {
     # The CLIP demo's RN-tiny (its attention pool's 5 tokens at 64x64: the pooled one and a 2x2 grid) and the LM
     # demo's lm-tiny; BLIP-RN-tiny's image tokens are the same 5.
-    "LLaVA-RN-tiny": dict(tower="RN-tiny", lm="lm-tiny", vision_feature_layer=-1, vision_feature_select_strategy="full"),
+    "LLaVA-RN-tiny": dict(tower="RN-tiny", lm="lm-tiny", vision_feature_layer=-1,
+                          vision_feature_select_strategy="full"),
     # ViT-tiny's 64 patches from its second-to-last block, as LLaVA-1.5 takes them.
     "LLaVA-ViT-tiny": dict(tower="ViT-tiny", lm="lm-tiny", vision_feature_layer=-2),
     "LLaVA-RN-llama-tiny": dict(tower="RN-tiny", lm="llama-tiny", vision_feature_layer=-1,

@@ -63,7 +63,8 @@ class LlavaRecipe(Recipe):
         if llava.train not in PARTS:
             return f"llava.train must be one of {', '.join(PARTS)}; got '{llava.train}'"
         if llava.select and llava.select not in FEATURE_STRATEGIES:
-            return f"llava.select must be one of {', '.join(FEATURE_STRATEGIES)} or '' (the preset's); got '{llava.select}'"
+            return (f"llava.select must be one of {', '.join(FEATURE_STRATEGIES)} or '' (the preset's); got "
+                    f"'{llava.select}'")
         if cfg.model.pretrained:
             if not is_run_checkpoint(cfg.model.pretrained):
                 return (f"model.pretrained '{cfg.model.pretrained}': a LLaVA run starts from another LLaVA run's "
@@ -77,7 +78,8 @@ class LlavaRecipe(Recipe):
                     return (f"{key} is empty: a new {cfg.model.name} starts from a CLIP run (model.vision_checkpoint) "
                             f"and a language-model run (llava.lm_checkpoint), or from a LLaVA run (model.pretrained)")
             if not is_run_checkpoint(cfg.model.vision_checkpoint):
-                return f"model.vision_checkpoint: no train.py checkpoint at '{cfg.model.vision_checkpoint}' (a CLIP run)"
+                return (f"model.vision_checkpoint: no train.py checkpoint at '{cfg.model.vision_checkpoint}' (a CLIP "
+                        f"run)")
             lm = llava.lm_checkpoint
             if not is_run_checkpoint(lm):
                 problem = released_folder_problem("llava.lm_checkpoint", lm, LLAVA_RUN_MODELS[cfg.model.name]["lm"])

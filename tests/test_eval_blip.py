@@ -240,7 +240,8 @@ def test_a_clip_checkpoint_cannot_caption(tmp_path, blip_run):
     path = write_checkpoint(tmp_path / "clip.pt", cfg, model, blip_tokenizer)
     for task in ("caption", "vqa"):
         with pytest.raises(SystemExit, match=f"a ViT-tiny model \\(ClipRecipe\\) cannot do --task {task}; its tasks: "
-                                             f"zeroshot, retrieval, linear_probe, binding \\(--task {task} is BlipRecipe's\\)"):
+                                             f"zeroshot, retrieval, linear_probe, binding \\(--task {task} is "
+                                             f"BlipRecipe and LlavaRecipe's\\)"):
             evaluation.main(["--checkpoint", path, "--task", task, "--data", "shapes:val:2"])
 
 
