@@ -52,6 +52,7 @@ from crossmodal.data.csv_pairs import load_csv
 from crossmodal.data.image_files import ImageFiles
 from crossmodal.data.imagefolder import ImageFolder
 from crossmodal.data.interleaved import InterleavedCollate, InterleavedDocuments, InterleavedShards, shapes_icl
+from crossmodal.data import moving_shapes
 from crossmodal.data.moving_shapes import MovingShapesDataset
 from crossmodal.data.shapes import ShapesDataset
 from crossmodal.data.transforms import image_transform
@@ -270,11 +271,21 @@ class ImageTextDataset(Dataset):
 class VideoTextDataset(ImageTextDataset):
     """ImageTextDataset for clips: `frames` frames sampled uniformly from each (data/video.py), at offsets drawn from
     (seed, epoch, index) when `train`, at each segment's middle otherwise; the same crop for all of a clip's frames.
-    The training transform never flips (data/transforms.py), so "moves left" stays true."""
+    The training transform never flips (data/transforms.py), so "moves left" stays true.
 
-    def __init__(self, base: Dataset, transform, seed: int = 0, frames: int = 8, train: bool = False):
+    reverse (moving_shapes only, video.reverse_negatives): each item also carries `reversed_image`, exactly its
+    sampled frames in reverse order under the same crop, and `reversed_caption`, the caption of the reversed clip
+    (data/moving_shapes.py's `reverse`). A still clip is its own reversal, and a second copy of its pair in the batch
+    would be a duplicate positive; its reversed slot instead holds the reversal of the next clip with events (index
+    i + 1, i + 2, ..., at that clip's own training offsets), so every process still has two rows a clip."""
+
+    def __init__(self, base: Dataset, transform, seed: int = 0, frames: int = 8, train: bool = False,
+                 reverse: bool = False):
         super().__init__(base, transform, seed)
-        self.frames, self.train = frames, train
+        if reverse and not isinstance(base, MovingShapesDataset):
+            raise ValueError("reversed clips (video.reverse_negatives) need moving_shapes clips, whose time reversal "
+                             "has a known caption")
+        self.frames, self.train, self.reverse = frames, train, reverse
 
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -284,7 +295,25 @@ class VideoTextDataset(ImageTextDataset):
             return self.base.item(i, self.frames, offsets)
 
         item, bad_fields = _read_or_next(read, index, len(self.base))
-        return {**_augment(item, self.transform, self.seed, epoch, index), "index": index, **bad_fields}
+        if not self.reverse:
+            return {**_augment(item, self.transform, self.seed, epoch, index), "index": index, **bad_fields}
+        source = self._reversible(index)
+        other = item if source == index else read(source)
+        # both clips' frames through the same draws (_augment): the reversed clip gets exactly the same crop
+        sample = _augment({**item, "frames": item["frames"] + other["frames"][::-1]}, self.transform, self.seed,
+                          epoch, index)
+        image = sample.pop("image")  # (2 * frames, 3, H, W)
+        return {**sample, "image": image[: self.frames], "reversed_image": image[self.frames :],
+                "reversed_caption": moving_shapes.caption(moving_shapes.reverse(self.base.describe(source))),
+                "index": index, **bad_fields}
+
+    def _reversible(self, index: int) -> int:
+        """index, or for a still clip (its own reversal) the next clip with events."""
+        for step in range(len(self.base)):
+            if self.base.describe((index + step) % len(self.base)).events:
+                return (index + step) % len(self.base)
+        raise ValueError(f"moving_shapes:{self.base.split} of {len(self.base)} clips has no clip with events to "
+                         f"reverse (video.reverse_negatives)")
 
 
 class ImageTextStream(IterableDataset):
@@ -417,6 +446,9 @@ class Collate:
         if "caption" in items[0]:
             batch["caption"] = [item["caption"] for item in items]
             batch["tokens"] = self.tokenizer(batch["caption"])
+        if "reversed_caption" in items[0]:  # clips reversed in time (VideoTextDataset's reverse)
+            batch["reversed_image"] = torch.stack([item["reversed_image"] for item in items])
+            batch["reversed_tokens"] = self.tokenizer([item["reversed_caption"] for item in items])
         if "question" in items[0]:  # a family that builds its own rows from them (LLaVA's conversations)
             batch["question"] = [item["question"] for item in items]
             batch["answer"] = [item.get("answer", "") for item in items]
@@ -501,14 +533,15 @@ def interleaved_loader(cfg, tokenizer, rank: int, world_size: int, start_step: i
 
 def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0, text_only: bool = False,
                  qa_fraction: float = 0.0, prompt: str = "", induction_fraction: float = 0.0,
-                 negatives: bool = False, frames: int = 0) -> DataLoader:
+                 negatives: bool = False, frames: int = 0, reverse: bool = False) -> DataLoader:
     """This process's micro-batches (image, tokens, label, key, bad, bad_examples), from `start_step` on.
 
     text_only (interleaved specs): the text alone, for a language model; induction_fraction: that share of rows
     synthetic induction rows (InterleavedItems). qa_fraction and prompt: decoder rows for a family whose recipe asks
     for them (see Collate), on every spec kind, streams included. negatives: each sample's `negative_caption` as
     `negative_tokens` and `has_negative` (shapes specs: data/shapes.py's binding_negative). frames: video specs
-    (VIDEO) only, and needed there: each clip's number of frames, batches' `image` (B, frames, 3, H, W).
+    (VIDEO) only, and needed there: each clip's number of frames, batches' `image` (B, frames, 3, H, W). reverse
+    (moving_shapes): each clip reversed in time as `reversed_image` with `reversed_tokens` (VideoTextDataset).
 
     Map-style specs go through GlobalBatchSampler and stop after train.steps; a wds stream never ends.
     With wds, each process uses at most as many workers as it has shards (the others would idle).
@@ -535,10 +568,12 @@ def train_loader(cfg, tokenizer, rank: int, world_size: int, start_step: int = 0
                          f"data.train '{data.train}' holds images: frames={frames} applies to video specs only "
                          f"({', '.join(VIDEO)})")
     base = build_dataset(data.train, data.image_size, cfg.seed, data, train=True)
+    if reverse and not isinstance(base, MovingShapesDataset):
+        raise ValueError(f"data.train: '{data.train}' has no time-reversed captions (moving_shapes specs do)")
     if negatives and not hasattr(base, "negative_caption"):
         raise ValueError(f"data.train: '{data.train}' has no attribute-swapped negative captions (shapes specs do)")
     if frames:
-        dataset = VideoTextDataset(base, transform, cfg.seed, frames, train=True)
+        dataset = VideoTextDataset(base, transform, cfg.seed, frames, train=True, reverse=reverse)
     else:
         dataset = ImageTextDataset(base, transform, cfg.seed, negatives)
     sampler = GlobalBatchSampler(len(dataset), train.batch_size, train.steps, rank, world_size,

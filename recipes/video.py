@@ -12,8 +12,13 @@ loss (clip or siglip), exact accumulation, the temperature and its clamp, and th
 run's weights load into the wrapped CLIP (`clip.`); the temporal module starts as mean pooling (zero projection),
 so step 0 scores what the image model scores on the frame average. During training the run reports video retrieval
 on data.val (and moving_shapes:val_order, the val clips whose captions depend on order alone, as `val_order/`) and
-on data.heldout. A video run's checkpoint still embeds single images, so the image tasks work on it too.
-FSDP is not supported (`sharded`).
+on data.heldout. A video run's checkpoint still embeds single images, so the image tasks work on it too. FSDP is not
+supported (`sharded`).
+
+video.reverse_negatives (moving_shapes only): each training clip also enters the batch reversed in time, with the
+reversed clip's caption (`train_step`; the loader's `reversed_image`, `reversed_tokens`). Random batches almost never
+hold a clip beside its reversal, so without them order is barely rewarded; mean pooling gives the two the same
+feature, so only the temporal model can tell them apart. configs/video/tiny_moving_shapes.yaml is the demo.
 """
 import torch
 
@@ -23,6 +28,7 @@ from crossmodal.data import is_video_spec
 from crossmodal.evaluation import video
 from crossmodal.models import MODELS
 from crossmodal.models.video import POOLS, VideoCLIP
+from crossmodal.recipes.base import contrastive_step
 from crossmodal.recipes.clip import LOSSES, ClipRecipe
 
 
@@ -58,6 +64,9 @@ class VideoRecipe(ClipRecipe):
         if cfg.finetune.strategy not in ("", "lora"):
             return (f"finetune.strategy={cfg.finetune.strategy} fine-tunes an image classifier; data.train="
                     f"{cfg.data.train} is a video spec (a video run trains contrastively, or with lora)")
+        if cfg.video.reverse_negatives and cfg.data.train.partition(":")[0] != "moving_shapes":
+            return (f"video.reverse_negatives needs clips whose time reversal has a known caption (moving_shapes "
+                    f"specs); data.train is '{cfg.data.train}'")
         for key in ("val", "heldout"):
             spec = getattr(cfg.data, key)
             if spec and not is_video_spec(spec):
@@ -76,7 +85,23 @@ class VideoRecipe(ClipRecipe):
         return VideoCLIP(clip, video_cfg.pool, max_frames=video_cfg.frames, temporal_layers=video_cfg.layers)
 
     def loader_options(self) -> dict:
-        return {"frames": self.cfg.video.frames}
+        return {"frames": self.cfg.video.frames, "reverse": self.cfg.video.reverse_negatives}
+
+    def train_step(self, model, micro_batches, step, device, autocast, scaler) -> dict[str, torch.Tensor]:
+        """The contrastive step; with video.reverse_negatives each micro-batch's reversed clips and their captions
+        are appended to it (2B rows), so the loss sees every clip beside its time reversal. The rows are added
+        inside `features`, so exact accumulation caches and recomputes them with their micro-batch, and every
+        process gathers the same number of rows."""
+        reverse = self.cfg.video.reverse_negatives
+
+        def features(batch):
+            clips, tokens = batch["image"], batch["tokens"]
+            if reverse:
+                clips = torch.cat([clips, batch["reversed_image"]])  # (2B, frames, 3, H, W)
+                tokens = torch.cat([tokens, batch["reversed_tokens"]])  # (2B, context)
+            return model(clips.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
+
+        return {self.cfg.loss.name: contrastive_step(model, micro_batches, features, self.loss, autocast, scaler)}
 
     def evaluate(self, model, tokenizer, device, writer=None, step: int = 0) -> dict:
         return video.evaluate_run(self.cfg, model, tokenizer, device)

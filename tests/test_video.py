@@ -5,6 +5,7 @@ captions per clip, MSR-VTT's protocol) against a brute-force count on hand-made 
 case; train.py end to end on moving_shapes from an image CLIP run, then eval.py --task video_retrieval; retrieval over
 mp4 clips listed in a CSV (several captions, a broken file); the Flamingo resampler's time embeddings, and few-shot
 prompts over clips (moving_shapes questions, captions of mp4 clips)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from crossmodal import eval as evaluation
 from crossmodal import train
 from crossmodal.config import Failure, load_config
-from crossmodal.data import build_dataset
+from crossmodal.data import build_dataset, train_loader
 from crossmodal.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from crossmodal.evaluation import fewshot
 from crossmodal.evaluation.contrastive import ranking_recalls
@@ -255,7 +256,7 @@ def test_a_video_run_starts_from_the_image_run_as_its_mean_pooling(video_tokeniz
     cfg = resolve(load_config(CONFIG, video_args(video_tokenizer, tmp_path, image_run, "--video.pool=transformer")[2:]))
     recipe = recipe_for(cfg)
     assert isinstance(recipe, VideoRecipe) and "video_retrieval" in recipe.tasks
-    assert recipe.loader_options() == {"frames": 4}
+    assert recipe.loader_options() == {"frames": 4, "reverse": False}
     model = recipe.build_model(recipe.build_tokenizer(str(tmp_path))).eval()
     start = torch.load(image_run, map_location="cpu", weights_only=True)["model"]
     state = model.state_dict()
@@ -275,7 +276,8 @@ def test_train_py_trains_on_clips_and_eval_py_reports_video_retrieval(video_toke
         assert 0 <= results[f"{prefix}/text_to_video_R@1"] <= results[f"{prefix}/text_to_video_R@10"] <= 100
         assert 1 <= results[f"{prefix}/text_to_video_median_rank"] <= 16
     checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["config"]["video"] == {"pool": "transformer", "frames": 4, "layers": 2}
+    assert checkpoint["config"]["video"] == {"pool": "transformer", "frames": 4, "layers": 2,
+                                             "reverse_negatives": False}
     assert checkpoint["model"]["temporal.proj.weight"].abs().max() > 0  # the temporal module trained
 
     out = tmp_path / "video.json"
@@ -299,12 +301,54 @@ def test_train_py_trains_on_clips_and_eval_py_reports_video_retrieval(video_toke
     (["--data.val=shapes:val"], "data.val=shapes:val is not a video spec"),
     (["--model.name=BLIP-tiny"], "model.name must be a CLIP preset (e.g. RN-tiny, ViT-B-32); got 'BLIP-tiny'"),
     (["--loss.name=bow"], "loss.name must be one of clip, siglip for a video run"),
+    (["--video.reverse_negatives=true", "--data.train=video_csv:clips.csv"],
+     "video.reverse_negatives needs clips whose time reversal has a known caption (moving_shapes specs)"),
 ])
 def test_bad_video_configs_fail_in_one_line(video_tokenizer, image_run, tmp_path, capsys, extra, message):
     with pytest.raises(Failure):
         train.main(video_args(video_tokenizer, tmp_path / "run", image_run, "--train.steps=1", *extra))
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error and error.startswith("config error:")
+
+
+def test_reverse_negatives_double_the_loss_batch_and_accumulate_exactly(video_tokenizer, image_run, tmp_path):
+    cfg = resolve(load_config(CONFIG, video_args(video_tokenizer, tmp_path, image_run, "--video.pool=transformer",
+                                                 "--video.reverse_negatives=true", "--train.batch_size=4")[2:]))
+    recipe = recipe_for(cfg)
+    assert recipe.loader_options() == {"frames": 4, "reverse": True}
+    tokenizer = recipe.build_tokenizer(str(tmp_path))
+    model = recipe.build_model(tokenizer)
+    with torch.no_grad():  # a temporal module that sees order (it starts as mean pooling)
+        model.temporal.proj.weight.normal_(std=0.1)
+    batch = next(iter(train_loader(cfg, tokenizer, 0, 1, **recipe.loader_options())))
+    assert batch["reversed_image"].shape == batch["image"].shape == (4, 4, 3, 64, 64)
+    seen, loss = [], recipe.loss
+    recipe.loss = lambda images, texts, scale, bias: seen.append((images.shape, texts.shape)) or loss(
+        images, texts, scale, bias)
+    scaler = SimpleNamespace(scale=lambda value: value)
+
+    def gradients(micro_batches):
+        model.zero_grad()
+        value = recipe.train_step(model, micro_batches, 0, "cpu", contextlib.nullcontext(), scaler)["clip"]
+        return value, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    value, grads = gradients([batch])
+    assert seen == [((8, model.embed_dim), (8, model.embed_dim))]  # 4 clips and their 4 reversals
+    # reference: symmetric InfoNCE over the clips and their reversals, computed here
+    out = model(torch.cat([batch["image"], batch["reversed_image"]]),
+                torch.cat([batch["tokens"], batch["reversed_tokens"]]))
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    target = torch.arange(8)
+    reference = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(value, reference.detach())
+    assert out["image_features"][:4].sub(out["image_features"][4:]).abs().max() > 1e-4  # reversal seen as other
+    # two micro-batches of 2 clips: the same loss and gradients (the loss is invariant to the rows' order)
+    halves = [{key: value[i : i + 2] for key, value in batch.items() if torch.is_tensor(value)} for i in (0, 2)]
+    accumulated, accumulated_grads = gradients(halves)
+    torch.testing.assert_close(accumulated, value)
+    assert accumulated_grads.keys() == grads.keys() and "temporal.proj.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(accumulated_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_video_run_does_not_start_from_another_video_run(video_tokenizer, image_run, tmp_path, capsys):

@@ -12,7 +12,8 @@ from crossmodal.config import BadInput, Config, DataConfig
 from crossmodal.data import (VIDEO, VideoTextDataset, build_dataset, captions, is_video_spec, map_style_dataset,
                              skipped_rows, train_loader, unreadable_start, video_retrieval_loader)
 from crossmodal.data.bad_samples import BadSample, BadSampleCount
-from crossmodal.data.moving_shapes import (GROUPS, HELDOUT_PAIRS, MovingShapesDataset, render_clip, reverse)
+from crossmodal.data.moving_shapes import (GROUPS, HELDOUT_PAIRS, MovingShapesDataset, caption, render_clip,
+                                           reverse)
 from crossmodal.data.transforms import image_transform
 from crossmodal.data.video import read_clip, require_av, sample_indices, training_offsets
 
@@ -310,3 +311,47 @@ def test_loader_contract_on_moving_shapes():
         video_retrieval_loader("shapes:val:4", 64, 8, tokenizer)
     texts = list(captions("moving_shapes:val:4", questions=True))
     assert len(texts) == 8 and texts[1].startswith("question: ")
+
+
+def test_reversed_clips_are_the_sampled_frames_reversed_with_the_reversed_caption():
+    base = MovingShapesDataset("train", 64, length=40)
+    identity = lambda picture: torch.from_numpy(np.asarray(picture, dtype=np.float32)).permute(2, 0, 1)
+    reversing = VideoTextDataset(base, identity, seed=3, frames=4, train=True, reverse=True)
+    plain = VideoTextDataset(base, identity, seed=3, frames=4, train=True)
+    moving = [i for i in range(40) if base.describe(i).events]
+    still = [i for i in range(40) if not base.describe(i).events]
+    assert moving and still
+    for epoch, index in [(0, moving[0]), (1, moving[0]), (0, moving[1]), (2, moving[2])]:
+        sample = reversing[(epoch, index)]
+        clip = base.describe(index)
+        assert torch.equal(sample["image"], plain[(epoch, index)]["image"])  # the forward clip is unchanged
+        assert torch.equal(sample["reversed_image"], sample["image"].flip(0))  # exactly its frames, reversed
+        assert sample["reversed_caption"] == caption(reverse(clip)) != sample["caption"]
+        # against the reversed clip drawn from its description: frame t of the reversal is frame L - 1 - t
+        picked = sample_indices(clip.length, 4, training_offsets(3, epoch, index, 4))
+        redrawn = render_clip(reverse(clip), 64, [clip.length - 1 - i for i in reversed(picked)])
+        assert torch.equal(sample["reversed_image"], torch.stack([identity(frame) for frame in redrawn]))
+    # a still clip is its own reversal: its slot holds the next moving clip's reversal, at that clip's offsets
+    index = still[0]
+    source = next(i for i in range(index + 1, 40) if base.describe(i).events)
+    sample, other = reversing[(0, index)], plain[(0, source)]
+    assert torch.equal(sample["reversed_image"], other["image"].flip(0))
+    assert sample["reversed_caption"] == caption(reverse(base.describe(source))) != caption(base.describe(source))
+    assert sample["caption"].endswith("still") and sample["reversed_caption"] != sample["caption"]
+    # one crop for a clip and its reversal under the training transform
+    cropped = VideoTextDataset(base, image_transform(64, train=True), seed=3, frames=4, train=True, reverse=True)
+    sample = cropped[(1, moving[0])]
+    assert torch.equal(sample["reversed_image"], sample["image"].flip(0))
+
+
+def test_the_loader_gives_reversed_rows_on_moving_shapes_only(tmp_path):
+    cfg = video_config("moving_shapes:train:64", batch_size=8, steps=2, image_size=64)
+    for batch, plain in zip(train_loader(cfg, tokenizer, 0, 1, frames=4, reverse=True),
+                            train_loader(cfg, tokenizer, 0, 1, frames=4)):
+        assert batch["reversed_image"].shape == batch["image"].shape == (8, 4, 3, 64, 64)
+        assert batch["reversed_tokens"].shape == (8, 6) and torch.equal(batch["image"], plain["image"])
+        assert "reversed_image" not in plain
+    write_clip(tmp_path / "a.mp4", count=9)
+    spec = "video_csv:" + write_csv(tmp_path, [("a.mp4", "grey")])
+    with pytest.raises(ValueError, match="no time-reversed captions"):
+        train_loader(video_config(spec), tokenizer, 0, 1, frames=4, reverse=True)
