@@ -69,6 +69,7 @@ class VideoConfig:  # recipes/video.py, clips (video specs: moving_shapes, video
     pool: str = "mean"  # how a clip's frame features become one: mean (CLIP4Clip's meanP) | transformer (seqTransf)
     frames: int = 8  # frames sampled uniformly from each clip (random offsets in training, fixed in evaluation)
     layers: int = 2  # the temporal Transformer's blocks (pool=transformer)
+    temporal_lr_scale: float = 1.0  # the temporal Transformer's learning rate is train.lr times this (pool=transformer): it starts from zero while the tower starts trained
     reverse_negatives: bool = False  # each training clip also enters the batch reversed in time, with its reversal's caption (moving_shapes): order is what tells them apart
 
 

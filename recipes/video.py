@@ -84,6 +84,15 @@ class VideoRecipe(ClipRecipe):
         video_cfg = self.cfg.video
         return VideoCLIP(clip, video_cfg.pool, max_frames=video_cfg.frames, temporal_layers=video_cfg.layers)
 
+    def trainable_layers(self, model: torch.nn.Module) -> list | None:
+        """The temporal module at video.temporal_lr_scale times train.lr (it starts from zero, the tower trained)."""
+        scale = self.cfg.video.temporal_lr_scale
+        if scale == 1 or self.cfg.video.pool != "transformer":
+            return None
+        named = list(model.named_parameters())
+        return [(1.0, [(name, p) for name, p in named if not name.startswith("temporal.")]),
+                (scale, [(name, p) for name, p in named if name.startswith("temporal.")])]
+
     def loader_options(self) -> dict:
         return {"frames": self.cfg.video.frames, "reverse": self.cfg.video.reverse_negatives}
 

@@ -277,7 +277,7 @@ def test_train_py_trains_on_clips_and_eval_py_reports_video_retrieval(video_toke
         assert 1 <= results[f"{prefix}/text_to_video_median_rank"] <= 16
     checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["config"]["video"] == {"pool": "transformer", "frames": 4, "layers": 2,
-                                             "reverse_negatives": False}
+                                             "temporal_lr_scale": 1.0, "reverse_negatives": False}
     assert checkpoint["model"]["temporal.proj.weight"].abs().max() > 0  # the temporal module trained
 
     out = tmp_path / "video.json"
@@ -342,6 +342,13 @@ def test_reverse_negatives_double_the_loss_batch_and_accumulate_exactly(video_to
     reference = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     torch.testing.assert_close(value, reference.detach())
     assert out["image_features"][:4].sub(out["image_features"][4:]).abs().max() > 1e-4  # reversal seen as other
+    # video.temporal_lr_scale: the temporal module in its own optimizer group, every parameter in exactly one
+    assert recipe.trainable_layers(model) is None
+    recipe.cfg.video.temporal_lr_scale = 3.0
+    (tower_scale, tower), (temporal_scale, temporal) = recipe.trainable_layers(model)
+    assert (tower_scale, temporal_scale) == (1.0, 3.0)
+    assert {name for name, _ in temporal} == {name for name, _ in model.named_parameters() if "temporal" in name}
+    assert len(tower) + len(temporal) == len(list(model.parameters())) and temporal
     # two micro-batches of 2 clips: the same loss and gradients (the loss is invariant to the rows' order)
     halves = [{key: value[i : i + 2] for key, value in batch.items() if torch.is_tensor(value)} for i in (0, 2)]
     accumulated, accumulated_grads = gradients(halves)
