@@ -1,8 +1,9 @@
 """Autoregressive generation for every decoder of this codebase (BLIP's captioner now, Flamingo's LM next):
 greedy, nucleus sampling and beam search, all over a key/value cache.
 
-A decoder is a function `decode(tokens (N, T), context (N, S, D), cache) -> logits (N, T, vocab)`; with a
-`KVCache` it receives only the tokens not seen yet and finds their positions from `cache.length`. The context
+A decoder is a function `decode(tokens (N, T), context (N, S, D), cache) -> logits (N, T, vocab)` (only the last
+position is read, so (N, 1, vocab) will do, as LLaVA's returns: a long prompt's other positions cost a
+vocabulary-wide matmul each); with a `KVCache` it receives only the tokens not seen yet and finds their positions from `cache.length`. The context
 (image tokens) is fixed: its cross-attention keys/values are computed once, in the first call on the B prompts,
 and the beams of a sample read that sample's copy (`layers.CrossAttention`); the self-attention cache is copied.
 

@@ -128,13 +128,15 @@ class LlamaLM(nn.Module):
         return self.forward_embeddings(self.token_embedding(tokens), cache, padding_mask)
 
     def forward_embeddings(
-        self, x: torch.Tensor, cache: Optional[KVCache] = None, padding_mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, cache: Optional[KVCache] = None, padding_mask: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Input embeddings (B, T, width) -> logits (B, T, vocab) (LLaVA splices image features into them).
 
         cache: keys/values of the tokens before these (generation), whose count gives the new tokens' positions;
         padding_mask: (B, T_past + T) bool, True at real tokens (left padding for batched prompts): positions count
-        real tokens only, and no query attends to padding."""
+        real tokens only, and no query attends to padding. `last_only`: the last position's logits alone (B, 1,
+        vocab), what generation reads (a long prompt's other positions would cost a vocabulary-wide matmul each)."""
         num_tokens = x.shape[1]
         num_past = cache.length if cache is not None else 0
         num_keys = num_past + num_tokens
@@ -155,7 +157,7 @@ class LlamaLM(nn.Module):
         x = self.transformer(
             x, attn_mask=attn_mask, is_causal=attn_mask is None, cache=cache, rope=(cos.to(x.dtype), sin.to(x.dtype))
         )
-        return self.logits(x)
+        return self.logits(x[:, -1:] if last_only else x)
 
 
 def build_llama(name: str, **overrides: Any) -> LlamaLM:

@@ -305,7 +305,7 @@ class LLaVA(nn.Module):
                 padding = padding_mask.repeat_interleave(tokens.shape[0] // padding_mask.shape[0], dim=0)
                 generated = num_past + tokens.shape[1] - prompt_length
                 padding = torch.cat([padding, padding.new_ones(padding.shape[0], generated)], dim=1)
-            return self.language_model.forward_embeddings(x, cache, padding)
+            return self.language_model.forward_embeddings(x, cache, padding, last_only=True)  # (N, 1, vocab)
 
         with torch.no_grad():
             prompt = self.embed(images, input_ids)  # (B, P, width)

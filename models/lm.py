@@ -149,14 +149,16 @@ class DecoderLM(nn.Module):
         return self.forward_embeddings(self.token_embedding(tokens), cache, padding_mask)
 
     def forward_embeddings(
-        self, x: torch.Tensor, cache: Optional[KVCache] = None, padding_mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, cache: Optional[KVCache] = None, padding_mask: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Input embeddings (B, T, width) -> logits (B, T, vocab) (LLaVA splices image features into them); cache
-        and padding_mask as `forward`."""
+        and padding_mask as `forward`; `last_only`: the last position's logits alone (B, 1, vocab), what generation
+        reads."""
         num_past = cache.length if cache is not None else 0
         attn_bias = self.attention_bias(x.shape[1], num_past, padding_mask)  # (1 or B, heads, T, T_past + T)
         x = self.transformer(x, attn_mask=attn_bias.to(x.dtype), cache=cache)
-        return self.logits(x)
+        return self.logits(x[:, -1:] if last_only else x)
 
 
 def build_lm(name: str, **overrides: Any) -> DecoderLM:
