@@ -220,7 +220,7 @@ RANGES = {
     "blip.token_stride": Range(16, 32),  # and 16 or 32: recipes/blip.py
     "lm.induction_fraction": BELOW_ONE,
     "llava.qa_fraction": FRACTION,
-    "video.frames": AT_LEAST_ONE, "video.layers": AT_LEAST_ONE,
+    "video.frames": AT_LEAST_ONE, "video.layers": AT_LEAST_ONE, "video.temporal_lr_scale": POSITIVE,
     "finetune.unfreeze_every": AT_LEAST_ONE, "finetune.layer_decay": Range(0, 1, open_low=True),
     "finetune.patience": NON_NEGATIVE, "finetune.wise_alpha": FRACTION,
     "finetune.lora_rank": AT_LEAST_ONE, "finetune.lora_alpha": POSITIVE, "finetune.lora_dropout": BELOW_ONE,
