@@ -70,6 +70,7 @@ class VideoConfig:  # recipes/video.py, clips (video specs: moving_shapes, video
     frames: int = 8  # frames sampled uniformly from each clip (random offsets in training, fixed in evaluation)
     layers: int = 2  # the temporal Transformer's blocks (pool=transformer)
     temporal_lr_scale: float = 1.0  # the temporal Transformer's learning rate is train.lr times this (pool=transformer): it starts from zero while the tower starts trained
+    order_weight: float = 0.0  # with reverse_negatives: weight of a loss over each clip and its reversal alone (each caption against the two clips, each clip against the two captions)
     reverse_negatives: bool = False  # each training clip also enters the batch reversed in time, with its reversal's caption (moving_shapes): order is what tells them apart
 
 
@@ -221,6 +222,7 @@ RANGES = {
     "lm.induction_fraction": BELOW_ONE,
     "llava.qa_fraction": FRACTION,
     "video.frames": AT_LEAST_ONE, "video.layers": AT_LEAST_ONE, "video.temporal_lr_scale": POSITIVE,
+    "video.order_weight": NON_NEGATIVE,
     "finetune.unfreeze_every": AT_LEAST_ONE, "finetune.layer_decay": Range(0, 1, open_low=True),
     "finetune.patience": NON_NEGATIVE, "finetune.wise_alpha": FRACTION,
     "finetune.lora_rank": AT_LEAST_ONE, "finetune.lora_alpha": POSITIVE, "finetune.lora_dropout": BELOW_ONE,

@@ -16,9 +16,16 @@ Deliberate differences from CLIP4Clip's `modules/modeling.py` (`_loose_similarit
   proj`) before the residual, so at initialisation `transformer` pools exactly as `mean` does and a run that
   starts from an image CLIP loses nothing. CLIP4Clip instead copies the first layers of CLIP's text Transformer
   and its position embeddings into the temporal module, which changes the features at step 0;
-- the temporal module takes the normalised frame features (CLIP4Clip: the raw ones), so its position embeddings
-  (std 0.02) are a fixed share of its input whatever the image tower's feature scale (the tiny RN's features have
-  norm ~30, which would make them 0.7% of it). Mean pooling is unchanged: it averages normalised frames either way;
+- the temporal module reads each frame's difference from the clip's mean frame, layer-normalised (CLIP4Clip: the
+  raw frame features). Frames of one clip share most of their feature (first-to-last cosine 0.86 on moving_shapes
+  with the CLIP demo's tower), and a clip and its time reversal share all of it: the change is what order is made
+  of, and normalising it fixes its scale whatever the tower's. The frame features themselves still pass the
+  residual, and mean pooling is unchanged: it averages normalised frames either way;
+- the position embeddings start at std 1, the scale of that normalised input (CLIP4Clip: 0.02, as BERT's). Self-
+  attention is equivariant to the frames' order and the mean over frames invariant to it, so with positions at 2%
+  of the input a clip and its reversal pool alike: in the demo (configs/video/tiny_moving_shapes.yaml, 400 steps)
+  a clip scored above its own reversal in 48% of val_order pairs at std 0.02 (pooled pair cosine 1.0000) and in
+  83% at std 1;
 - clips have a fixed number of frames (the data samples `video.frames` uniformly), so there is no video mask;
 - its blocks are pre-norm `models.layers.Block`s (CLIP's residual attention blocks are the same computation).
 """
@@ -40,7 +47,10 @@ class TemporalTransformer(nn.Module):
     def __init__(self, dim: int, depth: int = 2, max_frames: int = 8, num_heads: int | None = None):
         super().__init__()
         self.max_frames = max_frames
-        self.pos_embed = nn.Parameter(torch.randn(max_frames, dim) * 0.02)  # frame position embeddings
+        # frame position embeddings, at the scale of the normalised input: at CLIP4Clip's 0.02 they are 2% of it, and
+        # attention, equivariant to the frames' order, and the mean over frames leave a clip and its reversal alike
+        self.pos_embed = nn.Parameter(torch.randn(max_frames, dim))
+        self.input_norm = nn.LayerNorm(dim)
         self.transformer = Transformer(dim, depth, num_heads or max(1, dim // HEAD_DIM))
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, dim)
@@ -52,7 +62,8 @@ class TemporalTransformer(nn.Module):
         if num_frames > self.max_frames:
             raise ValueError(f"a clip of {num_frames} frames; this temporal Transformer has position embeddings for "
                              f"{self.max_frames} (video.frames it was built with)")
-        x = self.transformer(frames + self.pos_embed[:num_frames])  # (B, T, D)
+        change = self.input_norm(frames - frames.mean(1, keepdim=True))  # what differs from the clip's mean frame
+        x = self.transformer(change + self.pos_embed[:num_frames])  # (B, T, D)
         return frames + self.proj(self.norm(x))
 
 

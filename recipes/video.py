@@ -18,9 +18,12 @@ supported (`sharded`).
 video.reverse_negatives (moving_shapes only): each training clip also enters the batch reversed in time, with the
 reversed clip's caption (`train_step`; the loader's `reversed_image`, `reversed_tokens`). Random batches almost never
 hold a clip beside its reversal, so without them order is barely rewarded; mean pooling gives the two the same
-feature, so only the temporal model can tell them apart. configs/video/tiny_moving_shapes.yaml is the demo.
+feature, so only the temporal model can tell them apart. video.order_weight adds `order_loss`, each clip against
+its reversal alone: among in-batch negatives a clip's reversal is one of 2N - 1 and content dominates the loss;
+the pair-only term weighs order as much. configs/video/tiny_moving_shapes.yaml is the demo.
 """
 import torch
+import torch.nn.functional as F
 
 from crossmodal import checkpointing
 from crossmodal.config import ConfigError
@@ -64,6 +67,9 @@ class VideoRecipe(ClipRecipe):
         if cfg.finetune.strategy not in ("", "lora"):
             return (f"finetune.strategy={cfg.finetune.strategy} fine-tunes an image classifier; data.train="
                     f"{cfg.data.train} is a video spec (a video run trains contrastively, or with lora)")
+        if cfg.video.order_weight and not cfg.video.reverse_negatives:
+            return (f"video.order_weight={cfg.video.order_weight} weighs a loss over each clip and its reversal: it "
+                    f"needs video.reverse_negatives=true")
         if cfg.video.reverse_negatives and cfg.data.train.partition(":")[0] != "moving_shapes":
             return (f"video.reverse_negatives needs clips whose time reversal has a known caption (moving_shapes "
                     f"specs); data.train is '{cfg.data.train}'")
@@ -110,7 +116,18 @@ class VideoRecipe(ClipRecipe):
                 tokens = torch.cat([tokens, batch["reversed_tokens"]])  # (2B, context)
             return model(clips.to(device, non_blocking=True), tokens.to(device, non_blocking=True))
 
-        return {self.cfg.loss.name: contrastive_step(model, micro_batches, features, self.loss, autocast, scaler)}
+        weight = self.cfg.video.order_weight
+        if not weight:
+            return {self.cfg.loss.name: contrastive_step(model, micro_batches, features, self.loss, autocast, scaler)}
+        sizes = [2 * len(batch["image"]) for batch in micro_batches]  # each micro-batch's rows: clips, then reversals
+        order = []
+
+        def loss(images, texts, scale, bias):
+            order.append(order_loss(images, texts, scale, sizes))
+            return self.loss(images, texts, scale, bias) + weight * order[-1]
+
+        total = contrastive_step(model, micro_batches, features, loss, autocast, scaler)
+        return {self.cfg.loss.name: total - weight * order[-1].detach(), "order": order[-1].detach()}
 
     def evaluate(self, model, tokenizer, device, writer=None, step: int = 0) -> dict:
         return video.evaluate_run(self.cfg, model, tokenizer, device)
@@ -120,3 +137,19 @@ class VideoRecipe(ClipRecipe):
             return super().run_task(task, model, tokenizer, spec, args)  # images, through the image tower
         return video.video_retrieval(model, tokenizer, spec, self.cfg.data.image_size, self.cfg.video.frames,
                                      args.device, args.batch_size, args.workers, self.cfg.data, self.cfg.seed)
+
+
+def order_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """video.order_weight's loss: within each clip's pair (the clip and its reversal, rows i and b + i of a
+    micro-batch of b clips; `sizes`: each micro-batch's 2b rows), each caption picks its clip over the other and each
+    clip its caption over the other's, by softmax cross-entropy over the two at the loss's logit scale. In-batch
+    negatives weigh a clip's reversal as one of 2N - 1; here it is the only one, so order is rewarded as strongly as
+    content. Local to this process's rows (every pair is in them), a mean over 4 x pairs choices."""
+    scores = []
+    for video_rows, text_rows in zip(images.split(sizes), texts.split(sizes)):
+        v, t = video_rows.unflatten(0, (2, -1)), text_rows.unflatten(0, (2, -1))  # (2, b, D): clips, reversals
+        scores.append(torch.einsum("ibd,jbd->bij", v, t))  # (b, 2 clips, 2 captions)
+    scores = scale * torch.cat(scores)  # (pairs, 2, 2)
+    target = torch.arange(2, device=scores.device).repeat(len(scores))
+    return (F.cross_entropy(scores.flatten(0, 1), target)  # each clip picks its caption
+            + F.cross_entropy(scores.transpose(1, 2).flatten(0, 1), target)) / 2  # each caption its clip

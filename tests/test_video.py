@@ -277,7 +277,7 @@ def test_train_py_trains_on_clips_and_eval_py_reports_video_retrieval(video_toke
         assert 1 <= results[f"{prefix}/text_to_video_median_rank"] <= 16
     checkpoint = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert checkpoint["config"]["video"] == {"pool": "transformer", "frames": 4, "layers": 2,
-                                             "temporal_lr_scale": 1.0, "reverse_negatives": False}
+                                             "temporal_lr_scale": 1.0, "order_weight": 0.0, "reverse_negatives": False}
     assert checkpoint["model"]["temporal.proj.weight"].abs().max() > 0  # the temporal module trained
 
     out = tmp_path / "video.json"
@@ -303,6 +303,8 @@ def test_train_py_trains_on_clips_and_eval_py_reports_video_retrieval(video_toke
     (["--loss.name=bow"], "loss.name must be one of clip, siglip for a video run"),
     (["--video.reverse_negatives=true", "--data.train=video_csv:clips.csv"],
      "video.reverse_negatives needs clips whose time reversal has a known caption (moving_shapes specs)"),
+    (["--video.order_weight=1"], "video.order_weight=1.0 weighs a loss over each clip and its reversal: it needs "
+                                 "video.reverse_negatives=true"),
 ])
 def test_bad_video_configs_fail_in_one_line(video_tokenizer, image_run, tmp_path, capsys, extra, message):
     with pytest.raises(Failure):
@@ -320,7 +322,10 @@ def test_reverse_negatives_double_the_loss_batch_and_accumulate_exactly(video_to
     model = recipe.build_model(tokenizer)
     with torch.no_grad():  # a temporal module that sees order (it starts as mean pooling)
         model.temporal.proj.weight.normal_(std=0.1)
+    model.double()  # float64: exactness to rounding (the temporal input norm magnifies fp32's)
     batch = next(iter(train_loader(cfg, tokenizer, 0, 1, **recipe.loader_options())))
+    batch = {key: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+             for key, value in batch.items()}
     assert batch["reversed_image"].shape == batch["image"].shape == (4, 4, 3, 64, 64)
     seen, loss = [], recipe.loss
     recipe.loss = lambda images, texts, scale, bias: seen.append((images.shape, texts.shape)) or loss(
@@ -355,7 +360,62 @@ def test_reverse_negatives_double_the_loss_batch_and_accumulate_exactly(video_to
     torch.testing.assert_close(accumulated, value)
     assert accumulated_grads.keys() == grads.keys() and "temporal.proj.weight" in grads
     for name, grad in grads.items():
-        torch.testing.assert_close(accumulated_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(accumulated_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_order_loss_equals_a_pair_by_pair_count_and_accumulates_exactly(video_tokenizer, image_run, tmp_path):
+    from crossmodal.recipes.video import order_loss
+
+    images, texts = F.normalize(torch.randn(12, 8), dim=-1), F.normalize(torch.randn(12, 8), dim=-1)
+    scale, sizes = torch.tensor(7.0), [8, 4]  # micro-batches of 4 and 2 clips, each followed by its reversals
+    terms = []
+    for start, size in zip((0, 8), sizes):
+        for i in range(size // 2):
+            clip, reversal = start + i, start + size // 2 + i
+            scores = scale * torch.stack([torch.stack([images[a] @ texts[b] for b in (clip, reversal)])
+                                          for a in (clip, reversal)])  # (2 clips, 2 captions)
+            terms += [-scores.log_softmax(1)[0, 0], -scores.log_softmax(1)[1, 1],  # a clip picks its caption
+                      -scores.log_softmax(0)[0, 0], -scores.log_softmax(0)[1, 1]]  # a caption picks its clip
+    torch.testing.assert_close(order_loss(images, texts, scale, sizes), torch.stack(terms).mean())
+
+    cfg = resolve(load_config(CONFIG, video_args(video_tokenizer, tmp_path, image_run, "--video.pool=transformer",
+                                                 "--video.reverse_negatives=true", "--video.order_weight=2",
+                                                 "--train.batch_size=4")[2:]))
+    recipe = recipe_for(cfg)
+    tokenizer = recipe.build_tokenizer(str(tmp_path))
+    model = recipe.build_model(tokenizer)
+    with torch.no_grad():
+        model.temporal.proj.weight.normal_(std=0.1)
+    model.double()  # float64: exactness to rounding (the temporal input norm magnifies fp32's)
+    batch = next(iter(train_loader(cfg, tokenizer, 0, 1, **recipe.loader_options())))
+    batch = {key: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+             for key, value in batch.items()}
+    scaler = SimpleNamespace(scale=lambda value: value)
+
+    def step(micro_batches):
+        model.zero_grad()
+        losses = recipe.train_step(model, micro_batches, 0, "cpu", contextlib.nullcontext(), scaler)
+        return losses, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    losses, grads = step([batch])
+    out = model(torch.cat([batch["image"], batch["reversed_image"]]),
+                torch.cat([batch["tokens"], batch["reversed_tokens"]]))
+    logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+    target = torch.arange(8)
+    torch.testing.assert_close(losses["clip"], ((F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+                                                / 2).detach())
+    pairs = torch.stack([logits[:4, :4].diagonal(), logits[:4, 4:].diagonal(), logits[4:, :4].diagonal(),
+                         logits[4:, 4:].diagonal()], 1).view(4, 2, 2)  # (pairs, clip/reversal, caption/reversal's)
+    reference = -(pairs.log_softmax(2).diagonal(dim1=1, dim2=2).mean() + pairs.log_softmax(1).diagonal(
+        dim1=1, dim2=2).mean()) / 2
+    torch.testing.assert_close(losses["order"], reference.detach())
+    halves = [{key: value[i : i + 2] for key, value in batch.items() if torch.is_tensor(value)} for i in (0, 2)]
+    accumulated, accumulated_grads = step(halves)
+    torch.testing.assert_close(accumulated["order"], losses["order"])
+    torch.testing.assert_close(accumulated["clip"], losses["clip"])
+    assert accumulated_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(accumulated_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_a_video_run_does_not_start_from_another_video_run(video_tokenizer, image_run, tmp_path, capsys):
