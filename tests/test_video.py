@@ -563,3 +563,20 @@ def test_fewshot_caption_over_clip_files(flamingo_and_tokenizer, tmp_path):
                                rices=True, num_queries=1, frames=3, num_beams=1, log=None)
     assert results["metric"] == "CIDEr" and results["num_queries"] == 1 and results["pool_size"] == 3  # (query left out)
     assert results["shots"]["2"]["mean"] >= 0 and results["affected_queries"] == 0
+
+
+def test_clips_listed_in_a_csv_train_and_evaluate_end_to_end_past_a_corrupt_clip(video_tokenizer, image_run, clip_csv,
+                                                                                   tmp_path, capsys):
+    run = tmp_path / "run"
+    results = train.main(video_args(video_tokenizer, run, image_run, f"--data.train={clip_csv}",
+                                    f"--data.val={clip_csv}", "--video.pool=transformer", "--train.batch_size=4",
+                                    "--train.steps=3", "--data.max_bad_fraction=0.5"))
+    printed = capsys.readouterr().out
+    assert "bad sample skipped" in printed and "broken.mp4" in printed  # skipped, counted, and the run went on
+    assert results["step"] == 3 and results["val/num_videos"] == 4 and results["val/bad_videos"] == 1
+    written = evaluation.main(["--checkpoint", str(run / "checkpoint.pt"), "--task", "video_retrieval", "--data",
+                               clip_csv, "--out", str(tmp_path / "retrieval.json")])
+    saved = json.loads((tmp_path / "retrieval.json").read_text())
+    assert {key: saved[key] for key in written} == pytest.approx(written)
+    assert written["num_videos"] == 4 and written["num_texts"] == 7 and written["bad_videos"] == 1
+    assert written["text_to_video_R@10"] == pytest.approx(100 * 6 / 7)  # the broken clip's caption is a miss
