@@ -48,6 +48,9 @@ def vocab_file(tmp_path_factory):
     """A WordPiece vocabulary trained by tokenizers on shapes captions and the corpus but its "unseen" entry."""
     texts = list(captions("shapes:train:400")) + [text for name, text in CORPUS.items() if name != "unseen"] * 3
     texts += ["unaffable affable un able", "running runner runs ran", "the quick brown fox jumps over the lazy dog"]
+    # limit_alphabet keeps the 150 most frequent characters, ties in no fixed order: "!" (asserted on below) is made
+    # frequent enough to be kept on every run
+    texts += ["wow! yes! a dog! a cat!"] * 5
     trainer = tokenizers.BertWordPieceTokenizer(lowercase=True)
     trainer.train_from_iterator(texts, vocab_size=700, min_frequency=1, limit_alphabet=150, special_tokens=SPECIAL)
     vocab = sorted(trainer.get_vocab().items(), key=lambda item: item[1])
