@@ -313,6 +313,14 @@ def test_bad_video_configs_fail_in_one_line(video_tokenizer, image_run, tmp_path
     assert message in error and "\n" not in error and error.startswith("config error:")
 
 
+def in_float64(model: torch.nn.Module, batch: dict) -> dict:
+    """The model in float64 and the batch's float tensors with it: accumulation is then exact to rounding (in fp32 the
+    temporal module's input norm magnifies it)."""
+    model.double()
+    return {key: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+            for key, value in batch.items()}
+
+
 def test_reverse_negatives_double_the_loss_batch_and_accumulate_exactly(video_tokenizer, image_run, tmp_path):
     cfg = resolve(load_config(CONFIG, video_args(video_tokenizer, tmp_path, image_run, "--video.pool=transformer",
                                                  "--video.reverse_negatives=true", "--train.batch_size=4")[2:]))
@@ -322,10 +330,7 @@ def test_reverse_negatives_double_the_loss_batch_and_accumulate_exactly(video_to
     model = recipe.build_model(tokenizer)
     with torch.no_grad():  # a temporal module that sees order (it starts as mean pooling)
         model.temporal.proj.weight.normal_(std=0.1)
-    model.double()  # float64: exactness to rounding (the temporal input norm magnifies fp32's)
-    batch = next(iter(train_loader(cfg, tokenizer, 0, 1, **recipe.loader_options())))
-    batch = {key: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
-             for key, value in batch.items()}
+    batch = in_float64(model, next(iter(train_loader(cfg, tokenizer, 0, 1, **recipe.loader_options()))))
     assert batch["reversed_image"].shape == batch["image"].shape == (4, 4, 3, 64, 64)
     seen, loss = [], recipe.loss
     recipe.loss = lambda images, texts, scale, bias: seen.append((images.shape, texts.shape)) or loss(
@@ -386,10 +391,7 @@ def test_order_loss_equals_a_pair_by_pair_count_and_accumulates_exactly(video_to
     model = recipe.build_model(tokenizer)
     with torch.no_grad():
         model.temporal.proj.weight.normal_(std=0.1)
-    model.double()  # float64: exactness to rounding (the temporal input norm magnifies fp32's)
-    batch = next(iter(train_loader(cfg, tokenizer, 0, 1, **recipe.loader_options())))
-    batch = {key: value.double() if torch.is_tensor(value) and value.is_floating_point() else value
-             for key, value in batch.items()}
+    batch = in_float64(model, next(iter(train_loader(cfg, tokenizer, 0, 1, **recipe.loader_options()))))
     scaler = SimpleNamespace(scale=lambda value: value)
 
     def step(micro_batches):
